@@ -1,0 +1,19 @@
+"""ustc: Unified Spatiotemporal Token Compression for Video-LLMs at Ultra-Low Retention."""
+
+from ustc.compressor import CompressionResult, Compressor, MergeResult
+from ustc.config import CompressionConfig, merge_keep, visual_budget
+from ustc.registry import MERGERS, POOLS, RECYCLERS, SCORERS
+
+__all__ = [
+    "MERGERS",
+    "POOLS",
+    "RECYCLERS",
+    "SCORERS",
+    "CompressionConfig",
+    "CompressionResult",
+    "Compressor",
+    "MergeResult",
+    "merge_keep",
+    "visual_budget",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""In-LLM merging at decoder layer K: text-aware (Eq. 5-10) and the last-token baseline.
+
+The adapters call these on the visual hidden states entering layer K during prefill.  Inputs:
+
+    visual:         (B, Nv, D) hidden states of the visual tokens
+    text:           (B, Nq, D) hidden states of the text tokens after them (question + prompt)
+    text_attention: (B, Nq, Nv) attention of the text rows to the visual columns at layer K,
+                    softmax over the whole causal key set, averaged over heads (Eq. 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ustc.ops import descending_order, first_n_mask, group_mean, slot_map, sorted_indices
+from ustc.registry import MERGERS
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """tokens: (B, Nk, D) merged visual states in original order; indices: (B, Nk) ascending
+    positions (within the visual tokens) of the kept tokens; assignment: (B, Nv) long, the slot
+    every visual token was merged into (a kept token's own slot for itself)."""
+
+    tokens: Tensor
+    indices: Tensor
+    assignment: Tensor
+
+
+def max_text_attention(text_attention: Tensor) -> Tensor:
+    """A_qv = A[N'_v:, :N'_v];  A_m = max_{i=1..N_q} A_qv(i, :)   -- Eq. (5)-(6)
+
+    text_attention: (B, Nq, Nv), i.e. A_qv already sliced.  Returns (B, Nv) float32.
+    """
+    return text_attention.float().amax(dim=1)
+
+
+def min_max_normalize(x: Tensor) -> Tensor:
+    """x_norm = (x - min x) / (max x - min x) over each row   -- Eq. (7)
+
+    x: (B, Nv).  A constant row carries no ranking information and maps to zeros.
+    """
+    x = x.float()
+    lo = x.amin(dim=-1, keepdim=True)
+    span = x.amax(dim=-1, keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), 0.0)
+
+
+def max_text_similarity(visual: Tensor, text: Tensor) -> Tensor:
+    """S_m(v_i) = max_{t in T} (v_i . t) / (||v_i|| ||t||)   -- Eq. (8)
+
+    visual: (B, Nv, D); text: (B, Nq, D).  Returns (B, Nv) float32.
+    """
+    v = torch.nn.functional.normalize(visual.float(), dim=-1)
+    t = torch.nn.functional.normalize(text.float(), dim=-1)
+    return torch.bmm(v, t.transpose(1, 2)).amax(dim=-1)
+
+
+def decision_score(attention_norm: Tensor, similarity_norm: Tensor, lam: float) -> Tensor:
+    """I(v_i) = (1 - lambda) * A_m^norm(v_i) + lambda * S_m^norm(v_i)   -- Eq. (9)"""
+    return (1.0 - lam) * attention_norm + lam * similarity_norm
+
+
+def merge_into_kept(visual: Tensor, keep: Tensor, count: int) -> MergeResult:
+    """r(j) = argmax_{v_k in V_retaining} (v_j . v_k) / (||v_j|| ||v_k||);  v~_k = mean(v_k, {v_j : r(j) = k})   -- Eq. (10)
+
+    Each pruned token is averaged into its most similar kept token (ties: lower index); a kept
+    token that absorbs several pruned tokens becomes the mean of all of them and itself.
+
+    visual: (B, Nv, D); keep: (B, Nv) bool with ``count`` True per row.
+    """
+    indices = sorted_indices(keep, count)  # (B, Nk)
+    b, nv, d = visual.shape
+    unit = torch.nn.functional.normalize(visual.float(), dim=-1)
+    kept_unit = unit.gather(1, indices.unsqueeze(-1).expand(b, count, d))
+    nearest_slot = torch.bmm(unit, kept_unit.transpose(1, 2)).argmax(dim=-1)  # (B, Nv)
+    own_slot = slot_map(indices, nv)
+    assignment = torch.where(keep, own_slot, nearest_slot)
+    return MergeResult(group_mean(visual, assignment, indices), indices, assignment)
+
+
+def select_and_merge(visual: Tensor, scores: Tensor, count: int) -> MergeResult:
+    """Keep the top-``count`` tokens by ``scores`` (ties: lower index), merge the rest (Eq. 10)."""
+    b, nv, _ = visual.shape
+    counts = torch.full((b,), count, dtype=torch.long, device=visual.device)
+    keep = first_n_mask(descending_order(scores), counts)
+    return merge_into_kept(visual, keep, count)
+
+
+class Merger:
+    """Base class: ``scores`` ranks the visual tokens at layer K (higher = kept)."""
+
+    #: whether ``scores`` needs the text-to-visual attention of layer K
+    uses_attention: ClassVar[bool] = True
+
+    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def merge(
+        self, visual: Tensor, text: Tensor, text_attention: Tensor | None, count: int
+    ) -> MergeResult:
+        """Keep ``count`` visual tokens (Eq. 9 ranking), merge the others into them (Eq. 10)."""
+        _check_merge_inputs(visual, text, text_attention, count)
+        return select_and_merge(visual, self.scores(visual, text, text_attention), count)
+
+
+def _check_merge_inputs(
+    visual: Tensor, text: Tensor, text_attention: Tensor | None, count: int
+) -> None:
+    if visual.dim() != 3 or text.dim() != 3 or visual.shape[0] != text.shape[0]:
+        raise ValueError(
+            f"visual and text must be (B, Nv, D) and (B, Nq, D), got {tuple(visual.shape)} and "
+            f"{tuple(text.shape)}"
+        )
+    if text.shape[1] < 1:
+        raise ValueError("in-LLM merging needs at least one text token after the visual tokens")
+    if not 1 <= count <= visual.shape[1]:
+        raise ValueError(f"tokens to keep must be in [1, {visual.shape[1]}], got {count}")
+    if text_attention is not None and text_attention.shape != (
+        visual.shape[0],
+        text.shape[1],
+        visual.shape[1],
+    ):
+        raise ValueError(
+            f"text_attention must be (B, Nq, Nv) = {(visual.shape[0], text.shape[1], visual.shape[1])}, "
+            f"got {tuple(text_attention.shape)}"
+        )
+
+
+def _need_attention(text_attention: Tensor | None, name: str) -> Tensor:
+    if text_attention is None:
+        raise ValueError(f"merger {name!r} needs the text-to-visual attention of layer K, got None")
+    return text_attention
+
+
+@MERGERS.register("none")
+class NoMerger(Merger):
+    """No in-LLM merging: every visual token goes through all layers."""
+
+    uses_attention = False
+
+    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+        return torch.zeros(visual.shape[:2], device=visual.device)
+
+
+@MERGERS.register("last-token")
+class LastTokenMerger(Merger):
+    """FastV / HoliTom criterion: the last token's attention to each visual token at layer K."""
+
+    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+        return _need_attention(text_attention, "last-token")[:, -1].float()
+
+
+@MERGERS.register("text-aware")
+class TextAwareMerger(Merger):
+    """Text-aware merging (Eq. 5-10) with weight ``lam`` (lambda; the paper: 0.5)."""
+
+    def __init__(self, lam: float = 0.5) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam (lambda) must be in [0, 1], got {lam}")
+        self.lam = lam
+
+    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+        attention = min_max_normalize(
+            max_text_attention(_need_attention(text_attention, "text-aware"))
+        )
+        similarity = min_max_normalize(max_text_similarity(visual, text))
+        return decision_score(attention, similarity, self.lam)

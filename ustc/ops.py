@@ -1,0 +1,90 @@
+"""Small tensor operations shared by the stages: ordering, selection, grouping, chunked distances."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+#: largest number of pairwise entries computed at once (rows x N); keeps 256 x 196 tokens bounded
+PAIRWISE_BLOCK = 1 << 22
+
+
+def descending_order(priority: Tensor) -> Tensor:
+    """Indices that sort each row of ``priority`` (B, N) high to low, ties broken by lower index."""
+    return torch.sort(priority, dim=-1, descending=True, stable=True).indices
+
+
+def first_n_mask(order: Tensor, counts: Tensor) -> Tensor:
+    """(B, N) bool mask of the first ``counts[b]`` entries of each row of ``order`` (B, N)."""
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    chosen_in_rank = ranks < counts.unsqueeze(-1)
+    return torch.zeros_like(chosen_in_rank).scatter(-1, order, chosen_in_rank)
+
+
+def sorted_indices(mask: Tensor, count: int) -> Tensor:
+    """Positions of the ``count`` True entries of each row of ``mask`` (B, N), ascending.
+
+    Every row must hold exactly ``count`` True values.  Sort-based, so it needs no host sync.
+    """
+    n = mask.shape[-1]
+    positions = torch.arange(n, device=mask.device).expand_as(mask)
+    key = torch.where(mask, positions, positions + n)
+    return torch.sort(key, dim=-1).values[:, :count]
+
+
+def slot_map(indices: Tensor, n: int) -> Tensor:
+    """(B, N) long: the output slot of each kept position in ``indices`` (B, M), -1 elsewhere."""
+    b, m = indices.shape
+    slots = torch.full((b, n), -1, dtype=torch.long, device=indices.device)
+    return slots.scatter(1, indices, torch.arange(m, device=indices.device).expand(b, m))
+
+
+def group_mean(x: Tensor, assignment: Tensor, indices: Tensor) -> Tensor:
+    """Output slot m = mean of every x[b, i] with assignment[b, i] == m; unmerged tokens exact.
+
+    x: (B, N, D); assignment: (B, N) long in [-1, M), -1 = dropped; indices: (B, M) the position
+    of each slot's own token.  Slots that absorbed nothing return x[b, indices[b, m]] bit for bit;
+    merged slots are averaged in float32 (or x's dtype when wider) and cast back.
+    """
+    b, n, d = x.shape
+    m = indices.shape[1]
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    batch_offset = torch.arange(b, device=x.device).unsqueeze(1) * m
+    # dropped tokens go to one extra trash row instead of being filtered (no host sync)
+    flat = torch.where(assignment >= 0, assignment + batch_offset, b * m).reshape(-1)
+    sums = torch.zeros(b * m + 1, d, dtype=acc_dtype, device=x.device)
+    sums.index_add_(0, flat, x.reshape(-1, d).to(acc_dtype))
+    counts = torch.bincount(flat, minlength=b * m + 1)[: b * m].view(b, m, 1)
+    means = (sums[: b * m].view(b, m, d) / counts.clamp(min=1)).to(x.dtype)
+    own = x.gather(1, indices.unsqueeze(-1).expand(b, m, d))
+    return torch.where(counts > 1, means, own)
+
+
+def group_sizes(assignment: Tensor, m: int) -> Tensor:
+    """(B, M) long: how many entries of ``assignment`` (B, N), values in [-1, M), point at each slot."""
+    b = assignment.shape[0]
+    valid = assignment >= 0
+    counts = torch.zeros(b, m + 1, dtype=torch.long, device=assignment.device)
+    counts.scatter_add_(1, torch.where(valid, assignment, m), valid.long())
+    return counts[:, :m]
+
+
+def row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
+    """Row slices so that a (rows x n_cols) block holds at most ``PAIRWISE_BLOCK`` entries."""
+    step = max(1, PAIRWISE_BLOCK // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """||a_i - b_j||^2 for a (B, Na, D) and b (B, Nb, D), in float32, clamped at 0.  (B, Na, Nb)."""
+    a = a.float()
+    b = b.float()
+    d2 = (
+        a.square().sum(-1, keepdim=True)
+        + b.square().sum(-1).unsqueeze(1)
+        - 2.0 * torch.bmm(a, b.transpose(1, 2))
+    )
+    return d2.clamp_(min=0.0)

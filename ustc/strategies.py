@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in strategy."""
+
+from ustc import merging, pool, recycle, scoring  # noqa: F401
