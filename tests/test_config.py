@@ -10,9 +10,11 @@ from ustc.presets import TABLE5_PAPER, TABLE5_ROWS, ours
 def test_budget_rule_reproduces_the_papers_token_counts():
     # LLaVA-OV-7B: 32 frames x 196 tokens; 2 % is "about four tokens per frame"
     assert [visual_budget(32, 196, r) for r in (0.1, 0.05, 0.02, 0.01)] == [640, 320, 128, 64]
-    assert visual_budget(64, 169, 0.02) == 256  # LLaVA-Video-7B
+    assert [visual_budget(64, 169, r) for r in (0.02, 0.01)] == [192, 128]  # LLaVA-Video-7B
     assert visual_budget(32, 196, 1.0) == 6272
     assert visual_budget(10, 100, 0.07) == 70  # 0.07 * 100 is 7.000000000000001 in floats
+    assert visual_budget(10, 100, 0.075) == 80  # halves go up
+    assert visual_budget(10, 100, 0.001) == 10  # never below one token per frame
     assert merge_keep(128, 0.5) == 64 and merge_keep(5, 0.5) == 3 and merge_keep(1, 0.01) == 1
 
 

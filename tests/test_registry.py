@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from ustc import MERGERS, POOLS, RECYCLERS, SCORERS, CompressionConfig, Compressor
+from ustc import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS, CompressionConfig, Compressor
 from ustc.registry import Registry
 from ustc.scoring import Scorer
 
 
 def test_builtin_names():
-    assert SCORERS.names() == ["attn", "attn+sim", "sim"]
+    assert "ustc" in METHODS.names()
+    assert SCORERS.names()[:3] == ["attn", "attn+sim", "sim"]
     assert POOLS.names() == ["greedy"]
     assert RECYCLERS.names() == ["dpc", "none"]
     assert MERGERS.names() == ["last-token", "none", "text-aware"]

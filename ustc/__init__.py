@@ -2,10 +2,11 @@
 
 from ustc.compressor import CompressionResult, Compressor, MergeResult
 from ustc.config import CompressionConfig, merge_keep, visual_budget
-from ustc.registry import MERGERS, POOLS, RECYCLERS, SCORERS
+from ustc.registry import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS
 
 __all__ = [
     "MERGERS",
+    "METHODS",
     "POOLS",
     "RECYCLERS",
     "SCORERS",

@@ -22,7 +22,7 @@ from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
 from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices
 from ustc.pool import REJECTED, RETAINED, UNVISITED, PoolFill
-from ustc.registry import MERGERS, POOLS, RECYCLERS, SCORERS
+from ustc.registry import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS
 
 __all__ = [
     "REJECTED",
@@ -58,12 +58,24 @@ class CompressionResult:
         return group_sizes(self.assignment, self.indices.shape[1])
 
 
+@METHODS.register("ustc")
+class UnifiedCompression:
+    """The paper's external compression (Eq. 1-4), composed from the config's scorer, pool and
+    recycler by ``Compressor``.  Registered so that ``method="ustc"`` is a name like the others."""
+
+
 class Compressor:
-    """The paper's method (or any ablation of it), built from a ``CompressionConfig``."""
+    """The paper's method (or any ablation of it, or a baseline), built from a ``CompressionConfig``.
+
+    A baseline registered in ``ustc.METHODS`` replaces the external stage: it is built with the
+    config values its constructor takes and must provide ``uses_attention`` and
+    ``compress(features (B, F, P, D), attention (B, F, P) | None, budget) -> CompressionResult``.
+    """
 
     def __init__(self, config: CompressionConfig | None = None) -> None:
         self.config = config if config is not None else CompressionConfig()
         values = self.config.strategy_values()
+        self.method = METHODS.build_from(self.config.method, values)
         self.scorer = SCORERS.build_from(self.config.scorer, values)
         self.pool = POOLS.build_from(self.config.pool, values)
         self.recycler = RECYCLERS.build_from(self.config.recycler, values)
@@ -75,6 +87,8 @@ class Compressor:
     @property
     def needs_attention(self) -> bool:
         """Whether ``compress`` needs per-token vision attention scores (Eq. 1)."""
+        if not isinstance(self.method, UnifiedCompression):
+            return bool(self.method.uses_attention)
         return self.scorer.uses_attention and self._capacity(1) > 0
 
     @property
@@ -112,6 +126,8 @@ class Compressor:
                 merged=torch.zeros(b, n, dtype=torch.bool, device=x.device),
                 status=torch.full((b, n), RETAINED, dtype=torch.int8, device=x.device),
             )
+        if not isinstance(self.method, UnifiedCompression):
+            return self.method.compress(features, attention, budget)
         capacity = self._capacity(budget)
         scores = None if attention is None else attention.reshape(b, n)
         if capacity > 0:

@@ -21,14 +21,19 @@ def _ceil(x: float) -> int:
     return math.ceil(round(x, 9))
 
 
-def visual_budget(frames: int, tokens_per_frame: int, retention: float) -> int:
-    """Number of visual tokens that enter the LLM: ``F * ceil(r * P)``.
+def _round_half_up(x: float) -> int:
+    return math.floor(round(x, 9) + 0.5)
 
-    The budget is the per-frame share rounded up, times the frames, spent on one global pool (no
-    per-frame quota).  This is the rounding that reproduces the paper's FLOPs columns (Tables 1-3):
-    32 x 196 tokens at 10/5/2/1 % give 640/320/128/64 tokens, 4.0/2.2/1.2/0.9 T; it is also the
-    paper's "about four tokens per frame" at 2 %.  It never falls below one token per frame, and
-    ``retention = 1`` keeps every token.
+
+def visual_budget(frames: int, tokens_per_frame: int, retention: float) -> int:
+    """Number of visual tokens that enter the LLM: ``F * clamp(round(r * P), 1, P)``.
+
+    The budget is the per-frame share rounded to the nearest integer (halves up, at least one
+    token per frame), times the frames, spent on one global pool (no per-frame quota).  This is
+    the rounding that reproduces every FLOPs figure of Tables 1-3: 32 x 196 tokens at
+    10/5/2/1 % give 640/320/128/64 tokens (4.0/2.2/1.2/0.9 T, the paper's "about four tokens per
+    frame" at 2 %), and LLaVA-Video's 64 x 169 at 2/1 % give 192/128 (1.5/1.2 T).  ``retention
+    = 1`` keeps every token.
     """
     if frames < 1 or tokens_per_frame < 1:
         raise ValueError(
@@ -36,7 +41,8 @@ def visual_budget(frames: int, tokens_per_frame: int, retention: float) -> int:
             f"P={tokens_per_frame}"
         )
     _check_ratio("retention", retention)
-    return frames * min(tokens_per_frame, _ceil(retention * tokens_per_frame))
+    per_frame = min(tokens_per_frame, max(1, _round_half_up(retention * tokens_per_frame)))
+    return frames * per_frame
 
 
 def merge_keep(visual_tokens: int, keep_ratio: float) -> int:
@@ -63,7 +69,9 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 class CompressionConfig:
     """What to compress and how.  Field names are the paper's symbols.
 
-    retention:     r, fraction of the F*P visual tokens that enter the LLM (budget F*ceil(r*P)).
+    retention:     r, fraction of the F*P visual tokens that enter the LLM (``visual_budget``).
+    method:        the external compressor: ``ustc`` (the paper's, composed from the scorer, pool
+                   and recycler below) or a registered baseline (``ustc.METHODS``).
     scorer:        candidate order for the retention pool: ``attn`` (Eq. 1), ``sim``, ``attn+sim``.
     pool:          how the retention pool is filled: ``greedy`` (Eq. 2, threshold ``tau``).
     tau:           tau, max cosine similarity of a candidate to the pool for admission (Eq. 2).
@@ -78,6 +86,7 @@ class CompressionConfig:
     """
 
     retention: float = 0.02
+    method: str = "ustc"
     scorer: str = "attn+sim"
     pool: str = "greedy"
     tau: float = PAPER_DEFAULTS["tau"]
@@ -116,7 +125,7 @@ class CompressionConfig:
         if unknown:
             raise ValueError(
                 f"params {', '.join(map(repr, unknown))} are taken by none of the selected "
-                f"strategies (scorer={self.scorer!r}, pool={self.pool!r}, "
+                f"strategies (method={self.method!r}, scorer={self.scorer!r}, pool={self.pool!r}, "
                 f"recycler={self.recycler!r}, merger={self.merger!r})"
             )
 

@@ -7,6 +7,7 @@ log gamma = log rho + log delta, is the same ranking as by rho and gamma = rho *
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from torch import Tensor
 
 from ustc.ops import descending_order, first_n_mask, row_blocks, squared_distances
 from ustc.registry import RECYCLERS
+
+#: largest N x N distance matrix kept for the density and delta passes (N <= 8192)
+GRAM_CACHE_ENTRIES = 1 << 26
 
 #: log gamma of tokens with delta = 0 (a duplicate of a denser token): below every real value
 _LOG_ZERO = torch.finfo(torch.float32).min / 2
@@ -28,14 +32,24 @@ class Recycled:
     owner: Tensor
 
 
-def knn_log_density(features: Tensor, mask: Tensor, k: int) -> Tensor:
+def _distance_blocks(features: Tensor, d2: Tensor | None) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, (B, r, N) squared distances) over row blocks: slices of ``d2`` when it is given."""
+    n = features.shape[1]
+    for rows in row_blocks(n, n):
+        if d2 is None:
+            yield rows, squared_distances(features[:, rows], features)
+        else:
+            yield rows, d2[:, rows].clone()
+
+
+def knn_log_density(features: Tensor, mask: Tensor, k: int, d2: Tensor | None = None) -> Tensor:
     """log rho_i = -(1/k) sum_{v_j in kNN(v_i)} d(v_i, v_j)^2   -- Eq. (3)
 
     kNN(v_i): the k nearest other members of the recycle pool (Euclidean d).  With fewer than k
     other members, all of them; a lone member has log rho = 0.  Computed in row blocks.
 
-    features: (B, N, D); mask: (B, N) bool, membership of the recycle pool.
-    Returns (B, N) float32; -inf outside the pool.
+    features: (B, N, D); mask: (B, N) bool, membership of the recycle pool; d2: optional (B, N, N)
+    squared distances already computed.  Returns (B, N) float32; -inf outside the pool.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -43,12 +57,11 @@ def knn_log_density(features: Tensor, mask: Tensor, k: int) -> Tensor:
     k_eff = max(1, min(k, n - 1))
     out = torch.full((b, n), float("-inf"), device=features.device)
     col_ok = mask.unsqueeze(1)
-    for rows in row_blocks(n, n):
-        d2 = squared_distances(features[:, rows], features)
+    for rows, block in _distance_blocks(features, d2):
         self_col = torch.arange(rows.start, rows.stop, device=features.device)
-        d2[:, self_col - rows.start, self_col] = float("inf")
-        d2 = d2.masked_fill(~col_ok, float("inf"))
-        nearest = d2.topk(k_eff, dim=-1, largest=False).values  # (B, r, k_eff)
+        block[:, self_col - rows.start, self_col] = float("inf")
+        block = block.masked_fill_(~col_ok, float("inf"))
+        nearest = block.topk(k_eff, dim=-1, largest=False).values  # (B, r, k_eff)
         finite = torch.isfinite(nearest)
         count = finite.sum(-1)
         mean = torch.where(finite, nearest, 0.0).sum(-1) / count.clamp(min=1)
@@ -65,7 +78,9 @@ def _denser(log_rho: Tensor, rows: slice) -> Tensor:
     return (lj > li) | ((lj == li) & (idx < idx[rows].unsqueeze(-1)))
 
 
-def peak_distance(features: Tensor, mask: Tensor, log_rho: Tensor) -> Tensor:
+def peak_distance(
+    features: Tensor, mask: Tensor, log_rho: Tensor, d2: Tensor | None = None
+) -> Tensor:
     """delta_i = min_{j: rho_j > rho_i} d(v_i, v_j), or max_{j != i} d(v_i, v_j) for the densest  -- Eq. (4)
 
     Equal densities are ordered by index (lower index = denser), so exactly one token per video
@@ -75,8 +90,8 @@ def peak_distance(features: Tensor, mask: Tensor, log_rho: Tensor) -> Tensor:
     b, n, _ = features.shape
     out = torch.zeros(b, n, device=features.device)
     col_ok = mask.unsqueeze(1)
-    for rows in row_blocks(n, n):
-        d = squared_distances(features[:, rows], features).sqrt_()
+    for rows, block in _distance_blocks(features, d2):
+        d = block.sqrt_()
         denser = _denser(log_rho, rows) & col_ok
         to_denser = d.masked_fill(~denser, float("inf")).amin(-1)
         self_col = torch.arange(rows.start, rows.stop, device=features.device)
@@ -91,15 +106,19 @@ def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
     """owner_i = argmin_{c in centers} d(v_i, v_c) for members of ``mask``, -1 elsewhere.
 
     Centers own themselves (a duplicate of a lower-index center would otherwise leave its own
-    cluster empty); distance ties go to the lower center index.  (B, N) long.
+    cluster empty); distance ties go to the lower center index.  Distances are taken to the
+    centers only: (B, N, C) in row blocks.  (B, N) long.
     """
-    b, n, _ = features.shape
+    b, n, d = features.shape
+    n_centers = max(1, int(centers.sum(-1).max()))
+    center_idx = descending_order(centers.to(torch.uint8))[:, :n_centers]  # ascending index first
+    center_ok = centers.gather(1, center_idx)  # padding columns of videos with fewer centers
+    center_x = features.gather(1, center_idx.unsqueeze(-1).expand(b, n_centers, d))
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
-    for rows in row_blocks(n, n):
-        d2 = squared_distances(features[:, rows], features).masked_fill(
-            ~centers.unsqueeze(1), float("inf")
-        )
-        owner[:, rows] = d2.argmin(-1)
+    for rows in row_blocks(n, n_centers):
+        d2 = squared_distances(features[:, rows], center_x)
+        d2 = d2.masked_fill_(~center_ok.unsqueeze(1), float("inf"))
+        owner[:, rows] = center_idx.gather(1, d2.argmin(-1))
     own = torch.arange(n, device=features.device).expand(b, n)
     owner = torch.where(centers, own, owner)
     return owner.masked_fill(~mask, -1)
@@ -112,8 +131,11 @@ def dpc_knn(features: Tensor, mask: Tensor, n_clusters: Tensor, k: int) -> Recyc
     features: (B, N, D); mask: (B, N) bool recycle-pool membership; n_clusters: (B,) long, at most
     the pool size per video (more is clipped: every member becomes its own center).
     """
-    log_rho = knn_log_density(features, mask, k)
-    delta = peak_distance(features, mask, log_rho)
+    n = features.shape[1]
+    # one Gram matrix serves both passes when it is small enough to keep (32 x 196 tokens is)
+    d2 = squared_distances(features, features) if n * n <= GRAM_CACHE_ENTRIES else None
+    log_rho = knn_log_density(features, mask, k, d2)
+    delta = peak_distance(features, mask, log_rho, d2)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))

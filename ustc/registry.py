@@ -36,7 +36,7 @@ class Param:
 
 
 class Registry(Generic[T]):
-    """Maps user-facing names to strategy classes of one kind (scorer, pool, recycler, merger)."""
+    """Maps user-facing names to strategy classes of one kind (method, scorer, pool, ...)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -129,12 +129,14 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
         return dict(getattr(fn, "__annotations__", {}))
 
 
+METHODS: Registry[Any] = Registry("method")
 SCORERS: Registry[Any] = Registry("scorer")
 POOLS: Registry[Any] = Registry("pool")
 RECYCLERS: Registry[Any] = Registry("recycler")
 MERGERS: Registry[Any] = Registry("merger")
 
 REGISTRIES: dict[str, Registry[Any]] = {
+    "method": METHODS,
     "scorer": SCORERS,
     "pool": POOLS,
     "recycler": RECYCLERS,
