@@ -17,13 +17,14 @@ from ustc.pool import REJECTED, RETAINED, GreedyPool, greedy_retention_pool
     tau=st.sampled_from([None, -1.0, -0.2, 0.0, 0.3, 0.7, 0.95, 1.0]),
     seed=st.integers(0, 10_000),
     batch=st.integers(1, 3),
+    block=st.sampled_from([None, 1, 3, 7]),
 )
-def test_greedy_pool_matches_reference(n, d, capacity, tau, seed, batch):
+def test_greedy_pool_matches_reference(n, d, capacity, tau, seed, batch, block):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
     # coarse priorities create ties, which must go to the lower index
     priority = torch.randint(0, 4, (batch, n), generator=g).float()
-    fill = greedy_retention_pool(x, priority, capacity, tau)
+    fill = greedy_retention_pool(x, priority, capacity, tau, block=block)
     for b in range(batch):
         pool, status = reference_pool(x[b], priority[b], capacity, tau)
         assert fill.admitted[b].nonzero().flatten().tolist() == pool

@@ -15,9 +15,6 @@ RETAINED = 1  # admitted into the retention pool
 REJECTED = 2  # offered, but its max similarity to the pool was >= tau
 UNVISITED = 3  # never offered: the pool was full before its turn
 
-#: how often (in admitted tokens) the greedy loop checks whether every video is done
-_EXHAUSTION_CHECK = 32
-
 
 @dataclass(frozen=True)
 class PoolFill:
@@ -28,7 +25,11 @@ class PoolFill:
 
 
 def greedy_retention_pool(
-    features: Tensor, priority: Tensor, capacity: int, tau: float | None
+    features: Tensor,
+    priority: Tensor,
+    capacity: int,
+    tau: float | None,
+    block: int | None = None,
 ) -> PoolFill:
     """Retention pool of Eq. (2):
 
@@ -38,39 +39,64 @@ def greedy_retention_pool(
     P if S < tau, and the loop stops when |P| = capacity or no candidate is left.  ``tau=None``
     admits every candidate (plain top-``capacity`` by priority).
 
-    Vectorised over the batch; the loop runs over admitted tokens only.  Each step offers the
-    first later candidate whose running max similarity is still below tau: a candidate skipped
-    once stays rejected, because the pool only grows.  Memory O(B N D), never N x N.
+    Candidates are taken in blocks of L ranks (default max(256, 2 * capacity)): one matmul gives
+    their similarity to the pool so far, one their L x L similarities, and the greedy loop then
+    runs over the admitted tokens only, on (B, L) vectors.  A candidate skipped once stays
+    rejected, because the pool only grows.  Most videos fill the pool within the first block, so
+    the work is O(L (L + capacity) D) instead of O(capacity N D), and nothing is N x N.
 
     features: (B, N, D); priority: (B, N); capacity: tokens to admit per video.
     """
-    b, n, _ = features.shape
+    b, n, d = features.shape
     device = features.device
     order = descending_order(priority)  # (B, N): rank -> original index
     rank = torch.arange(n, device=device)
     capacity = max(0, min(int(capacity), n))
-    if tau is None:
+    if tau is None or capacity == 0:
         admitted_rank = (rank < capacity).expand(b, n)
         status_rank = torch.where(admitted_rank, RETAINED, UNVISITED).to(torch.int8)
         return _to_original(order, admitted_rank, status_rank)
 
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    unit = unit.gather(1, order.unsqueeze(-1).expand_as(unit))  # rank space
-    max_sim = torch.full((b, n), float("-inf"), device=device)
-    admitted_rank = torch.zeros(b, n, dtype=torch.bool, device=device)
-    last = torch.full((b,), -1, dtype=torch.long, device=device)  # rank of the last offered
+    block = block or max(256, 2 * capacity)
     batch = torch.arange(b, device=device)
-    for step in range(capacity):
-        eligible = (rank > last.unsqueeze(1)) & (max_sim < tau)
-        found = eligible.any(dim=1)
-        nxt = eligible.to(torch.uint8).argmax(dim=1)  # first eligible rank
-        admitted_rank[batch, nxt] |= found
-        sims = torch.bmm(unit, unit[batch, nxt].unsqueeze(-1)).squeeze(-1)  # (B, N)
-        max_sim = torch.where(found.unsqueeze(1), torch.maximum(max_sim, sims), max_sim)
-        last = torch.where(found, nxt, n)  # n: this video has no candidate left
-        if step % _EXHAUSTION_CHECK == _EXHAUSTION_CHECK - 1 and not bool(found.any()):
+    admitted_rank = torch.zeros(b, n, dtype=torch.bool, device=device)
+    pool = torch.zeros(b, capacity, d, device=device)  # unit vectors of the admitted tokens
+    count = torch.zeros(b, dtype=torch.long, device=device)
+    last_admitted = torch.full((b,), -1, dtype=torch.long, device=device)
+    for start in range(0, n, block):
+        idx = order[:, start : start + block]
+        width = idx.shape[1]
+        unit = torch.nn.functional.normalize(
+            features.gather(1, idx.unsqueeze(-1).expand(b, width, d)).float(), dim=-1
+        )
+        max_sim = torch.full((b, width), float("-inf"), device=device)
+        if start > 0:
+            to_pool = torch.bmm(unit, pool.transpose(1, 2))  # (B, L, capacity)
+            filled = torch.arange(capacity, device=device) < count.unsqueeze(1)
+            max_sim = to_pool.masked_fill(~filled.unsqueeze(1), float("-inf")).amax(dim=-1)
+        within = torch.bmm(unit, unit.transpose(1, 2))  # (B, L, L)
+        local = torch.arange(width, device=device)
+        local_last = torch.full((b,), -1, dtype=torch.long, device=device)
+        while True:
+            eligible = (local > local_last.unsqueeze(1)) & (max_sim < tau)
+            eligible &= (count < capacity).unsqueeze(1)
+            found = eligible.any(dim=1)
+            if not bool(found.any()):
+                break
+            nxt = eligible.to(torch.uint8).argmax(dim=1)  # first eligible rank in the block
+            admitted_rank[batch, start + nxt] |= found
+            slot = count.clamp(max=capacity - 1)
+            pool[batch, slot] = torch.where(found.unsqueeze(1), unit[batch, nxt], pool[batch, slot])
+            count += found.long()
+            last_admitted = torch.where(found, start + nxt, last_admitted)
+            max_sim = torch.where(
+                found.unsqueeze(1), torch.maximum(max_sim, within[batch, nxt]), max_sim
+            )
+            local_last = torch.where(found, nxt, width)  # width: nothing left in this block
+        if bool((count >= capacity).all()):
             break
-    visited = rank <= torch.where(last >= n, n, last).unsqueeze(1)
+    full = count >= capacity
+    visited = rank <= torch.where(full, last_admitted, n - 1).unsqueeze(1)
     status_rank = torch.where(
         admitted_rank,
         RETAINED,

@@ -1,0 +1,280 @@
+"""Table 6 on a randomly initialised LLaVA-OneVision: vision encoding, compression (Process),
+prefill, time to first token, decode throughput and peak memory, uncompressed and compressed.
+
+    python benchmarks/efficiency.py --size 7b --device cuda           # the exact 7B architecture
+    python benchmarks/efficiency.py --size small                      # CPU-sized check
+    python benchmarks/efficiency.py --size 7b --output results/efficiency.json
+
+Random weights run at the speed of real ones; answers are meaningless, timings are not.  Rows:
+vanilla, then ours at 10/5/2/1 % retention without and with text-aware merging (K 18, R 50 %).
+Every figure is the median of ``--repeats`` runs after one warm-up.  Prefill is the language
+model's forward over the (compressed) prompt, timed by hooks on it; Process is the time ustc
+spends (vision scores, compression, in-LLM merge); TTFT is a whole ``generate(max_new_tokens=1)``;
+throughput is (n - 1) / (time of generate(n) - TTFT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+import ustc
+
+#: the paper's Table 6 (LLaVA-OV-7B, 32 frames): Process, Prefill (ms), TTFT (ms), throughput (tok/s)
+PAPER_TABLE6 = {
+    "vanilla": {"process_ms": None, "prefill_ms": 701.2, "ttft_ms": 1104.7, "throughput": 27.6},
+    "ours 2%/1%": {"process_ms": 74.0, "prefill_ms": 31.3, "ttft_ms": 473.8, "throughput": 35.7},
+}
+
+SIZES = {
+    # Qwen2-7B + SigLIP so400m (26 layers kept), 32 frames of 384 px -> 27 x 27 -> 14 x 14 = 196
+    "7b": dict(
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+        ),
+        frames=32,
+        layer=18,
+        dtype="bfloat16",
+    ),
+    # a CPU-sized model with the same layout (14 x 14 tokens per frame): checks the script runs
+    "small": dict(
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=112,
+            patch_size=4,
+        ),
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=32768,
+        ),
+        frames=8,
+        layer=2,
+        dtype="float32",
+    ),
+}
+IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
+
+
+def build(size: str, device: str, attn: str) -> LlavaOnevisionForConditionalGeneration:
+    spec = SIZES[size]
+    text = dict(spec["text"], model_type="qwen2")
+    text["vocab_size"] = max(text["vocab_size"], VIDEO_TOKEN + 1)
+    config = LlavaOnevisionConfig(
+        vision_config=dict(spec["vision"], model_type="siglip_vision_model"),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config._attn_implementation = attn
+    dtype = getattr(torch, spec["dtype"])
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlavaOnevisionForConditionalGeneration(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_inputs(model, frames: int, device: str, question_tokens: int = 40) -> dict:
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    per_frame = ((grid + 1) // 2) ** 2
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 1000, (1, 14), generator=g)
+    question = torch.randint(100, 1000, (1, question_tokens), generator=g)
+    video = torch.full((1, frames * per_frame + 1), VIDEO_TOKEN)
+    ids = torch.cat([prompt, video, question], dim=1).to(device)
+    pixels = torch.randn(1, frames, 3, vision.image_size, vision.image_size, generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(device=device, dtype=model.dtype),
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median(fn, repeats: int, device: str) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _LLMTimer:
+    """Times every forward of the language model (the first one of a generate is the prefill)."""
+
+    def __init__(self, llm: torch.nn.Module, device: str) -> None:
+        self.device, self.durations, self._start = device, [], 0.0
+        self._hooks = [
+            llm.register_forward_pre_hook(self._before),
+            llm.register_forward_hook(self._after),
+        ]
+
+    def _before(self, *_: object) -> None:
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def _after(self, *_: object) -> None:
+        _sync(self.device)
+        self.durations.append(time.perf_counter() - self._start)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@torch.inference_mode()
+def measure(model, inputs: dict, config: ustc.CompressionConfig | None, args) -> dict:
+    device = args.device
+    handle = ustc.attach(model, config) if config is not None else None
+    timer = _LLMTimer(model.model.language_model, device)
+    try:
+        vision_s = _median(
+            lambda: model.model.get_video_features(
+                pixel_values_videos=inputs["pixel_values_videos"]
+            ),
+            args.repeats,
+            device,
+        )
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        timer.durations.clear()
+        process_before = handle.stats.total_seconds if handle is not None else 0.0
+        prefills_before = handle.stats.prefills if handle is not None else 0
+        ttft_s = _median(lambda: model.generate(**inputs, max_new_tokens=1), args.repeats, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        prefill_s = statistics.median(timer.durations)  # one LLM forward per generate here
+        process_s = 0.0
+        if handle is not None:
+            runs = max(1, handle.stats.prefills - prefills_before)
+            process_s = (handle.stats.total_seconds - process_before) / runs
+        n_new = args.new_tokens
+        total_s = _median(
+            lambda: model.generate(**inputs, max_new_tokens=n_new), args.repeats, device
+        )
+        stats = handle.stats.as_dict() if handle is not None else {}
+    finally:
+        timer.remove()
+        if handle is not None:
+            handle.remove()
+    return {
+        "vision_ms": vision_s * 1e3,
+        "process_ms": process_s * 1e3,
+        "prefill_ms": prefill_s * 1e3,
+        "ttft_ms": ttft_s * 1e3,
+        "throughput": (n_new - 1) / max(total_s - ttft_s, 1e-9),
+        "peak_gib": peak,
+        "tokens_in": stats.get("tokens_in"),
+        "tokens_after_merge": stats.get("tokens_after_merge"),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--frames", type=int, help="default: 32 for 7b, 8 for small")
+    parser.add_argument("--retentions", type=float, nargs="*", default=[0.1, 0.05, 0.02, 0.01])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    spec = SIZES[args.size]
+    frames = args.frames or spec["frames"]
+    model = build(args.size, args.device, args.attn)
+    inputs = make_inputs(model, frames, args.device)
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(
+        f"# {machine}; LLaVA-OneVision {args.size} (random weights), {frames} frames, {args.attn}"
+    )
+    rows = [{"method": "vanilla", **measure(model, inputs, None, args)}]
+    for r in args.retentions:
+        for merging in (False, True):
+            config = ustc.CompressionConfig(
+                retention=r, merger="text-aware" if merging else "none", layer=spec["layer"]
+            )
+            label = f"ours {r:.0%}" + (
+                f"/{r / 2:.1%}".replace(".0%", "%") if merging else " (w/o M)"
+            )
+            rows.append({"method": label, **measure(model, inputs, config, args)})
+    base = rows[0]["prefill_ms"]
+    header = f"{'method':<18}{'vision':>9}{'process':>9}{'prefill':>10}{'speed-up':>9}{'TTFT':>9}{'tok/s':>8}{'peak GiB':>9}{'tokens':>12}"
+    print(header)
+    for row in rows:
+        row["prefill_speedup"] = base / max(row["prefill_ms"], 1e-9)
+        tokens = (
+            "" if row["tokens_in"] is None else f"{row['tokens_in']}->{row['tokens_after_merge']}"
+        )
+        peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+        print(
+            f"{row['method']:<18}{row['vision_ms']:9.1f}{row['process_ms']:9.1f}{row['prefill_ms']:10.1f}"
+            f"{row['prefill_speedup']:8.1f}x{row['ttft_ms']:9.1f}{row['throughput']:8.1f}{peak:>9}{tokens:>12}"
+        )
+    print(f"paper (LLaVA-OV-7B, 32 frames): {json.dumps(PAPER_TABLE6)}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "size": args.size,
+                    "frames": frames,
+                    "rows": rows,
+                    "paper": PAPER_TABLE6,
+                },
+                indent=2,
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
