@@ -174,9 +174,9 @@ def test_schedule_comes_from_config_budget_and_merge():
     config = CompressionConfig(retention=0.02, merger="text-aware", layer=18, keep_ratio=0.5)
     n = config.budget(32, 196)
     kept = config.kept_after_merge(n)
-    at_input = TokenSchedule.from_config(config, OV7, merge_at="input")
+    at_input = TokenSchedule.from_config(config, OV7)  # what the adapters run
     assert at_input.visual == (n,) * 18 + (kept,) * 10
-    at_output = TokenSchedule.from_config(config, OV7)  # layer K itself still sees all tokens
+    at_output = TokenSchedule.from_config(config, OV7, merge_at="output")  # the paper's count
     assert at_output.visual == (n,) * 19 + (kept,) * 9
     assert (n, kept) == (128, 64)
 
@@ -559,9 +559,9 @@ def test_exact_count_matches_measurement_with_compression_and_merging():
     vlm_config._attn_implementation = "eager"
     lm = LlavaOnevisionForConditionalGeneration(vlm_config).eval().model.language_model
     spec = ModelSpec.from_config(vlm_config, frames=8, tokens_per_frame=16)
-    config = CompressionConfig(retention=0.5, merger="text-aware", layer=1, keep_ratio=0.5)
+    config = CompressionConfig(retention=0.5, merger="text-aware", layer=2, keep_ratio=0.5)
     schedule = TokenSchedule.from_config(config, spec, text_tokens=5)
-    # 8 frames x round(0.5 x 16) = 64 visual tokens, 32 of them kept after layer K = 1
+    # 8 frames x round(0.5 x 16) = 64 visual tokens, 32 of them kept from layer K = 2 on
     assert schedule.tokens == (69, 69, 37, 37)
     expected = exact(spec, schedule, GENERATED).total
     embeds = torch.randn(1, schedule.tokens[0], spec.hidden_size)

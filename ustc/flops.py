@@ -50,11 +50,12 @@ GENERATED_TOKENS = 100
 MergeAt = Literal["input", "output"]
 """Where the in-LLM merger reduces the visual tokens relative to layer K (0-based).
 
-``"output"`` (default): after layer K, so layers 0..K see n tokens and layers K+1..T-1 see n'.
-This is what ustc's model adapters do (layer K's own attention selects the tokens, FastV style),
-and the convention that reproduces the paper's FLOPs columns for its rows (K = 18) and FastV's
-(K = 2).
-``"input"``: before layer K, so layers 0..K-1 see n (for comparison with other conventions).
+``"input"`` (default): before layer K, so layers 0..K-1 see n tokens and layers K..T-1 see n'.
+This is what ustc's model adapters do: layer K's own attention (recomputed from its input)
+selects the tokens, and layer K already runs on the kept ones, as in FastV's code.
+``"output"``: after layer K, so layers 0..K see n.  This is the convention that reproduces the
+paper's FLOPs columns, for its own rows (K = 18) and for FastV (K = 2): the paper counts one
+more full-length layer than the method runs.
 """
 
 _MERGE_AT = ("input", "output")
@@ -315,13 +316,13 @@ class TokenSchedule:
         spec: ModelSpec,
         *,
         text_tokens: int = 0,
-        merge_at: MergeAt = "output",
+        merge_at: MergeAt = "input",
     ) -> TokenSchedule:
         """The schedule a compressor with ``config`` produces on ``spec``'s video.
 
         n = config.budget(F, P) visual tokens enter the LLM; with a merger, n' =
-        config.kept_after_merge(n) remain from layer K + 1 (``merge_at="output"``, what the
-        adapters do and the paper's FLOPs convention) or from layer K (``merge_at="input"``).
+        config.kept_after_merge(n) remain from layer K = config.layer (``merge_at="input"``, what
+        the adapters run) or from layer K + 1 (``merge_at="output"``, the paper's FLOPs convention).
         """
         return cls._reduced(
             config, spec, config.budget(spec.frames, spec.tokens_per_frame), text_tokens, merge_at
@@ -468,7 +469,7 @@ def count(
     counter: Counter = "eq-s3",
     text_tokens: int = 0,
     generated: int = GENERATED_TOKENS,
-    merge_at: MergeAt = "output",
+    merge_at: MergeAt = "input",
 ) -> FlopsCount:
     """FLOPs of ``spec``'s LLM when its video is compressed with ``config``."""
     schedule = TokenSchedule.from_config(config, spec, text_tokens=text_tokens, merge_at=merge_at)
@@ -770,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             keep_ratio=args.keep_ratio,
         )
         schedule = TokenSchedule.from_config(
-            config, spec, text_tokens=args.text_tokens, merge_at=args.merge_at or "output"
+            config, spec, text_tokens=args.text_tokens, merge_at=args.merge_at or "input"
         )
         vanilla = TokenSchedule.from_config(VANILLA, spec, text_tokens=args.text_tokens)
         _check_int("--generated", args.generated, minimum=0)
