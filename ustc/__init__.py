@@ -2,6 +2,7 @@
 
 from ustc.compressor import CompressionResult, Compressor, MergeResult
 from ustc.config import CompressionConfig, merge_keep, visual_budget
+from ustc.models import attach
 from ustc.registry import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "CompressionResult",
     "Compressor",
     "MergeResult",
+    "attach",
     "merge_keep",
     "visual_budget",
 ]

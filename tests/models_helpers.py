@@ -1,0 +1,323 @@
+"""Tiny randomly initialised Video-LLMs built from configs of the real transformers classes.
+
+No weights are downloaded: every model here is ``XForConditionalGeneration(config)`` with a few
+layers and a hidden size of 32-64, and the inputs (``input_ids`` with the video placeholders,
+``pixel_values_videos``) are built by hand, the way the real processors lay them out.  Shared with
+other engineers' tests; keep the builders fast (well under a second each).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+VOCAB = 96
+IMAGE_TOKEN = 90
+VIDEO_TOKEN = 91
+#: token ids for prompts: anything below the special ids
+TEXT_IDS = (5, 80)
+
+
+@dataclass
+class VideoInputs:
+    """What a processor would return for one prompt per batch row: the kwargs of ``generate``."""
+
+    kwargs: dict[str, torch.Tensor]
+    frames: int  # F: frames of features (Qwen2.5-VL: temporal patch pairs)
+    tokens_per_frame: int  # P: visual tokens per frame entering the LLM when nothing is pruned
+    video_start: int  # position of the first video placeholder in input_ids
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.kwargs["input_ids"]
+
+
+def tiny_llava_onevision(
+    attn: str = "sdpa",
+    layers: int = 3,
+    image_size: int = 28,
+    patch_size: int = 4,
+    vision_layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision (also the class of LLaVA-Video): SigLIP 2 layers + Qwen2 ``layers`` layers.
+
+    image 28 / patch 4 -> 7 x 7 patches -> bilinear pooling to 4 x 4 = 16 tokens per frame (the real
+    model: 27 x 27 -> 14 x 14 = 196).  image 52 / patch 2 -> 26 x 26 -> 13 x 13 = 169, the
+    LLaVA-Video layout.
+    """
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    # random generation configs differ from the hub ones: greedy, no eos stop, pad = 0
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava_video_inputs(
+    model: LlavaOnevisionForConditionalGeneration,
+    frames: int = 4,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    seed: int = 1,
+) -> VideoInputs:
+    """``input_ids`` = prefix text, F*P + 1 video placeholders (one image_newline per video),
+    suffix text."""
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    per_frame = math.ceil(grid / 2) ** 2
+    placeholders = frames * per_frame + 1
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
+            torch.full((batch, placeholders), VIDEO_TOKEN),
+            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(batch, frames, 3, vision.image_size, vision.image_size, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+    }
+    return VideoInputs(kwargs, frames, per_frame, prefix)
+
+
+def tiny_qwen2_5_vl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    vision_depth: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL: a 2-block vision tower (block 0 windowed, block 1 full attention, as the real
+    model's last block), patch 4, window 16 px (2 x 2 merged tokens per window), Qwen2 LLM."""
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [vision_depth - 1],
+            "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1e6,
+            },
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def qwen_video_inputs(
+    model: Qwen2_5_VLForConditionalGeneration,
+    frames: int = 4,
+    height: int = 32,
+    width: int = 32,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    seed: int = 1,
+) -> VideoInputs:
+    """Patches laid out as the Qwen2-VL video processor does: (t*h*w, C * T_p * p * p) with
+    grid (t, h, w) = (frames / 2, height / p, width / p); F*P = t*h*w/4 placeholders between
+    <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2."""
+    vision = model.config.vision_config
+    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
+    t, h, w = frames // tp, height // p, width // p
+    per_frame = h * w // merge**2
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
+            torch.full((batch, 1), model.config.vision_start_token_id),
+            torch.full((batch, t * per_frame), VIDEO_TOKEN),
+            torch.full((batch, 1), model.config.vision_end_token_id),
+            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
+    }
+    return VideoInputs(kwargs, t, per_frame, prefix + 1)
+
+
+# ------------------------------------------------------------------------ slow references
+def video_features(model, inputs: VideoInputs) -> torch.Tensor:
+    """(B, F, P, D) video tokens after projector/pooling (merger), from the model's own
+    ``get_video_features``, without the trailing image_newline."""
+    b = inputs.input_ids.shape[0]
+    f, p = inputs.frames, inputs.tokens_per_frame
+    kw = inputs.kwargs
+    with torch.no_grad():
+        if "video_grid_thw" in kw:
+            out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+            feats = torch.cat(list(out.pooler_output), dim=0)
+        else:
+            feats = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output
+    return feats.reshape(b, -1, feats.shape[-1])[:, : f * p].reshape(b, f, p, -1)
+
+
+def original_positions(model, inputs: VideoInputs, total: int) -> torch.Tensor:
+    """Positions of the uncompressed prompt followed by ``total - n`` generated tokens:
+    (B, total) 1-D for LLaVA-OV, (3, B, total) M-RoPE for Qwen2.5-VL (the model's get_rope_index,
+    then +1 per generated token)."""
+    ids = inputs.input_ids
+    b, n = ids.shape
+    if "video_grid_thw" not in inputs.kwargs:
+        return torch.arange(total).expand(b, total)
+    prompt, _ = model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=inputs.kwargs["mm_token_type_ids"],
+        video_grid_thw=inputs.kwargs["video_grid_thw"],
+    )
+    after = prompt[..., -1:] + torch.arange(1, total - n + 1)
+    return torch.cat([prompt, after], dim=-1)
+
+
+def reference_group_mean(x: torch.Tensor, assignment: torch.Tensor, count: int) -> torch.Tensor:
+    """Slot s = mean of the rows of x (B, N, D) with assignment == s, one slot at a time."""
+    out = torch.zeros(x.shape[0], count, x.shape[-1], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for s in range(count):
+            out[b, s] = x[b][assignment[b] == s].float().mean(dim=0).to(x.dtype)
+    return out
+
+
+def reference_logits(model, inputs: VideoInputs, sequences: torch.Tensor, last, config):
+    """Logits of every generation step, recomputed WITHOUT a KV cache and without any hook.
+
+    The LLM is run layer by layer on the compressed sequence (prompt + generated tokens) with an
+    explicit causal mask and the original positions of every kept token; at layer K the visual
+    hidden states are replaced by the means of the groups the attached merger chose.  ``last`` is
+    the handle's ``LastRun``; its compression tokens are used as the LLM input.  Returns
+    (B, T, V) for the T generated tokens (step t predicts token t).
+    """
+    lm = model.model.language_model
+    ids = inputs.input_ids
+    b, n = ids.shape
+    t = sequences.shape[1] - n
+    f, p = inputs.frames, inputs.tokens_per_frame
+    start, end = inputs.video_start, inputs.video_start + f * p
+    fed = sequences[:, : n + t - 1]  # the last token is generated but never fed back
+    m = last.compression.indices.shape[1]
+    with torch.no_grad():
+        embeds = lm.embed_tokens(fed)
+        if "video_grid_thw" not in inputs.kwargs:  # LLaVA-OV: image_newline after the video
+            embeds[:, end] = model.model.image_newline.to(embeds.dtype)
+        x = torch.cat(
+            [embeds[:, :start], last.compression.tokens.to(embeds.dtype), embeds[:, end:]], dim=1
+        )
+        columns = torch.cat(
+            [
+                torch.arange(start).expand(b, start),
+                start + last.compression.indices,
+                torch.arange(end, n + t - 1).expand(b, n + t - 1 - end),
+            ],
+            dim=1,
+        )
+        positions = original_positions(model, inputs, n + t - 1)
+        positions = torch.stack([positions[..., i, :][..., columns[i]] for i in range(b)], dim=-2)
+        merging = config.merger != "none" and config.layer < len(lm.layers)
+        for j, layer in enumerate(lm.layers):
+            if merging and j == config.layer:
+                merged = reference_group_mean(
+                    x[:, start : start + m], last.merge.assignment, last.merge.indices.shape[1]
+                )
+                keep = torch.cat(
+                    [
+                        torch.arange(start).expand(b, start),
+                        start + last.merge.indices,
+                        torch.arange(start + m, x.shape[1]).expand(b, x.shape[1] - start - m),
+                    ],
+                    dim=1,
+                )
+                x = torch.cat([x[:, :start], merged, x[:, start + m :]], dim=1)
+                positions = torch.stack(
+                    [positions[..., i, :][..., keep[i]] for i in range(b)], dim=-2
+                )
+            length = x.shape[1]
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            mask = torch.zeros(1, 1, length, length, dtype=x.dtype).masked_fill(
+                ~causal, torch.finfo(x.dtype).min
+            )
+            cos, sin = lm.rotary_emb(x, positions)
+            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+        logits = model.lm_head(lm.norm(x))
+    return logits[:, -t:]

@@ -1,0 +1,69 @@
+"""Model adapters: attach the compressor to a Hugging Face Video-LLM instance.
+
+    handle = ustc.attach(model, ustc.CompressionConfig(retention=0.02, merger="text-aware"))
+    out = model.generate(**inputs, max_new_tokens=64)   # compressed
+    handle.stats                                        # tokens in, tokens after layer K, time
+    handle.remove()                                     # the model is exactly as before
+
+One adapter per backbone family, chosen from the model's class:
+
+=====================================================  ==========================================
+model class                                            adapter
+=====================================================  ==========================================
+``LlavaOnevisionForConditionalGeneration``             ``LlavaOnevisionHandle`` (LLaVA-OneVision,
+                                                       LLaVA-Video)
+``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
+=====================================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ustc.config import CompressionConfig
+from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.llava_onevision import LlavaOnevisionHandle
+from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
+
+#: model class name -> adapter; subclasses of these classes are accepted too
+ADAPTERS: dict[str, type[Handle]] = {
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionHandle,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
+}
+
+__all__ = [
+    "ADAPTERS",
+    "CompressionStats",
+    "Handle",
+    "LastRun",
+    "LlavaOnevisionHandle",
+    "Qwen2_5_VLHandle",
+    "adapter_for",
+    "attach",
+]
+
+
+def adapter_for(model: nn.Module) -> type[Handle]:
+    """The adapter class for ``model``'s class (or the nearest supported base class)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__]
+    raise ValueError(
+        f"no ustc adapter for {type(model).__name__}; supported model classes: "
+        f"{', '.join(sorted(ADAPTERS))} (load the model with that class, not the bare "
+        "backbone or a text-only class)"
+    )
+
+
+def attach(model: nn.Module, config: CompressionConfig | None = None, **options: Any) -> Handle:
+    """Attach token compression to a model instance; returns the ``Handle`` (stats, remove()).
+
+    Raises ``ValueError`` if the model class is unsupported, if a compressor is already attached,
+    or if the config does not fit the model (e.g. K beyond the last decoder layer).  ``options``
+    go to the adapter (e.g. ``vision_layer=`` for LLaVA-OneVision).
+    """
+    return adapter_for(model)(
+        model, config if config is not None else CompressionConfig(), **options
+    )

@@ -1,0 +1,141 @@
+"""LLaVA-OneVision and LLaVA-Video (``LlavaOnevisionForConditionalGeneration``).
+
+Video path of the model: SigLIP on every frame (27 x 27 patches, no CLS), the hidden states of
+``vision_feature_layer``, the projector, ``apply_pooling`` (bilinear 27 x 27 -> 14 x 14 = 196
+tokens per frame for LLaVA-OneVision; checkpoints whose grid pools to 13 x 13 give LLaVA-Video's
+169), then one ``image_newline`` after the whole video.  The prompt holds F*P + 1 video
+placeholders; the LLM is Qwen2 with 1-D RoPE.
+
+Eq. (1) scores come from the encoder layer whose output is the selected feature layer, reduced
+frame by frame to the attention each patch receives, then pooled with the model's own
+``apply_pooling``: pooling is linear per channel, so the score of a pooled token is the same
+bilinear blend of its patches' scores as its features are of theirs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ustc.config import CompressionConfig
+from ustc.models.base import (
+    Handle,
+    Session,
+    VideoCall,
+    VideoLayout,
+    clock,
+    placeholder_span,
+    vision_received_attention,
+)
+
+
+class LlavaOnevisionHandle(Handle):
+    """Adapter for ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision, LLaVA-Video).
+
+    vision_layer: index of the SigLIP encoder layer whose attention gives Eq. (1); by default the
+    layer that produces ``config.vision_feature_layer`` (the last of the 26 kept layers for the
+    llava-hf checkpoints).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
+    ) -> None:
+        self._feature_layer = model.config.vision_feature_layer
+        self.vision_layer = self._resolve_vision_layer(model, vision_layer)
+        super().__init__(model, config)
+
+    @staticmethod
+    def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+        tower = model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        return tower.encoder.layers
+
+    def _resolve_vision_layer(self, model: nn.Module, vision_layer: int | None) -> int:
+        count = len(self._encoder_layers(model))
+        if vision_layer is None:
+            if not isinstance(self._feature_layer, int):
+                raise ValueError(
+                    f"vision_feature_layer is a list ({self._feature_layer}); pass "
+                    "vision_layer=<encoder layer index> to say which layer's attention gives "
+                    "Eq. (1)"
+                )
+            # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0]: embeddings)
+            index = self._feature_layer % (count + 1) - 1
+            if index < 0:
+                raise ValueError(
+                    "vision_feature_layer selects the patch embeddings, which have no attention; "
+                    "pass vision_layer=<encoder layer index>"
+                )
+            return index
+        if not -count <= vision_layer < count:
+            raise ValueError(f"vision_layer must be in [{-count}, {count}), got {vision_layer}")
+        return vision_layer % count
+
+    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        attention = self._encoder_layers(self.model)[self.vision_layer].self_attn
+        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
+
+    def _on_vision_attention(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Reduce this layer's attention to one score per pooled token: (B*F, P) -- Eq. (1)."""
+        if not self._capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        t0 = clock(hidden)
+        frames, length, _ = hidden.shape
+        shape = (frames, length, -1, module.head_dim)
+        q = module.q_proj(hidden).view(shape).transpose(1, 2)
+        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        scores = vision_received_attention(q, k)  # (B*F, patches)
+        if self.model.config.vision_feature_select_strategy == "default":
+            scores = scores[:, 1:]  # the features drop the first token as well
+        pooled = self.base_model().apply_pooling(scores.unsqueeze(-1).contiguous())
+        self._add_scores(pooled.squeeze(-1))
+        self.stats.score_seconds += clock(hidden) - t0
+
+    def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
+        # the first argument is named pixel_values_videos (>= 5.2x) or pixel_values (5.17)
+        videos = args[0] if args else kwargs.get("pixel_values_videos", kwargs.get("pixel_values"))
+        if kwargs.get("vision_feature_layer") not in (None, self._feature_layer):
+            raise ValueError(
+                "vision_feature_layer passed in the call differs from the model config the "
+                "compressor was attached with; attach with vision_layer=... instead"
+            )
+        if not isinstance(videos, Tensor) or videos.dim() != 5:
+            raise ValueError(
+                "pixel_values_videos must be (B, F, C, H, W), got "
+                f"{getattr(videos, 'shape', type(videos).__name__)}"
+            )
+        return VideoCall(batch=videos.shape[0], frames=videos.shape[1])
+
+    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+        ids: Tensor = kwargs["input_ids"]
+        start, count = placeholder_span(ids, self.model.config.video_token_id)
+        if video is not None and ids.shape[0] % video.batch:
+            raise ValueError(
+                f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
+            )
+        if video is not None and video.frames is not None:
+            frames = video.frames
+        else:  # features precomputed elsewhere: P from the model's pooling of its patch grid
+            grid = (
+                self.model.config.vision_config.image_size
+                // self.model.config.vision_config.patch_size
+            )
+            frames = (count - 1) // math.ceil(grid / 2) ** 2
+        if frames < 1 or (count - 1) % frames:
+            raise ValueError(
+                f"{count} video placeholders do not make F*P + 1 with F = {frames} frames "
+                "(one video per prompt row)"
+            )
+        return VideoLayout(start, frames, (count - 1) // frames, trailing=1)
+
+    def decode_positions(
+        self, session: Session, length: int, batch: int, device: torch.device
+    ) -> Tensor:
+        positions = torch.arange(session.seen, session.seen + length, device=device)
+        return positions.expand(batch, length)

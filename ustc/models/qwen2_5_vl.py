@@ -1,0 +1,181 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``).
+
+Video path of the model: frames are cut into 14 x 14 patches in pairs of frames (temporal patch
+2), so one "frame" of features is a pair of input frames; the vision tower runs on all patches of
+the video in a *window-permuted* order (most blocks attend inside windows, the blocks in
+``fullatt_block_indexes`` attend over a whole frame pair); the patch merger joins each 2 x 2 group
+of patches into one token, and the output is put back into (t, h/2, w/2) order with
+``argsort(window_index)``.  The LLM uses 3-D M-RoPE positions (temporal, height, width).
+
+Eq. (1) scores come from the last vision block (a full-attention block in the released models):
+q and k are recomputed from its input with its own rotary embedding, the attention each patch
+receives is reduced inside each attention segment the block uses (``cu_seqlens``), averaged over
+the 2 x 2 patches the merger joins, and un-permuted exactly as the model un-permutes its features.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ustc.config import CompressionConfig
+from ustc.models.base import (
+    Handle,
+    Session,
+    VideoCall,
+    VideoLayout,
+    clock,
+    placeholder_span,
+    vision_received_attention,
+)
+
+
+class Qwen2_5_VLHandle(Handle):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration``.
+
+    vision_layer: index of the vision block whose attention gives Eq. (1); by default the last
+    block, whose output the patch merger turns into the LLM's visual tokens.
+    """
+
+    def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
+        blocks = model.model.visual.blocks
+        if not -len(blocks) <= vision_layer < len(blocks):
+            raise ValueError(
+                f"vision_layer must be in [{-len(blocks)}, {len(blocks)}), got {vision_layer}"
+            )
+        self.vision_layer = vision_layer % len(blocks)
+        self._window_index: Tensor | None = None
+        super().__init__(model, config)
+
+    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        visual = self.base_model().visual
+        attention = visual.blocks[self.vision_layer].attn
+        return [
+            visual.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True),
+            attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True),
+        ]
+
+    def _on_vision_tower(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Remember the window permutation of this call (to un-permute the scores)."""
+        if not self._capturing:
+            return
+        grid = args[1] if len(args) > 1 else kwargs["grid_thw"]
+        config = module.config
+        self._window_index = _window_index(
+            module, grid, config.spatial_merge_size, config.window_size, config.patch_size
+        )
+
+    def _on_vision_attention(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Reduce this block's attention to one score per merged token: (B*F, P) -- Eq. (1)."""
+        if not self._capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        t0 = clock(hidden)
+        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"]
+        length = hidden.shape[0]
+        qkv = module.qkv(hidden).reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        q, k = rope(qkv[0], qkv[1], cos, sin)  # (S, H, d), window-permuted order
+        scores = _segment_received_attention(q, k, cu_seqlens)  # (S,)
+        unit = self.base_model().visual.spatial_merge_unit
+        merged = scores.view(-1, unit).mean(dim=-1)  # one score per 2 x 2 merger group
+        assert self._window_index is not None
+        merged = merged[torch.argsort(self._window_index.to(merged.device))]
+        self._add_scores(merged)
+        self.stats.score_seconds += clock(hidden) - t0
+
+    def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
+        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
+        if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
+            raise ValueError(
+                "pixel_values_videos need video_grid_thw (one (t, h, w) row per video), got "
+                f"{getattr(grid, 'shape', grid)}"
+            )
+        return VideoCall(batch=grid.shape[0], grid=grid)
+
+    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+        ids: Tensor = kwargs["input_ids"]
+        grid = kwargs.get("video_grid_thw")
+        rows = ids.shape[0]
+        if grid is None and video is not None:  # generate() passed it to the encoder only
+            grid = video.grid
+            # generate(num_return_sequences=r) repeats the prompts after encoding the videos
+            if grid is not None and grid.shape[0] and rows % grid.shape[0] == 0:
+                rows = grid.shape[0]
+        if grid is None or grid.dim() != 2 or grid.shape[0] != rows:
+            raise ValueError(
+                "video_grid_thw must be (B, 3) with one video per prompt row, got "
+                f"{None if grid is None else tuple(grid.shape)} for {ids.shape[0]} prompts"
+            )
+        if not bool((grid == grid[0]).all()):
+            raise ValueError(
+                "all videos of a batch must have the same grid (t, h, w) so that the prompts "
+                f"have equal lengths; got {grid.tolist()}"
+            )
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                "Qwen2.5-VL needs mm_token_type_ids (returned by the processor) to build the "
+                "M-RoPE positions of the video; without them transformers silently uses 1-D "
+                "positions"
+            )
+        t, h, w = (int(x) for x in grid[0])
+        merge = self.model.config.vision_config.spatial_merge_size
+        per_frame = (h // merge) * (w // merge)
+        start, count = placeholder_span(ids, self.model.config.video_token_id)
+        if count != t * per_frame:
+            raise ValueError(
+                f"{count} video placeholders for a grid of {t} x {h // merge} x {w // merge} tokens"
+            )
+        end = start + count
+        vision_end = getattr(self.model.config, "vision_end_token_id", None)
+        trailing = int(end < ids.shape[1] and bool((ids[:, end] == vision_end).all()))
+        return VideoLayout(start, t, per_frame, trailing)
+
+    def decode_positions(
+        self, session: Session, length: int, batch: int, device: torch.device
+    ) -> Tensor:
+        # the model's own rule: 1-D position at the original length + the video's M-RoPE delta
+        positions = torch.arange(session.seen, session.seen + length, device=device)
+        positions = positions.view(1, 1, -1).expand(3, batch, -1)
+        deltas = self.base_model().rope_deltas
+        if deltas is None:
+            return positions
+        return positions + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+
+
+def _segment_received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Eq. (1) inside each attention segment [cu[i], cu[i+1]) of a vision block.
+
+    q, k: (S, H, d).  Returns (S,) float32.
+    """
+    bounds = cu_seqlens.tolist()
+    lengths = {b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    if len(lengths) == 1:  # equal segments (full-attention blocks: one per frame pair)
+        size = lengths.pop()
+        qs = q.reshape(-1, size, *q.shape[1:]).transpose(1, 2)
+        ks = k.reshape(-1, size, *k.shape[1:]).transpose(1, 2)
+        return vision_received_attention(qs, ks).reshape(-1)
+    parts = [
+        vision_received_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None])[0]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(parts)
+
+
+def _window_index(
+    visual: nn.Module, grid: Tensor, merge: int, window_size: int, patch_size: int
+) -> Tensor:
+    """The vision tower's window permutation of the merger groups, as the model computes it."""
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:  # transformers without vision_utils keep it as a method of the tower
+        return visual.get_window_index(grid)[0]
+    return get_vision_window_index(grid, merge, window_size, patch_size)[0]
