@@ -109,6 +109,13 @@ def test_global_pool_has_no_per_frame_quota():
     assert (out.status[0, 10:] == UNVISITED).all()
 
 
+def test_needs_attention_whenever_the_pool_can_be_used():
+    for ratio in (0.0, 0.3, 0.6, 0.99):
+        assert Compressor(CompressionConfig(cluster_ratio=ratio)).needs_attention
+    assert Compressor(CompressionConfig(cluster_ratio=0.6, recycler="none")).needs_attention
+    assert not Compressor(CompressionConfig(scorer="sim")).needs_attention
+
+
 def test_cluster_only_needs_no_attention():
     config = CompressionConfig(retention=0.2, recycler="dpc", cluster_ratio=1.0, merger="none")
     compressor = Compressor(config)

@@ -89,7 +89,8 @@ class Compressor:
         """Whether ``compress`` needs per-token vision attention scores (Eq. 1)."""
         if not isinstance(self.method, UnifiedCompression):
             return bool(self.method.uses_attention)
-        return self.scorer.uses_attention and self._capacity(1) > 0
+        pool_used = self.config.recycler == "none" or self.config.cluster_ratio < 1.0
+        return self.scorer.uses_attention and pool_used
 
     @property
     def has_merger(self) -> bool:
