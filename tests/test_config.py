@@ -31,7 +31,7 @@ def test_budget_rule_reproduces_the_papers_token_counts():
         ("k", 0, "k"),
         ("k", 2.5, "k must be an integer"),
         ("layer", -1, "layer"),
-        ("scorer", "attention", "unknown scorer 'attention'; known scorers: attn, attn\\+sim, sim"),
+        ("scorer", "attention", "unknown scorer 'attention'; known scorers: attn, attn\\+sim"),
         ("recycler", "kmeans", "known recyclers: dpc, none"),
         ("merger", "fastv2", "unknown merger"),
         ("params", {"alpha": 1}, "taken by none of the selected strategies"),

@@ -10,10 +10,10 @@ from ustc.scoring import Scorer
 
 def test_builtin_names():
     assert "ustc" in METHODS.names()
-    assert SCORERS.names()[:3] == ["attn", "attn+sim", "sim"]
-    assert POOLS.names() == ["greedy"]
-    assert RECYCLERS.names() == ["dpc", "none"]
-    assert MERGERS.names() == ["last-token", "none", "text-aware"]
+    assert {"attn", "attn+sim", "sim"} <= set(SCORERS.names())
+    assert "greedy" in POOLS.names()
+    assert {"dpc", "none"} <= set(RECYCLERS.names())
+    assert {"last-token", "none", "text-aware"} <= set(MERGERS.names())
 
 
 def test_build_and_params():

@@ -1,3 +1,3 @@
 """Importing this module registers every built-in strategy."""
 
-from ustc import merging, pool, recycle, scoring  # noqa: F401
+from ustc import baselines, merging, pool, recycle, scoring  # noqa: F401

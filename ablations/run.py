@@ -1,0 +1,551 @@
+"""One ablation run: ``python ablations/run.py --scorer attn+sim --recycler dpc``.
+
+Every field of :class:`~ustc.config.CompressionConfig`, every constructor parameter of every
+registered strategy (:data:`ustc.registry.REGISTRIES`) and of every benchmark
+(:data:`ustc.benchmarks.BENCHMARKS`) is a flag, generated from the registries: a strategy
+registered with a new parameter ``alpha`` gets ``--alpha`` without a CLI edit.  Names map to flags
+with dashes (``cluster_ratio`` -> ``--cluster-ratio``; ``--cluster_ratio`` works too) and
+``--name=value`` works as W&B sweeps pass it.
+
+Order of work, so that a mistake costs a second and not a model load:
+  flags -> CompressionConfig (unknown names, impossible values) -> benchmark.check() (missing
+  package or data) -> the uncompressed baseline (once, from the store) -> the run -> store,
+  W&B, table, ``--output`` JSON.
+
+Options that are not configuration:
+  --benchmark NAMES   comma-separated registered names or package.module:Class (default: lab)
+  --paper-layer K     the paper's K, mapped to the model's depth (see ustc.benchmarks)
+  --modules ROW       a Table 5 row: attn, sim, cluster, attn+sim, attn+cluster, sim+cluster,
+                      attn+sim+cluster (sets scorer, recycler, cluster_ratio)
+  --store PATH        JSONL results store (default results/ablations.jsonl); --no-store
+  --force             rerun even when the store has this run
+  --no-baseline       skip the uncompressed run (no "% of uncompressed")
+  --output PATH       write the run's record as JSON
+  --wandb MODE        auto (default), online, offline, disabled
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ablations.store import ResultStore, run_key  # noqa: E402
+from ablations.wandb_log import MODES, log_run  # noqa: E402
+from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
+from ustc.benchmarks import (  # noqa: E402
+    BENCHMARKS,
+    Benchmark,
+    BenchmarkResult,
+    build_benchmarks,
+    constructor_params,
+    load_benchmark_class,
+    map_paper_layer,
+)
+from ustc.config import CompressionConfig  # noqa: E402
+from ustc.presets import TABLE5_ROWS  # noqa: E402
+from ustc.registry import REGISTRIES, Param  # noqa: E402
+
+DEFAULT_STORE = "results/ablations.jsonl"
+
+#: the uncompressed model every "% of uncompressed" refers to
+VANILLA = CompressionConfig(retention=1.0, merger="none")
+
+#: Table 5's (Attn, Sim, Cluster) marks by row name
+MODULE_ROWS: dict[str, tuple[bool, bool, bool]] = {
+    "attn": (True, False, False),
+    "sim": (False, True, False),
+    "cluster": (False, False, True),
+    "attn+sim": (True, True, False),
+    "attn+cluster": (True, False, True),
+    "sim+cluster": (False, True, True),
+    "attn+sim+cluster": (True, True, True),
+}
+#: the config fields a Table 5 row decides
+MODULE_FIELDS = ("scorer", "recycler", "cluster_ratio")
+
+CONFIG_FIELDS: dict[str, Any] = {
+    f.name: f.type for f in fields(CompressionConfig) if f.name != "params"
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Flags generated from the registries
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    # sweeps may pass 18.0 for 18; 18.5 is an error, not a silent truncation
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _resolve_annotation(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        return {"int": int, "float": float, "str": str, "bool": bool}.get(
+            annotation.replace(" | None", "").strip(), str
+        )
+    return annotation
+
+
+def converter(annotation: Any) -> tuple[Any, bool]:
+    """(text -> value, optional) for a parameter annotation; ``X | None`` accepts ``none``."""
+    annotation = _resolve_annotation(annotation)
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0] if len(args) == 1 else str
+    base = {bool: _parse_bool, int: _parse_int, float: _parse_float}.get(annotation, str)
+    if not optional:
+        return base, False
+
+    def parse_optional(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else base(text)
+
+    parse_optional.__name__ = getattr(base, "__name__", "value")
+    return parse_optional, True
+
+
+def strategy_params() -> dict[str, Param]:
+    """Constructor parameters of every registered strategy that are not config fields."""
+    out: dict[str, Param] = {}
+    for registry in REGISTRIES.values():
+        for name in registry.names():
+            for param in registry.params(name):
+                if param.name not in CONFIG_FIELDS:
+                    out.setdefault(param.name, param)
+    return out
+
+
+def benchmark_params(extra: Sequence[type[Benchmark]] = ()) -> dict[str, Param]:
+    """Constructor parameters of every registered benchmark and of the ``extra`` classes."""
+    out: dict[str, Param] = {}
+    for name in BENCHMARKS.names():
+        for param in BENCHMARKS.params(name):
+            out.setdefault(param.name, param)
+    for cls in extra:
+        hints = typing.get_type_hints(cls.__init__)
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                out.setdefault(p.name, Param(p.name, hints.get(p.name, p.annotation), p.default))
+    return out
+
+
+def _named_benchmarks(argv: Sequence[str] | None) -> list[type[Benchmark]]:
+    """Benchmark classes given by import path (``--benchmark pkg.mod:Class``): their
+    constructor parameters become flags too."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--benchmark", default="lab")
+    known, _ = pre.parse_known_args(argv)
+    names = [n.strip() for n in known.benchmark.split(",") if ":" in n]
+    out = []
+    for name in names:
+        try:
+            out.append(load_benchmark_class(name))
+        except ValueError:
+            pass  # reported with context by resolve_args
+    return out
+
+
+def _owners(registry_kind: str) -> dict[str, list[str]]:
+    owners: dict[str, list[str]] = {}
+    registry = REGISTRIES[registry_kind]
+    for name in registry.names():
+        for param in registry.params(name):
+            owners.setdefault(param.name, []).append(name)
+    return owners
+
+
+def _option_strings(name: str) -> list[str]:
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] if "_" not in name else [dashed, "--" + name]
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI; ``argv`` only serves to find benchmarks given by import path."""
+    extra_benchmarks = _named_benchmarks(argv)
+    parser = argparse.ArgumentParser(
+        prog="ablations/run.py",
+        description="Run one configuration of the compression on a benchmark and record it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags are generated from ustc.registry.REGISTRIES and ustc.benchmarks.BENCHMARKS.",
+    )
+    defaults = CompressionConfig()
+    config_group = parser.add_argument_group("compression (CompressionConfig fields)")
+    for name, annotation in CONFIG_FIELDS.items():
+        if name in REGISTRIES:
+            known = ", ".join(REGISTRIES[name].names())
+            config_group.add_argument(*_option_strings(name), dest=name, default=None,
+                                      metavar="NAME", help=f"{name}: {known} "
+                                      f"(default {getattr(defaults, name)})")
+            continue
+        parse, _ = converter(annotation)
+        owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
+        config_group.add_argument(
+            *_option_strings(name), dest=name, type=parse, default=None,
+            help=f"(default {getattr(defaults, name)})"
+            + (f"; used by {', '.join(owners)}" if owners else ""),
+        )
+    strategy_group = parser.add_argument_group("strategy parameters (CompressionConfig.params)")
+    for name, param in strategy_params().items():
+        parse, _ = converter(param.annotation)
+        owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
+        strategy_group.add_argument(*_option_strings(name), dest=name, type=parse, default=None,
+                                    help=f"used by {', '.join(owners)}")
+    bench_group = parser.add_argument_group("benchmark")
+    bench_group.add_argument("--benchmark", default="lab",
+                             help=f"comma-separated: {', '.join(BENCHMARKS.names())}, or "
+                             "package.module:Class (default lab)")
+    for name, param in benchmark_params(extra_benchmarks).items():
+        if name in CONFIG_FIELDS or name in strategy_params():
+            raise ValueError(f"benchmark parameter {name!r} clashes with a compression flag")
+        parse, _ = converter(param.annotation)
+        users = [b for b in BENCHMARKS.names() if name in {p.name for p in BENCHMARKS.params(b)}]
+        users += [c.registered_name for c in extra_benchmarks if name in constructor_params(c)]
+        help_text = ("model spec or path (benchmark's default model when omitted)"
+                     if name == "model" else f"used by {', '.join(users)}")
+        bench_group.add_argument(*_option_strings(name), dest=name, type=parse, default=None,
+                                 help=help_text)
+    special = parser.add_argument_group("ablation shortcuts")
+    special.add_argument("--paper-layer", "--paper_layer", dest="paper_layer", type=_parse_int,
+                         default=None, help="the paper's K (of 28 layers), mapped to the same "
+                         "relative depth of the evaluated LLM")
+    special.add_argument("--modules", default=None, metavar="ROW",
+                         help=f"Table 5 row: {', '.join(MODULE_ROWS)}")
+    out = parser.add_argument_group("output")
+    out.add_argument("--store", default=DEFAULT_STORE, help="JSONL results store")
+    out.add_argument("--no-store", "--no_store", dest="no_store", action="store_true")
+    out.add_argument("--force", action="store_true", help="rerun even if stored")
+    out.add_argument("--no-baseline", "--no_baseline", dest="no_baseline", action="store_true")
+    out.add_argument("--output", default=None, help="write the run record as JSON")
+    out.add_argument("--wandb", default="auto", choices=MODES)
+    out.add_argument("--wandb-project", "--wandb_project", dest="wandb_project",
+                     default="ustc-ablations")
+    out.add_argument("--wandb-group", "--wandb_group", dest="wandb_group", default=None)
+    out.add_argument("--quiet", action="store_true", help="no progress bars, no table")
+    out.add_argument("--list", action="store_true", help="list strategies and benchmarks")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution: flags -> config + benchmarks, every check before any model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """A validated run: nothing is loaded yet."""
+
+    config: CompressionConfig
+    benchmarks: list[Benchmark]
+    args: argparse.Namespace
+
+    @property
+    def key(self) -> str:
+        return run_key(self.config.to_dict(), [b.spec() for b in self.benchmarks])
+
+    def baseline_key(self) -> str:
+        return run_key(VANILLA.to_dict(), [b.spec() for b in self.benchmarks])
+
+
+_BENCH_CACHE: dict[str, Benchmark] = {}
+
+
+def _cached(benches: list[Benchmark]) -> list[Benchmark]:
+    """Reuse benchmark objects (and the models they hold) across runs of one process."""
+    out = []
+    for bench in benches:
+        tag = json.dumps([type(bench).__module__, type(bench).__qualname__, bench.spec()],
+                         sort_keys=True, default=str)
+        out.append(_BENCH_CACHE.setdefault(tag, bench))
+    return out
+
+
+def resolve(argv: Sequence[str] | None = None) -> RunPlan:
+    """Parse and validate; raises ``ValueError`` (or exits on a malformed flag).  Loads no model."""
+    args = build_parser(argv).parse_args(argv)
+    return resolve_args(args)
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def resolve_args(args: argparse.Namespace) -> RunPlan:
+    names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
+    classes = [load_benchmark_class(n) for n in names]
+    bench_values = _given(args, list(benchmark_params(classes)))
+    accepted = set().union(*(constructor_params(c) for c in classes)) if classes else set()
+    stray = sorted(set(bench_values) - accepted)
+    if stray:
+        flags = ", ".join(_option_strings(s)[0] for s in stray)
+        raise ValueError(f"{flags} is not a parameter of benchmark {args.benchmark!r}; "
+                         f"it takes: {', '.join(sorted(accepted)) or 'nothing'}")
+    benches = _cached(build_benchmarks(names, bench_values))
+
+    base = benches[0].default_config()
+    changes = _given(args, list(CONFIG_FIELDS))
+    if args.modules is not None:
+        if args.modules not in MODULE_ROWS:
+            raise ValueError(f"unknown --modules {args.modules!r}; Table 5 rows: "
+                             f"{', '.join(MODULE_ROWS)}")
+        row = TABLE5_ROWS[MODULE_ROWS[args.modules]]
+        for name in MODULE_FIELDS:
+            value = getattr(row, name)
+            if name in changes and changes[name] != value:
+                raise ValueError(f"--modules {args.modules} sets {name}={value!r}, but "
+                                 f"--{name.replace('_', '-')}={changes[name]!r} was also given")
+            changes[name] = value
+    if args.paper_layer is not None:
+        if "layer" in changes:
+            raise ValueError("give either --layer (this model's K) or --paper-layer (the "
+                             "paper's K, mapped), not both")
+        layers = benches[0].llm_layers()
+        if layers is None:
+            raise ValueError(f"--paper-layer needs the LLM depth of benchmark "
+                             f"{benches[0].registered_name!r}, which it does not report; "
+                             "give --layer instead")
+        changes["layer"] = map_paper_layer(args.paper_layer, layers)
+    extra = _given(args, list(strategy_params()))
+    params = {**base.params, **extra}
+    config = base.replace(**changes, params=params)
+
+    for bench in benches:
+        layers = bench.llm_layers()
+        if layers is not None and config.merger != "none" and config.layer >= layers:
+            raise ValueError(
+                f"layer K={config.layer} is not a layer of the {layers}-layer LLM of benchmark "
+                f"{bench.registered_name!r}: K must be in [0, {layers - 1}] (use --paper-layer "
+                "to map the paper's K to this depth)"
+            )
+    for bench in benches:
+        bench.check()
+    return RunPlan(config, benches, args)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_results(benches: list[Benchmark], results: list[BenchmarkResult]) -> dict[str, Any]:
+    scores: dict[str, float] = {}
+    tokens: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    several = len(benches) > 1
+    for bench, res in zip(benches, results, strict=True):
+        prefix = f"{bench.registered_name}/" if several else ""
+        for column, value in res.scores.items():
+            scores[f"{bench.registered_name}/{column}" if column in scores else column] = value
+        tokens.update({prefix + k: v for k, v in res.tokens.items()})
+        timings.update({prefix + k: v for k, v in res.timings.items()})
+        details[bench.registered_name] = res.details
+    return {
+        "scores": scores,
+        "tokens": tokens,
+        "timings": timings,
+        "n": sum(r.n for r in results),
+        "details": details,
+    }
+
+
+def flops_of(config: CompressionConfig, bench: Benchmark) -> dict[str, Any] | None:
+    """Eq. S3 FLOPs (``ustc.flops``) of the evaluated LLM, and the planned token counts."""
+    spec = bench.flops_spec()
+    if spec is None:
+        return None
+    from ustc import flops
+
+    # ustc.flops' default merge_at is the convention the model adapters follow
+    try:
+        ours = flops.count(config, spec, counter="eq-s3")
+        vanilla = flops.count(VANILLA, spec, counter="eq-s3")
+    except ValueError as exc:
+        return {"model": spec.name, "error": str(exc)}
+    entering = config.budget(spec.frames, spec.tokens_per_frame)
+    return {
+        "model": spec.name,
+        "counter": "eq-s3",
+        "merge_at": inspect.signature(flops.count).parameters["merge_at"].default,
+        "tflops": ours.tera,
+        "ratio": ours.ratio(vanilla),
+        "vanilla_tflops": vanilla.tera,
+        "visual_tokens": spec.visual_tokens,
+        "llm_visual_tokens": entering,
+        "after_merge_tokens": config.kept_after_merge(entering),
+    }
+
+
+def _evaluate(plan: RunPlan, config: CompressionConfig, progress: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    results = [b.evaluate(config, progress=progress) for b in plan.benchmarks]
+    merged = _merge_results(plan.benchmarks, results)
+    avg = sum(merged["scores"].values()) / len(merged["scores"])
+    merged["timings"]["wall"] = time.perf_counter() - start
+    return {
+        "key": run_key(config.to_dict(), [b.spec() for b in plan.benchmarks]),
+        "config": config.to_dict(),
+        "benchmarks": [b.spec() for b in plan.benchmarks],
+        "avg": avg,
+        "columns": list(merged["scores"]),  # table order (the store sorts dict keys)
+        "flops": flops_of(config, plan.benchmarks[0]),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **merged,
+    }
+
+
+def run_plan(plan: RunPlan, store: ResultStore | None = None) -> dict[str, Any]:
+    """Baseline (stored once) + this run; returns the run's record with ``pct_of_uncompressed``."""
+    args = plan.args
+    progress = not args.quiet
+
+    def stored_or_run(config: CompressionConfig, key: str,
+                      force: bool) -> tuple[dict[str, Any], bool]:
+        if store is not None and not force:
+            hit = store.get(key)
+            if hit is not None:
+                return hit, True
+        record = _evaluate(plan, config, progress)
+        if store is not None:
+            store.append(record, replace=force)
+        return record, False
+
+    baseline = None
+    if not args.no_baseline:
+        baseline, _ = stored_or_run(VANILLA, plan.baseline_key(), force=False)
+    record, cached = stored_or_run(plan.config, plan.key, force=args.force)
+    record = dict(record)
+    record["cached"] = cached
+    if baseline is not None and baseline["avg"] > 0:
+        record["baseline"] = {"key": baseline["key"], "avg": baseline["avg"],
+                              "scores": baseline["scores"]}
+        record["pct_of_uncompressed"] = 100.0 * record["avg"] / baseline["avg"]
+    else:
+        record["pct_of_uncompressed"] = None
+    return record
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A short Markdown table of one run."""
+    cols = record.get("columns") or list(record["scores"])
+    head = cols + ["Avg.", "%", "FLOPs (T)", "tokens", "time (s)"]
+    flops = record.get("flops") or {}
+    tokens = flops.get("llm_visual_tokens")
+    tok = "-" if tokens is None else f"{tokens}/{flops.get('visual_tokens')}"
+    if flops.get("after_merge_tokens") not in (None, tokens):
+        tok += f" -> {flops['after_merge_tokens']}"
+    row = [f"{record['scores'][c]:.1f}" for c in cols] + [
+        f"{record['avg']:.1f}",
+        "-" if record.get("pct_of_uncompressed") is None
+        else f"{record['pct_of_uncompressed']:.1f}",
+        "-" if flops.get("tflops") is None else f"{flops['tflops']:.3g}",
+        tok,
+        f"{record['timings'].get('wall', float('nan')):.1f}",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| " + " | ".join(row) + " |"]
+    return "\n".join(lines)
+
+
+def describe_config(config: CompressionConfig) -> str:
+    c = config
+    text = (f"r={c.retention:g} scorer={c.scorer} pool={c.pool}(tau={c.tau:g}) "
+            f"recycler={c.recycler}")
+    if c.recycler != "none":
+        text += f"(cluster_ratio={c.cluster_ratio:g}, k={c.k})"
+    text += f" merger={c.merger}"
+    if c.merger != "none":
+        text += f"(K={c.layer}, R={c.keep_ratio:g}, lambda={c.lam:g})"
+    if c.params:
+        text += f" params={c.params}"
+    return text
+
+
+def list_everything() -> str:
+    lines = []
+    for kind, registry in REGISTRIES.items():
+        for name in registry.names():
+            params = ", ".join(
+                p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                for p in registry.params(name)
+            )
+            lines.append(f"{kind:9s} {name:14s} {params}")
+    for name in BENCHMARKS.names():
+        params = ", ".join(p.name for p in BENCHMARKS.params(name))
+        lines.append(f"{'benchmark':9s} {name:14s} {params}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.list:
+        print(list_everything())
+        return None
+    try:
+        plan = resolve_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    store = None if args.no_store else ResultStore(args.store)
+    if not args.quiet:
+        names = ",".join(b.registered_name for b in plan.benchmarks)
+        print(f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config)}",
+              flush=True)
+    record = run_plan(plan, store)
+    if not record.pop("cached"):
+        log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
+    elif not args.quiet:
+        print(f"(from the store {args.store}; --force to rerun)")
+    if not args.quiet:
+        print(format_record(record))
+    if args.output:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default))
+    return record
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,615 @@
+"""Tests of the ablation framework (ablations/): flags, validation order, store, resume, tables.
+
+The benchmark here is :class:`ToyBenchmark`, a deterministic analytic function of every config
+value (not a constant), so the grid, resume and table logic are checked independently of the lab
+model.  W&B is disabled (WANDB_MODE=disabled) except where offline logging itself is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ablations import run as runner  # noqa: E402
+from ablations import sweep as sweeper  # noqa: E402
+from ablations import tables  # noqa: E402
+from ablations.store import ResultStore, run_key  # noqa: E402
+from ablations.wandb_log import metrics_of, resolve_mode  # noqa: E402
+from ustc import flops  # noqa: E402
+from ustc.benchmarks import Benchmark, BenchmarkResult, map_paper_layer  # noqa: E402
+from ustc.config import CompressionConfig  # noqa: E402
+from ustc.presets import TABLE5_ROWS  # noqa: E402
+from ustc.registry import RECYCLERS, SCORERS  # noqa: E402
+
+TOY = f"{__name__}:ToyBenchmark"
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    runner._BENCH_CACHE.clear()
+    ToyBenchmark.loads = 0
+    ToyBenchmark.evaluations = 0
+
+
+class ToyBenchmark(Benchmark):
+    """Two columns that respond to every knob of the config, peaking at the paper's settings.
+
+    Its "model" has 4 LLM layers and 8 frames x 49 tokens.  ``data`` names a file that must exist
+    (to test missing-data errors).  TOY_LOG: file to which every evaluation appends its config;
+    TOY_KILL_AFTER=n: SIGKILL this process when evaluation n + 1 starts; TOY_RAISE_AFTER=n: raise.
+    """
+
+    registered_name = "toy"
+    loads = 0
+    evaluations = 0
+
+    def __init__(self, limit: int | None = None, data: str | None = None) -> None:
+        self.limit = limit
+        self.data = data
+        self._model: object | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("Alpha", "Beta")
+
+    def check(self) -> None:
+        if self.data is not None and not Path(self.data).exists():
+            raise ValueError(f"toy benchmark data {self.data} does not exist")
+
+    def default_config(self) -> CompressionConfig:
+        return CompressionConfig(layer=3)
+
+    def llm_layers(self) -> int:
+        return 4
+
+    def flops_spec(self) -> flops.ModelSpec:
+        return flops.ModelSpec(
+            "toy",
+            num_layers=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            num_kv_heads=2,
+            frames=8,
+            tokens_per_frame=49,
+        )
+
+    def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
+        done = type(self).evaluations
+        if os.environ.get("TOY_KILL_AFTER") and done >= int(os.environ["TOY_KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("TOY_RAISE_AFTER") and done >= int(os.environ["TOY_RAISE_AFTER"]):
+            raise RuntimeError("injected failure")
+        if self._model is None:
+            type(self).loads += 1
+            self._model = object()
+        type(self).evaluations += 1
+        if os.environ.get("TOY_LOG"):
+            with open(os.environ["TOY_LOG"], "a") as fh:
+                fh.write(json.dumps(config.to_dict(), sort_keys=True) + "\n")
+        score = toy_score(config)
+        return BenchmarkResult(
+            scores={"Alpha": score, "Beta": score - 7.0 + 3.0 * config.lam},
+            n=self.limit or 10,
+            tokens={"llm_visual": float(config.budget(8, 49))},
+            timings={"compress": 0.001},
+        )
+
+
+def toy_score(c: CompressionConfig) -> float:
+    score = 30.0 + 30.0 * c.retention**0.25
+    score -= {"attn": 8.0, "sim": 1.0, "attn+sim": 0.0}[c.scorer]
+    if c.recycler == "dpc":
+        score += 1.0 - 20.0 * (c.cluster_ratio - 0.3) ** 2
+    score -= 20.0 * (c.tau - 0.7) ** 2
+    if c.merger == "text-aware":
+        score += 0.5 - 10.0 * (c.layer / 4 - 0.6) ** 2 - (c.lam - 0.5) ** 2
+    elif c.merger == "last-token":
+        score -= 1.0
+    return score
+
+
+def resolve(*flags: str) -> runner.RunPlan:
+    return runner.resolve(["--benchmark", TOY, *flags])
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_and_strategy_parameter_is_a_flag() -> None:
+    options = {s for a in runner.build_parser()._actions for s in a.option_strings}
+    for name in (
+        "retention",
+        "scorer",
+        "pool",
+        "tau",
+        "recycler",
+        "cluster-ratio",
+        "k",
+        "merger",
+        "layer",
+        "keep-ratio",
+        "lam",
+        "model",
+        "benchmark",
+        "limit",
+        "split",
+        "tasks",
+        "cluster_ratio",
+        "keep_ratio",
+    ):
+        assert f"--{name}" in options
+
+
+def test_a_newly_registered_strategy_parameter_becomes_a_flag() -> None:
+    @SCORERS.register("test-only-scaled")
+    class Scaled:
+        uses_attention = False
+
+        def __init__(self, alpha: float = 1.0, use_bias: bool = False) -> None:
+            self.alpha = alpha
+
+    try:
+        options = {s for a in runner.build_parser()._actions for s in a.option_strings}
+        assert {"--alpha", "--use-bias", "--use_bias"} <= options
+        plan = resolve("--scorer=test-only-scaled", "--alpha=2.5", "--use-bias=true")
+        assert plan.config.scorer == "test-only-scaled"
+        assert plan.config.params == {"alpha": 2.5, "use_bias": True}
+        with pytest.raises(ValueError, match="alpha"):
+            resolve("--alpha=2.5")  # the default scorer takes no alpha
+    finally:
+        SCORERS._classes.pop("test-only-scaled")
+
+
+def test_name_equals_value_as_sweeps_pass_it() -> None:
+    plan = resolve(
+        "--cluster_ratio=0.4",
+        "--keep-ratio=0.25",
+        "--layer=2.0",
+        "--tau=0.6",
+        "--scorer=sim",
+        "--recycler=dpc",
+        "--merger=last-token",
+        "--k=3",
+        "--retention=0.05",
+        "--limit=7",
+    )
+    c = plan.config
+    assert (c.cluster_ratio, c.keep_ratio, c.layer, c.tau, c.scorer, c.merger, c.k) == (
+        0.4,
+        0.25,
+        2,
+        0.6,
+        "sim",
+        "last-token",
+        3,
+    )
+    assert isinstance(c.layer, int) and c.retention == 0.05
+    assert plan.benchmarks[0].limit == 7
+    assert resolve("--cluster-ratio", "0.4").config.cluster_ratio == 0.4
+    with pytest.raises(SystemExit):
+        resolve("--layer=2.5")
+
+
+def test_defaults_come_from_the_benchmark() -> None:
+    assert resolve().config == CompressionConfig(layer=3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scorer=nope"],
+         "unknown scorer 'nope'; known scorers: " + re.escape(", ".join(SCORERS.names()))),
+        (["--merger=fancy"], "unknown merger"),
+        (["--retention=1.5"], r"retention must be in \(0, 1\]"),
+        (["--tau=2"], r"tau must be in \[-1, 1\]"),
+        (["--k=0"], "k .* must be >= 1"),
+        (["--cluster-ratio=1.2"], "cluster_ratio"),
+        (["--layer=4"], r"K must be in \[0, 3\]"),
+        (["--paper-layer=30"], r"paper layer K must be in \[0, 28\]"),
+        (["--layer=1", "--paper-layer=7"], "not both"),
+        (["--modules=attn+magic"], "unknown --modules"),
+        (["--modules=cluster", "--cluster-ratio=0.3"], "sets cluster_ratio=1.0"),
+        (["--split=val"], "--split is not a parameter of benchmark"),
+        (["--data=/nonexistent/toy.json"], "does not exist"),
+        (["--benchmark=nosuch"], "unknown benchmark 'nosuch'"),
+        (["--benchmark=os:path"], "not a subclass"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_loaded(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve(*flags)
+    assert ToyBenchmark.loads == 0 and ToyBenchmark.evaluations == 0
+
+
+def test_cli_error_exits_2_with_the_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--benchmark", TOY, "--recycler", "kmeans", "--no-store"])
+    assert exc.value.code == 2
+    known = ", ".join(RECYCLERS.names())
+    assert f"unknown recycler 'kmeans'; known recyclers: {known}" in capsys.readouterr().err
+    assert ToyBenchmark.loads == 0
+
+
+def test_paper_layer_keeps_the_relative_depth() -> None:
+    def reference(k: int, layers: int) -> int:
+        exact = Fraction(k * layers, 28)
+        nearest = math.floor(exact + Fraction(1, 2))  # half up
+        return min(nearest, layers - 1)
+
+    for layers in (1, 2, 4, 6, 24, 28, 32):
+        for k in range(29):
+            assert map_paper_layer(k, layers) == reference(k, layers), (k, layers)
+    assert [map_paper_layer(k, 28) for k in (2, 7, 14, 18, 21)] == [2, 7, 14, 18, 21]
+    assert resolve("--paper-layer=18").config.layer == 3
+    assert resolve("--paper_layer=7").config.layer == 1
+
+
+@pytest.mark.parametrize("row", runner.MODULE_ROWS)
+def test_modules_flag_realises_the_table5_rows(row: str) -> None:
+    plan = resolve(f"--modules={row}", "--retention=0.02", "--merger=none")
+    expected = TABLE5_ROWS[runner.MODULE_ROWS[row]]
+    assert plan.config == CompressionConfig(layer=3).replace(
+        scorer=expected.scorer,
+        recycler=expected.recycler,
+        cluster_ratio=expected.cluster_ratio,
+        retention=0.02,
+        merger="none",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One run: record, JSON, store
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_writes_the_record_and_reuses_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, store = tmp_path / "run.json", tmp_path / "store.jsonl"
+    runner.main(
+        [
+            "--benchmark",
+            TOY,
+            "--scorer",
+            "attn+sim",
+            "--recycler",
+            "dpc",
+            "--store",
+            str(store),
+            "--output",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    config = CompressionConfig(layer=3)
+    vanilla = CompressionConfig(retention=1.0, merger="none")
+    alpha, vanilla_alpha = toy_score(config), toy_score(vanilla)
+    assert record["config"] == config.to_dict()
+    assert record["scores"] == pytest.approx({"Alpha": alpha, "Beta": alpha - 7 + 1.5})
+    assert record["avg"] == pytest.approx(alpha - 2.75)
+    assert record["pct_of_uncompressed"] == pytest.approx(
+        100 * (alpha - 2.75) / (vanilla_alpha - 2.75)
+    )
+    spec = ToyBenchmark().flops_spec()
+    assert record["flops"]["tflops"] == pytest.approx(flops.count(config, spec).tera)
+    assert record["flops"]["llm_visual_tokens"] == 8 * 1  # ceil(0.02 * 49) = 1 per frame
+    assert record["flops"]["after_merge_tokens"] == 4
+    assert record["tokens"] == {"llm_visual": 8.0}
+    assert record["timings"]["wall"] >= 0 and record["n"] == 10
+    assert record["key"] == run_key(
+        config.to_dict(), [{"name": "toy", "limit": None, "data": None}]
+    )
+    assert "| Alpha | Beta | Avg. | % | FLOPs (T)" in printed
+    assert ToyBenchmark.evaluations == 2  # baseline + run
+    assert len(ResultStore(store)) == 2
+
+    runner._BENCH_CACHE.clear()
+    again = runner.main(["--benchmark", TOY, "--store", str(store), "--quiet"])
+    assert ToyBenchmark.evaluations == 2  # both from the store
+    assert again["avg"] == pytest.approx(record["avg"])
+    runner.main(["--benchmark", TOY, "--store", str(store), "--quiet", "--force"])
+    assert ToyBenchmark.evaluations == 3  # the run again, not the baseline
+    assert len(ResultStore(store)) == 2 and len(store.read_text().splitlines()) == 3
+
+
+def test_store_skips_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    store = ResultStore(path)
+    assert store.append({"key": "a", "avg": 1.0})
+    with path.open("a") as fh:
+        fh.write('{"key": "b", "avg": 2')  # killed mid-write: no newline, invalid JSON
+    with pytest.warns(UserWarning, match="incomplete record"):
+        assert store.append({"key": "c", "avg": 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sorted(store.records()) == ["a", "c"]
+        assert not store.append({"key": "a", "avg": 9.0})
+        assert path.read_text().splitlines()[-1] == '{"avg": 3.0, "key": "c"}'
+        assert store.append({"key": "a", "avg": 9.0}, replace=True)
+        assert store.get("a") == {"key": "a", "avg": 9.0}
+
+
+def test_run_key_depends_on_every_config_value_and_the_benchmark() -> None:
+    base = CompressionConfig()
+    bench = [{"name": "lab", "split": "test", "limit": None}]
+    keys = {run_key(base.to_dict(), bench)}
+    for change in (
+        {"tau": 0.6},
+        {"k": 4},
+        {"lam": 0.25},
+        {"layer": 7},
+        {"merger": "none"},
+        {"cluster_ratio": 0.2},
+        {"keep_ratio": 0.25},
+        {"retention": 0.05},
+    ):
+        keys.add(run_key(base.replace(**change).to_dict(), bench))
+    keys.add(run_key(base.to_dict(), [{**bench[0], "limit": 5}]))
+    assert len(keys) == 10
+    assert run_key({"lam": 1}, bench) == run_key({"lam": 1.0}, bench)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps and tables
+# --------------------------------------------------------------------------------------------
+
+#: the paper's grids, copied from the paper's tables (independent of ablations/tables.py)
+PAPER_GRIDS = {
+    "table5": (
+        "modules",
+        ["attn", "sim", "cluster", "attn+sim", "attn+cluster", "sim+cluster", "attn+sim+cluster"],
+        "none",
+    ),
+    "s5": ("paper-layer", [2, 7, 14, 18, 21], "text-aware"),
+    "s6": ("tau", [0.5, 0.6, 0.7, 0.8, 0.9], "none"),
+    "s7": ("cluster-ratio", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "none"),
+    "s8": ("lam", [0, 0.25, 0.5, 0.75, 1], "text-aware"),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_GRIDS)
+def test_sweep_yaml_expands_to_the_papers_grid(name: str) -> None:
+    path = ROOT / "ablations" / "sweeps" / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["method"] == "grid" and data["program"] == "ablations/run.py"
+    assert "${args}" in data["command"]
+    parameter, values, merger = PAPER_GRIDS[name]
+    points = tables.expand_grid(tables.load_sweep(path))
+    assert [p[parameter] for p in points] == values
+    assert all(p["retention"] == 0.02 and p["merger"] == merger for p in points)
+    assert all(set(p) == {parameter, "retention", "merger"} for p in points)
+    assert path.read_text() == tables.sweep_yaml(tables.TABLES[name])  # regenerated, in sync
+    assert all(a.startswith("--") and "=" in a for p in points for a in tables.to_argv(p))
+
+
+def test_sweep_rejects_what_a_grid_cannot_expand(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: bayes\nparameters: {tau: {min: 0.5, max: 0.9}}\n")
+    with pytest.raises(ValueError, match="method 'grid' only"):
+        tables.load_sweep(bad)
+    with pytest.raises(ValueError, match="what this sweep varies"):
+        sweeper.run_sweep(
+            "s6",
+            ["--benchmark", TOY, "--tau=0.5"],
+            store_path=str(tmp_path / "s.jsonl"),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="grid point"):
+        sweeper.run_sweep(
+            "s5",
+            ["--benchmark", TOY, "--retention=3"],
+            store_path=str(tmp_path / "s.jsonl"),
+            progress=False,
+        )
+    assert ToyBenchmark.loads == 0
+
+
+@pytest.mark.parametrize("name", PAPER_GRIDS)
+def test_each_table_runs_end_to_end(name: str, tmp_path: Path) -> None:
+    store, out_dir = tmp_path / "store.jsonl", tmp_path / "tables"
+    rendered = sweeper.run_sweep(
+        name,
+        ["--benchmark", TOY, "--limit=3"],
+        store_path=str(store),
+        out_dir=str(out_dir),
+        wandb="disabled",
+        progress=False,
+    )
+    table = tables.TABLES[name]
+    parameter, values, merger = PAPER_GRIDS[name]
+    assert rendered is not None and rendered.missing == 0
+    assert len(rendered.rows) == 1 + len(values)
+    header = rendered.header
+    col = {h: i for i, h in enumerate(header)}
+    vanilla = CompressionConfig(retention=1.0, merger="none")
+    vanilla_avg = toy_score(vanilla) - 7 / 2 + 3 / 4
+    assert rendered.rows[0][col["Avg."]] == pytest.approx(vanilla_avg)
+    for row, value in zip(rendered.rows[1:], values, strict=True):
+        argv = [*tables.to_argv({parameter: value, "retention": 0.02, "merger": merger})]
+        config = resolve(*argv).config
+        expected = toy_score(config) - 3.5 + 1.5 * config.lam
+        assert row[col["Avg."]] == pytest.approx(expected)
+        assert row[col["Avg."]] == pytest.approx((row[col["Alpha"]] + row[col["Beta"]]) / 2)
+        assert row[col["%"]] == pytest.approx(100 * expected / vanilla_avg)
+        assert row[col["FLOPs (T)"]] == pytest.approx(
+            flops.count(config, ToyBenchmark().flops_spec()).tera, rel=1e-2
+        )
+        assert row[col["paper Avg."]] == table.paper[value][5]
+    if name == "s5":  # the mapped K is shown beside the paper's
+        assert [r[col["layer"]] for r in rendered.rows[1:]] == [0, 1, 2, 3, 3]
+    if name == "s7":
+        assert rendered.rows[3][col["paper MVBench"]] == 52.9  # ratio 0.3 = Ours (w/o M) at 2 %
+    assert ToyBenchmark.evaluations == len(set(map(str, values))) + 1 - (name == "s5")
+    md = (out_dir / f"{name}-benchmark-{TOY.replace(':', '_')}-limit_3.md").read_text()
+    assert md.count("\n|") == 2 + 1 + len(values) and "paper %" in md  # header, rule, rows
+    csv_path = out_dir / f"{name}-benchmark-{TOY.replace(':', '_')}-limit_3.csv"
+    parsed = list(csv.reader(io.StringIO(csv_path.read_text())))
+    assert parsed[0] == header and len(parsed) == len(values) + 2
+
+
+def test_an_interrupted_grid_resumes_without_redoing_or_losing_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
+    monkeypatch.setenv("TOY_LOG", str(log))
+    monkeypatch.setenv("TOY_RAISE_AFTER", "3")
+    args = ["--benchmark", TOY]
+    with pytest.raises(RuntimeError, match="injected"):
+        sweeper.run_sweep("s6", args, store_path=str(store), wandb="disabled", progress=False)
+    assert len(ResultStore(store)) == 3  # baseline + 2 rows, each fsync'd when it finished
+    monkeypatch.delenv("TOY_RAISE_AFTER")
+    rendered = sweeper.run_sweep(
+        "s6", args, store_path=str(store), out_dir=str(tmp_path), wandb="disabled", progress=False
+    )
+    assert rendered is not None and rendered.missing == 0
+    keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
+    assert len(keys) == 6 == len(set(keys))
+    evaluated = log.read_text().splitlines()
+    assert len(evaluated) == 6 == len(set(evaluated))  # nothing was evaluated twice
+
+
+def test_a_grid_killed_by_sigkill_finishes_after_a_restart(tmp_path: Path) -> None:
+    store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
+    cmd = [
+        sys.executable,
+        str(ROOT / "ablations" / "sweep.py"),
+        "s7",
+        "--benchmark",
+        "tests.test_ablations:ToyBenchmark",
+        "--store",
+        str(store),
+        "--out-dir",
+        str(tmp_path),
+        "--wandb",
+        "disabled",
+        "--quiet",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "TOY_LOG": str(log),
+        "TOY_KILL_AFTER": "3",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(ResultStore(store)) == 3
+    env.pop("TOY_KILL_AFTER")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
+    assert len(keys) == 1 + 7 == len(set(keys))
+    assert len(log.read_text().splitlines()) == 8  # the 3 stored runs were not redone
+    csv_rows = list(
+        csv.reader(
+            io.StringIO(
+                (tmp_path / "s7-benchmark-tests.test_ablations_ToyBenchmark.csv").read_text()
+            )
+        )
+    )
+    assert len(csv_rows) == 1 + 8 and all(r[1] != "" for r in csv_rows[1:])
+
+
+def test_tables_cli_renders_from_the_store_without_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store.jsonl"
+    runner.main(
+        [
+            "--benchmark",
+            TOY,
+            "--store",
+            str(store),
+            "--quiet",
+            "--tau=0.6",
+            "--merger=none",
+            "--retention=0.02",
+        ]
+    )
+    evaluations = ToyBenchmark.evaluations
+    tables.main(["s6", "--benchmark", TOY, "--store", str(store)])
+    text = capsys.readouterr().out
+    assert ToyBenchmark.evaluations == evaluations
+    assert "4 run(s) not in the store yet" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tau = 0.6"))
+    assert "51.7" in row and row.count(" - ") < 3  # ours present, beside the paper's 51.7
+
+
+# --------------------------------------------------------------------------------------------
+# W&B
+# --------------------------------------------------------------------------------------------
+
+
+def test_wandb_mode_never_needs_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablations import wandb_log
+
+    assert resolve_mode("auto") == "disabled"  # the fixture's WANDB_MODE
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(wandb_log, "_has_api_key", lambda: False)
+    monkeypatch.setattr(wandb_log, "_server_reachable", lambda timeout=1.0: True)
+    assert resolve_mode("auto") == "offline"  # no credentials
+    monkeypatch.setattr(wandb_log, "_has_api_key", lambda: True)
+    monkeypatch.setattr(wandb_log, "_server_reachable", lambda timeout=1.0: False)
+    assert resolve_mode("auto") == "offline"  # no network
+    monkeypatch.setattr(wandb_log, "_server_reachable", lambda timeout=1.0: True)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("offline") == "offline"
+    with pytest.raises(ValueError, match="wandb mode must be one of"):
+        resolve_mode("cloud")
+
+
+def test_wandb_metrics_cover_scores_flops_tokens_latency() -> None:
+    record = {
+        "scores": {"A": 50.0, "B": 40.0},
+        "avg": 45.0,
+        "pct_of_uncompressed": 90.0,
+        "flops": {"tflops": 1.2, "ratio": 0.029},
+        "tokens": {"llm_visual": 128.0},
+        "timings": {"wall": 3.0},
+        "n": 12,
+    }
+    assert metrics_of(record) == {
+        "score/A": 50.0,
+        "score/B": 40.0,
+        "avg_score": 45.0,
+        "pct_of_uncompressed": 90.0,
+        "flops/tflops": 1.2,
+        "flops/ratio": 0.029,
+        "tokens/llm_visual": 128.0,
+        "latency_s/wall": 3.0,
+        "n": 12,
+    }
+
+
+def test_wandb_offline_run_is_written_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    runner.main(["--benchmark", TOY, "--no-store", "--quiet", "--no-baseline"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

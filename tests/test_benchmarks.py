@@ -1,0 +1,409 @@
+"""Tests of ustc/benchmarks.py and ustc/lmms_eval_plugin.py.
+
+The lmms-eval tests need lmms-eval importable (it is an optional extra; see docs/ablations.md for
+an install that keeps this torch) and are skipped otherwise.  They go through lmms-eval's own
+entry-point loader and its real ``Instance`` request objects, with a tiny random LLaVA-OneVision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ustc import benchmarks  # noqa: E402
+from ustc.benchmarks import (  # noqa: E402
+    BenchmarkResult,
+    LabBenchmark,
+    LmmsEvalBenchmark,
+    build_benchmarks,
+    parse_lmms_results,
+)
+from ustc.config import CompressionConfig  # noqa: E402
+from ustc.lmms_eval_plugin import config_from_model_args, config_to_model_args  # noqa: E402
+
+HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
+
+
+def test_registered_benchmarks_and_their_columns() -> None:
+    assert {
+        "lab",
+        "lmms-eval",
+        "mvbench",
+        "egoschema",
+        "mlvu",
+        "longvideobench",
+        "videomme",
+    } <= set(benchmarks.BENCHMARKS.names())
+    assert LmmsEvalBenchmark().columns == (
+        "MVBench",
+        "EgoSchema",
+        "MLVU",
+        "LongVideoBench",
+        "VideoMME",
+    )
+    (single,) = build_benchmarks("videomme", {"limit": 4, "split": "ignored-not-taken"})
+    assert single.columns == ("VideoMME",) and single.limit == 4
+    assert single.spec() == {
+        "name": "videomme",
+        "model": benchmarks.LmmsEvalBenchmark().model,
+        "limit": 4,
+        "frames": 32,
+        "lmms_model": "llava_onevision_ustc",
+    }
+    with pytest.raises(ValueError, match="unknown lmms-eval task"):
+        LmmsEvalBenchmark(tasks="mvbench,activitynet")
+
+
+def test_average_is_the_unweighted_column_mean() -> None:
+    assert BenchmarkResult({"a": 50.0, "b": 40.0, "c": 30.0}, n=999).average == 40.0
+    with pytest.raises(ValueError, match="at least one score"):
+        _ = BenchmarkResult({}).average
+
+
+def test_flops_spec_of_known_checkpoints() -> None:
+    spec = LmmsEvalBenchmark(model="llava-hf/llava-onevision-qwen2-0.5b-ov-hf").flops_spec()
+    assert (spec.name, spec.num_layers, spec.frames) == ("llava-onevision-0.5b", 24, 32)
+    spec = LmmsEvalBenchmark(model="lmms-lab/LLaVA-Video-7B-Qwen2", frames=64).flops_spec()
+    assert (spec.name, spec.frames, spec.tokens_per_frame) == ("llava-video-7b", 64, 169)
+    assert LmmsEvalBenchmark(model="someone/unknown-model").flops_spec() is None
+
+
+def test_lmms_eval_missing_package_or_data_is_reported_before_loading(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        benchmarks.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "lmms_eval" else real(name, *a),
+    )
+    with pytest.raises(ValueError, match=r"need lmms-eval: pip install 'ustc\[lmms-eval\]'"):
+        LmmsEvalBenchmark().check()
+    monkeypatch.setattr(
+        benchmarks.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "lmms_eval" else real(name, *a),
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "datasets--OpenGVLab--MVBench").mkdir()
+    LmmsEvalBenchmark(tasks="mvbench").check()  # present in the cache
+    with pytest.raises(ValueError, match=r"videomme \(lmms-lab/Video-MME\)"):
+        LmmsEvalBenchmark(tasks="mvbench,videomme").check()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    LmmsEvalBenchmark(tasks="mvbench,videomme").check()  # online: lmms-eval downloads them
+
+
+def test_parse_lmms_results_picks_each_metric_as_percent() -> None:
+    results = {
+        "mvbench": {"alias": "mvbench", "mvbench_accuracy,none": 0.529},
+        "videomme": {
+            "videomme_perception_score,none": 51.3,
+            "videomme_perception_score_stderr,none": "N/A",
+        },
+    }
+    assert parse_lmms_results(results, ["mvbench", "videomme"]) == pytest.approx(
+        {"MVBench": 52.9, "VideoMME": 51.3}
+    )
+    with pytest.raises(ValueError, match="no results for task 'mlvu_dev'"):
+        parse_lmms_results(results, ["mlvu"])
+    with pytest.raises(ValueError, match="submission server"):
+        parse_lmms_results({"egoschema": {"submission,none": "file.json"}}, ["egoschema"])
+
+
+def test_model_args_round_trip_through_lmms_eval_parsing() -> None:
+    config = CompressionConfig(
+        retention=0.05,
+        scorer="sim",
+        tau=0.6,
+        cluster_ratio=0.2,
+        k=7,
+        merger="text-aware",
+        layer=14,
+        keep_ratio=0.25,
+        lam=1.0,
+    )
+    text = config_to_model_args(config)
+    assert "retention=0.05" in text and "merger=text-aware" in text and "lam=1.0" in text
+    if HAS_LMMS:
+        from lmms_eval.utils import simple_parse_args_string as parse
+    else:
+
+        def parse(s: str) -> dict[str, object]:
+            return dict(kv.split("=", 1) for kv in s.split(","))
+
+        pytest.skip("the typed parsing is lmms-eval's; run with lmms-eval installed")
+    back, rest = config_from_model_args(parse(text + ",pretrained=x,max_frames_num=8"))
+    assert back == config and rest == {"pretrained": "x", "max_frames_num": 8}
+    back, _ = config_from_model_args(parse("retention=1,merger=none"))
+    assert back.is_identity
+    with pytest.raises(ValueError, match="unknown scorer"):
+        config_from_model_args(parse("scorer=magic"))
+
+
+# --------------------------------------------------------------------------------------------
+# The lab benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def test_lab_errors_come_before_any_model_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ustc.lab.model as lab_model
+    from ablations import run as runner
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(lab_model, "load_model", no_loading)
+    runner._BENCH_CACHE.clear()
+    with pytest.raises(ValueError, match="split must be one of"):
+        runner.resolve(["--split", "nope"])
+    with pytest.raises(ValueError, match="unbounded stream: give --limit"):
+        runner.resolve(["--split", "train"])
+    with pytest.raises(ValueError, match=r"no lab weights in .*empty"):
+        runner.resolve(["--model", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="unknown scorer"):
+        runner.resolve(["--scorer", "nope"])
+    with pytest.raises(ValueError, match=r"K must be in \[0, 3\]"):
+        runner.resolve(["--layer", "18"])
+    assert LabBenchmark().default_config().layer < LabBenchmark().llm_layers()
+
+
+@pytest.mark.skipif(
+    not (LabBenchmark()._folder() / "model.safetensors").is_file(),
+    reason="the lab's trained weights are not shipped yet",
+)
+def test_lab_benchmark_runs_a_reduced_split(tmp_path: Path) -> None:
+    bench = LabBenchmark(limit=12)
+    bench.check()
+    result = bench.evaluate(bench.default_config().replace(retention=0.1), progress=False)
+    assert result.n == 12 and set(result.scores) <= set(bench.columns)
+    assert result.tokens["llm_visual"] < result.tokens["visual_in"]
+    spec = bench.flops_spec()
+    assert spec.num_layers == bench.llm_layers()
+    assert spec.visual_tokens == result.tokens["visual_in"]
+
+
+# --------------------------------------------------------------------------------------------
+# lmms-eval plugin
+# --------------------------------------------------------------------------------------------
+
+lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")
+
+
+def _entry_point_dist(tmp_path: Path) -> Path:
+    """A dist-info holding the entry points pyproject.toml declares, as pip would install it."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    group = project["entry-points"]["lmms_eval.models"]
+    dist = tmp_path / "ustc_plugin_test-0.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ustc-plugin-test\nVersion: 0.0.0\n"
+    )
+    lines = ["[lmms_eval.models]"] + [f"{k} = {v}" for k, v in group.items()]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def _tiny_tokenizer() -> object:
+    from models_helpers import VOCAB
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "[UNK]",
+        "<|im_start|>",
+        "<|im_end|>",
+        "user",
+        "assistant",
+        "what",
+        "colour",
+        "is",
+        "the",
+        "ball",
+        "?",
+        "red",
+        "blue",
+        "green",
+    ]
+    words += [f"w{i}" for i in range(len(words), 90)] + ["<image>", "<video>"]
+    words += [f"x{i}" for i in range(len(words), VOCAB)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "removed"), pre_tokenizers.WhitespaceSplit()]
+    )
+    # the chat markers are special tokens, as in Qwen2's tokenizer: never glued to a word
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+
+
+@lmms
+def test_plugin_registers_through_the_lmms_eval_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmms_eval.api.model import lmms as lmms_base
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    monkeypatch.syspath_prepend(str(_entry_point_dist(tmp_path)))
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()  # lmms-eval's own loader, group lmms_eval.models
+    cls = registry.get_model_class("llava_onevision_ustc")
+    assert issubclass(cls, lmms_base) and cls.__name__ == "LlavaOneVisionUSTC"
+    assert registry.get_model_class("ustc") is cls
+    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
+        cls.create_from_arg_string("pretrained=never/loaded,scorer=nope")
+    with pytest.raises(ValueError, match=r"unknown model_args \['colour'\]"):
+        cls.create_from_arg_string("pretrained=never/loaded,colour=red")
+
+
+def _request(kind: str, args: tuple) -> object:
+    from lmms_eval.api.instance import Instance
+
+    return Instance(
+        request_type=kind,
+        arguments=args,
+        idx=0,
+        metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+    )
+
+
+@lmms
+@pytest.mark.parametrize(
+    "compression", ["retention=1,merger=none", "retention=0.25,merger=text-aware,layer=1"]
+)
+def test_plugin_answers_lmms_eval_requests(compression: str) -> None:
+    from models_helpers import tiny_llava_onevision
+
+    from ustc.lmms_eval_plugin import LlavaOneVisionUSTC
+    from ustc.models import attach
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_llava_onevision(layers=3), _tiny_tokenizer()
+    lm = LlavaOneVisionUSTC.create_from_arg_string(
+        compression + ",max_frames_num=4", {"model": model, "tokenizer": tokenizer}
+    )
+    rng = np.random.default_rng(0)
+    doc = {"video": rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8), "answer": " red ball"}
+    lm.task_dict = {"toy": {"test": {0: doc}}}
+    context = "what colour is the ball ?"
+
+    ((loglik, greedy),) = lm.loglikelihood(
+        [
+            _request(
+                "loglikelihood",
+                (context, lambda d: d["answer"], lambda d: [d["video"]], 0, "toy", "test"),
+            )
+        ]
+    )
+    (text,) = lm.generate_until(
+        [
+            _request(
+                "generate_until",
+                (
+                    context,
+                    {"max_new_tokens": 3, "until": ["\n\n"]},
+                    lambda d: [d["video"]],
+                    0,
+                    "toy",
+                    "test",
+                ),
+            )
+        ]
+    )
+
+    # reference: the processor's layout written out by hand, run on the model directly
+    frames = doc["video"][np.linspace(0, 5, 4).round().astype(int)]
+    pixels = ((torch.tensor(frames, dtype=torch.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
+    vocab = tokenizer.get_vocab()
+    head = [vocab[w] for w in ("<|im_start|>", "user")]
+    tail = [
+        vocab[w]
+        for w in (
+            "what",
+            "colour",
+            "is",
+            "the",
+            "ball",
+            "?",
+            "<|im_end|>",
+            "<|im_start|>",
+            "assistant",
+        )
+    ]
+    answer = [vocab["red"], vocab["ball"]]
+    video = [91] * (4 * 16 + 1)  # F * P + one image_newline, P = (ceil(7 / 2))^2
+    ids = torch.tensor([head + video + tail + answer])
+    config, _ = config_from_model_args(dict(kv.split("=") for kv in compression.split(",")))
+    if lm.handle is not None:
+        lm.handle.remove()
+    handle = None if config.is_identity else attach(model, config)
+    with torch.no_grad():
+        logits = (
+            model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None]
+            )
+            .logits[0]
+            .float()
+        )
+        generated = model.generate(
+            input_ids=ids[:, :-2],
+            attention_mask=torch.ones_like(ids[:, :-2]),
+            pixel_values_videos=pixels[None],
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    steps = logits[-3:-1].log_softmax(-1)
+    expected = float(steps[0, answer[0]] + steps[1, answer[1]])
+    assert loglik == pytest.approx(expected, abs=1e-4)
+    assert greedy == bool((steps.argmax(-1) == torch.tensor(answer)).all())
+    assert text == tokenizer.decode(generated[0, ids.shape[1] - 2 :], skip_special_tokens=True)
+    if handle is not None:
+        # the compression really ran: 4 frames x ceil(0.25 * 16) tokens entered the LLM
+        assert handle.stats.tokens_in == config.budget(4, 16) == 16
+        assert handle.stats.tokens_after_merge == 8
+        assert logits.shape[0] < ids.shape[1]  # the LLM saw the shorter sequence
+        handle.remove()
+    else:
+        assert logits.shape[0] == ids.shape[1]
+
+
+def test_a_table_runs_on_the_lab_path(tmp_path: Path) -> None:
+    """Table S6 through the real lab code path (ustc.lab.evaluate, ustc.attach) on a randomly
+    initialised lab model saved like the shipped weights, on 6 questions."""
+    from ablations import run as runner
+    from ablations import sweep as sweeper
+    from ustc.lab.model import build_model
+
+    torch.set_num_threads(1)
+    build_model().save_pretrained(tmp_path / "lab")
+    runner._BENCH_CACHE.clear()
+    rendered = sweeper.run_sweep(
+        "s6", ["--model", str(tmp_path / "lab"), "--limit=6"],
+        store_path=str(tmp_path / "store.jsonl"), out_dir=str(tmp_path), wandb="disabled",
+        progress=False)
+    assert rendered is not None and rendered.missing == 0 and len(rendered.rows) == 6
+    from ablations.store import ResultStore
+
+    records = list(ResultStore(tmp_path / "store.jsonl"))
+    assert len(records) == 6
+    for record in records:
+        budget = record["flops"]["llm_visual_tokens"]
+        assert record["tokens"]["llm_visual"] == budget  # measured on the model == planned
+        assert record["columns"] == list(LabBenchmark().columns)
+    vanilla = next(r for r in records if r["config"]["retention"] == 1.0)
+    assert vanilla["tokens"]["llm_visual"] == vanilla["tokens"]["visual_in"]
+    assert vanilla["tokens"]["visual_in"] == vanilla["flops"]["visual_tokens"]  # F * P
