@@ -56,11 +56,10 @@ def _dpc_centers(x: Tensor, n_clusters: int, k: int) -> list[int]:
     log_rho = -(dist.topk(kk, largest=False).values ** 2).mean(-1) if n > 1 else torch.zeros(1)
     dist.fill_diagonal_(0.0)
     delta = torch.zeros(n)
+    index = torch.arange(n)
     for i in range(n):
-        denser = [
-            j for j in range(n) if log_rho[j] > log_rho[i] or (log_rho[j] == log_rho[i] and j < i)
-        ]
-        delta[i] = dist[i, denser].min() if denser else dist[i].max()
+        denser = (log_rho > log_rho[i]) | ((log_rho == log_rho[i]) & (index < i))
+        delta[i] = dist[i][denser].min() if bool(denser.any()) else dist[i].max()
     gamma = [
         float(log_rho[i] + math.log(float(delta[i]))) if delta[i] > 0 else -math.inf
         for i in range(n)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from reference import reference_dpc
 
 import ustc.ops
+import ustc.recycle
 from ustc.recycle import (
     DPCKNNRecycler,
     NoRecycler,
@@ -49,8 +50,9 @@ def test_blocked_distances_match_unblocked(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 40, 8)
     mask = torch.rand(2, 40) < 0.8
-    full = dpc_knn(x, mask, torch.tensor([5, 7]), k=4)
-    monkeypatch.setattr(ustc.ops, "PAIRWISE_BLOCK", 50)  # 1 row at a time
+    full = dpc_knn(x, mask, torch.tensor([5, 7]), k=4)  # cached symmetric Gram matrix
+    monkeypatch.setattr(ustc.ops, "PAIRWISE_BLOCK", 50)  # 1 row at a time, no cache
+    monkeypatch.setattr(ustc.recycle, "GRAM_CACHE_ENTRIES", 0)
     blocked = dpc_knn(x, mask, torch.tensor([5, 7]), k=4)
     assert torch.equal(full.centers, blocked.centers) and torch.equal(full.owner, blocked.owner)
 
@@ -113,3 +115,11 @@ def test_k_must_be_positive():
         DPCKNNRecycler(k=0)
     with pytest.raises(ValueError, match="k must be"):
         knn_log_density(torch.randn(1, 3, 2), torch.ones(1, 3, dtype=torch.bool), 0)
+
+
+def test_symmetric_gram_matches_direct_distances(monkeypatch):
+    monkeypatch.setattr(ustc.ops, "_GRAM_BLOCK", 3)
+    x = torch.randn(2, 10, 4)
+    d2 = ustc.ops.pairwise_squared_distances(x)
+    torch.testing.assert_close(d2, ustc.ops.squared_distances(x, x))
+    assert torch.equal(d2, d2.transpose(1, 2))

@@ -16,6 +16,24 @@ def descending_order(priority: Tensor) -> Tensor:
     return torch.sort(priority, dim=-1, descending=True, stable=True).indices
 
 
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b]] for x (B, L, ...) and index (B,): (B, ...).
+
+    ``gather`` rather than ``x[batch, index]``: advanced indexing takes milliseconds per call on
+    the CPU whatever the size, and the greedy pool calls this once per admitted token.
+    """
+    shape = (x.shape[0], 1, *x.shape[2:])
+    view = index.view(-1, *([1] * (x.dim() - 1)))
+    return x.gather(1, view.expand(shape)).squeeze(1)
+
+
+def put_rows(x: Tensor, index: Tensor, value: Tensor) -> None:
+    """x[b, index[b]] = value[b] in place, for x (B, L, ...), index (B,), value (B, ...)."""
+    shape = (x.shape[0], 1, *x.shape[2:])
+    view = index.view(-1, *([1] * (x.dim() - 1)))
+    x.scatter_(1, view.expand(shape), value.unsqueeze(1))
+
+
 def first_n_mask(order: Tensor, counts: Tensor) -> Tensor:
     """(B, N) bool mask of the first ``counts[b]`` entries of each row of ``order`` (B, N)."""
     ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
@@ -50,15 +68,17 @@ def group_mean(x: Tensor, assignment: Tensor, indices: Tensor) -> Tensor:
     """
     b, n, d = x.shape
     m = indices.shape[1]
+    own = x.gather(1, indices.unsqueeze(-1).expand(b, m, d))
+    counts = group_sizes(assignment, m).unsqueeze(-1)  # (B, M, 1)
+    if not bool((counts > 1).any()):  # pure selection: nothing to average
+        return own
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     batch_offset = torch.arange(b, device=x.device).unsqueeze(1) * m
-    # dropped tokens go to one extra trash row instead of being filtered (no host sync)
+    # dropped tokens go to one extra trash row instead of being filtered out
     flat = torch.where(assignment >= 0, assignment + batch_offset, b * m).reshape(-1)
     sums = torch.zeros(b * m + 1, d, dtype=acc_dtype, device=x.device)
     sums.index_add_(0, flat, x.reshape(-1, d).to(acc_dtype))
-    counts = torch.bincount(flat, minlength=b * m + 1)[: b * m].view(b, m, 1)
     means = (sums[: b * m].view(b, m, d) / counts.clamp(min=1)).to(x.dtype)
-    own = x.gather(1, indices.unsqueeze(-1).expand(b, m, d))
     return torch.where(counts > 1, means, own)
 
 
@@ -76,6 +96,36 @@ def row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
     step = max(1, PAIRWISE_BLOCK // max(n_cols, 1))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
+
+
+#: rows per block of the symmetric Gram matrix
+_GRAM_BLOCK = 1024
+
+
+def pairwise_squared_distances(x: Tensor) -> Tensor:
+    """||x_i - x_j||^2 for all pairs of x (B, N, D), float32 (B, N, N), exactly symmetric.
+
+    Only the blocks on and above the diagonal are multiplied; the others are their transposes,
+    which halves the N^2 D work of the full matrix.
+    """
+    b, n, _ = x.shape
+    x = x.float()
+    sq = x.square().sum(-1)
+    out = torch.empty(b, n, n, device=x.device)
+    for i in range(0, n, _GRAM_BLOCK):
+        rows = slice(i, min(i + _GRAM_BLOCK, n))
+        for j in range(i, n, _GRAM_BLOCK):
+            cols = slice(j, min(j + _GRAM_BLOCK, n))
+            block = (
+                sq[:, rows, None]
+                + sq[:, None, cols]
+                - 2.0 * torch.bmm(x[:, rows], x[:, cols].transpose(1, 2))
+            )
+            block.clamp_(min=0.0)
+            out[:, rows, cols] = block
+            if j != i:
+                out[:, cols, rows] = block.transpose(1, 2)
+    return out
 
 
 def squared_distances(a: Tensor, b: Tensor) -> Tensor:

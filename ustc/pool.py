@@ -7,13 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ustc.ops import descending_order
+from ustc.ops import descending_order, put_rows, take_rows
 from ustc.registry import POOLS
 
 #: pool stage of each original token (``PoolFill.status``)
 RETAINED = 1  # admitted into the retention pool
 REJECTED = 2  # offered, but its max similarity to the pool was >= tau
 UNVISITED = 3  # never offered: the pool was full before its turn
+
+
+#: largest block of candidates offered at once (blocks double from max(256, 2 * capacity))
+_MAX_BLOCK = 8192
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,12 @@ def greedy_retention_pool(
     P if S < tau, and the loop stops when |P| = capacity or no candidate is left.  ``tau=None``
     admits every candidate (plain top-``capacity`` by priority).
 
-    Candidates are taken in blocks of L ranks (default max(256, 2 * capacity)): one matmul gives
-    their similarity to the pool so far, one their L x L similarities, and the greedy loop then
-    runs over the admitted tokens only, on (B, L) vectors.  A candidate skipped once stays
-    rejected, because the pool only grows.  Most videos fill the pool within the first block, so
-    the work is O(L (L + capacity) D) instead of O(capacity N D), and nothing is N x N.
+    Candidates are taken in blocks of L ranks (first max(256, 2 * capacity), doubling while the
+    pool is not full): one matmul gives their similarity to the pool so far; the candidates that
+    survive it get their mutual similarities from a second one, and the greedy loop then runs
+    over the admitted tokens only, on small vectors.  A candidate skipped once stays rejected,
+    because the pool only grows.  The work is O(N capacity D) at most plus the survivors' squares,
+    instead of O(capacity N D) per admitted token, and nothing is N x N.
 
     features: (B, N, D); priority: (B, N); capacity: tokens to admit per video.
     """
@@ -57,44 +62,56 @@ def greedy_retention_pool(
         status_rank = torch.where(admitted_rank, RETAINED, UNVISITED).to(torch.int8)
         return _to_original(order, admitted_rank, status_rank)
 
-    block = block or max(256, 2 * capacity)
-    batch = torch.arange(b, device=device)
+    width = block or max(256, 2 * capacity)
     admitted_rank = torch.zeros(b, n, dtype=torch.bool, device=device)
     pool = torch.zeros(b, capacity, d, device=device)  # unit vectors of the admitted tokens
     count = torch.zeros(b, dtype=torch.long, device=device)
     last_admitted = torch.full((b,), -1, dtype=torch.long, device=device)
-    for start in range(0, n, block):
-        idx = order[:, start : start + block]
-        width = idx.shape[1]
+    start = 0
+    while start < n and not bool((count >= capacity).all()):
+        idx = order[:, start : start + width]
+        span = idx.shape[1]
         unit = torch.nn.functional.normalize(
-            features.gather(1, idx.unsqueeze(-1).expand(b, width, d)).float(), dim=-1
+            features.gather(1, idx.unsqueeze(-1).expand(b, span, d)).float(), dim=-1
         )
-        max_sim = torch.full((b, width), float("-inf"), device=device)
+        max_sim = torch.full((b, span), float("-inf"), device=device)
         if start > 0:
             to_pool = torch.bmm(unit, pool.transpose(1, 2))  # (B, L, capacity)
             filled = torch.arange(capacity, device=device) < count.unsqueeze(1)
             max_sim = to_pool.masked_fill(~filled.unsqueeze(1), float("-inf")).amax(dim=-1)
-        within = torch.bmm(unit, unit.transpose(1, 2))  # (B, L, L)
-        local = torch.arange(width, device=device)
-        local_last = torch.full((b,), -1, dtype=torch.long, device=device)
-        while True:
-            eligible = (local > local_last.unsqueeze(1)) & (max_sim < tau)
-            eligible &= (count < capacity).unsqueeze(1)
-            found = eligible.any(dim=1)
-            if not bool(found.any()):
-                break
-            nxt = eligible.to(torch.uint8).argmax(dim=1)  # first eligible rank in the block
-            admitted_rank[batch, start + nxt] |= found
-            slot = count.clamp(max=capacity - 1)
-            pool[batch, slot] = torch.where(found.unsqueeze(1), unit[batch, nxt], pool[batch, slot])
-            count += found.long()
-            last_admitted = torch.where(found, start + nxt, last_admitted)
-            max_sim = torch.where(
-                found.unsqueeze(1), torch.maximum(max_sim, within[batch, nxt]), max_sim
-            )
-            local_last = torch.where(found, nxt, width)  # width: nothing left in this block
-        if bool((count >= capacity).all()):
-            break
+        # only candidates the pool has not already rejected need their mutual similarities
+        alive = (max_sim < tau) & (count < capacity).unsqueeze(1)
+        n_alive = int(alive.sum(dim=1).max())
+        if n_alive > 0:
+            local = torch.arange(span, device=device)
+            key = torch.where(alive, local, span + local)
+            sel = torch.sort(key, dim=1).values[:, :n_alive]  # ascending rank, alive first
+            sel_ok = sel < span
+            sel = torch.where(sel_ok, sel, sel - span)
+            sub = unit.gather(1, sel.unsqueeze(-1).expand(b, n_alive, d))
+            sub_max = max_sim.gather(1, sel).masked_fill(~sel_ok, float("inf"))
+            within = torch.bmm(sub, sub.transpose(1, 2))  # (B, L', L')
+            position = torch.arange(n_alive, device=device)
+            sub_last = torch.full((b,), -1, dtype=torch.long, device=device)
+            while True:
+                eligible = (position > sub_last.unsqueeze(1)) & (sub_max < tau)
+                eligible &= (count < capacity).unsqueeze(1)
+                found = eligible.any(dim=1)
+                if not bool(found.any()):
+                    break
+                nxt = eligible.to(torch.uint8).argmax(dim=1)  # first eligible candidate
+                rank_of = start + take_rows(sel, nxt)
+                put_rows(admitted_rank, rank_of, take_rows(admitted_rank, rank_of) | found)
+                slot = count.clamp(max=capacity - 1)
+                chosen = torch.where(found.unsqueeze(1), take_rows(sub, nxt), take_rows(pool, slot))
+                put_rows(pool, slot, chosen)
+                count += found.long()
+                last_admitted = torch.where(found, rank_of, last_admitted)
+                closer = torch.maximum(sub_max, take_rows(within, nxt))
+                sub_max = torch.where(found.unsqueeze(1), closer, sub_max)
+                sub_last = torch.where(found, nxt, n_alive)  # n_alive: nothing left here
+        start += span
+        width = min(2 * width, _MAX_BLOCK)  # a pool that fills slowly gets larger blocks
     full = count >= capacity
     visited = rank <= torch.where(full, last_admitted, n - 1).unsqueeze(1)
     status_rank = torch.where(

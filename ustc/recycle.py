@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ustc.ops import descending_order, first_n_mask, row_blocks, squared_distances
+from ustc.ops import (
+    descending_order,
+    first_n_mask,
+    pairwise_squared_distances,
+    row_blocks,
+    squared_distances,
+)
 from ustc.registry import RECYCLERS
 
 #: largest N x N distance matrix kept for the density and delta passes (N <= 8192)
@@ -133,7 +139,7 @@ def dpc_knn(features: Tensor, mask: Tensor, n_clusters: Tensor, k: int) -> Recyc
     """
     n = features.shape[1]
     # one Gram matrix serves both passes when it is small enough to keep (32 x 196 tokens is)
-    d2 = squared_distances(features, features) if n * n <= GRAM_CACHE_ENTRIES else None
+    d2 = pairwise_squared_distances(features) if n * n <= GRAM_CACHE_ENTRIES else None
     log_rho = knn_log_density(features, mask, k, d2)
     delta = peak_distance(features, mask, log_rho, d2)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
