@@ -183,7 +183,7 @@ def _check_inputs(features: Tensor, attention: Tensor | None) -> None:
         )
     if not features.is_floating_point():
         raise ValueError(f"features must be floating point, got {features.dtype}")
-    if not bool(torch.isfinite(features).all()):
+    if not _all_finite(features):
         raise ValueError("features contain NaN or infinite values")
     if attention is not None:
         if tuple(attention.shape) != tuple(features.shape[:3]):
@@ -191,5 +191,11 @@ def _check_inputs(features: Tensor, attention: Tensor | None) -> None:
                 f"attention must be (B, F, P) = {tuple(features.shape[:3])}, "
                 f"got {tuple(attention.shape)}"
             )
-        if not bool(torch.isfinite(attention).all()):
+        if not _all_finite(attention):
             raise ValueError("attention scores contain NaN or infinite values")
+
+
+def _all_finite(x: Tensor) -> bool:
+    # one reduction instead of a full boolean copy: NaN propagates through min/max, inf shows
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
