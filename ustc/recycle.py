@@ -100,10 +100,8 @@ def peak_distance(
         d = block.sqrt_()
         denser = _denser(log_rho, rows) & col_ok
         to_denser = d.masked_fill(~denser, float("inf")).amin(-1)
-        self_col = torch.arange(rows.start, rows.stop, device=features.device)
-        others = col_ok.expand_as(d).clone()
-        others[:, self_col - rows.start, self_col] = False
-        farthest = d.masked_fill(~others, 0.0).amax(-1)
+        # d(i, i) = 0 cannot be the maximum of non-negative distances: no self mask needed
+        farthest = d.masked_fill_(~col_ok, 0.0).amax(-1)
         out[:, rows] = torch.where(denser.any(-1), to_denser, farthest)
     return out.masked_fill(~mask, 0.0)
 
