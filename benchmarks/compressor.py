@@ -42,6 +42,15 @@ def make_inputs(frames: int, tokens: int, dim: int, device: str, dtype: torch.dt
     return features.to(device=device, dtype=dtype), attention.to(device)
 
 
+def rss_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -69,13 +78,15 @@ def peak_extra_memory(config: CompressionConfig, args, frames: int) -> float:
         Compressor(config).compress(features, attention)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    # a fresh process per point; its peak RSS (VmHWM) is reset after the inputs exist, so the
+    # figure is what the compression itself adds on top of them
     code = (
-        "import resource, sys, torch; sys.path.insert(0, 'benchmarks');"
-        "from compressor import make_inputs; from ustc import CompressionConfig, Compressor;"
+        "import sys, torch; sys.path.insert(0, 'benchmarks');"
+        "from compressor import make_inputs, rss_kib; from ustc import CompressionConfig, Compressor;"
         f"x, a = make_inputs({frames}, {args.tokens}, {args.dim}, 'cpu', torch.{args.dtype_name});"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = rss_kib('VmRSS');"
         f"Compressor(CompressionConfig(**{config.to_dict()!r})).compress(x, a);"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
+        "print((rss_kib('VmHWM') - before) / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
