@@ -1,0 +1,340 @@
+"""Tests of the laboratory benchmark: generator, tokenizer/model builder, evaluator, training.
+
+The generator is checked against what the rendered pixels show (objects found by colour), not
+against its own bookkeeping; the evaluator against a one-question-at-a-time reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ustc.lab as lab
+from ustc.lab import scenes
+from ustc.lab.evaluate import evaluate, random_selector, samples
+from ustc.lab.model import (
+    LAB_LAYER,
+    VIDEO_TOKEN_ID,
+    LabShape,
+    build_model,
+    build_tokenizer,
+    encode_prompts,
+    letter_ids,
+    load_model,
+    pixel_values,
+    weights_path,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_samples():
+    return samples("test", 60)
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def _find(frames: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Slow reference: for each colour, pixel count and centroid per frame, from pixels only."""
+    found = {}
+    px = frames.astype(np.float32)
+    for name, rgb in scenes.COLOURS.items():
+        hit = np.linalg.norm(px - np.asarray(rgb, np.float32), axis=-1) < 30
+        count = hit.sum(axis=(1, 2))
+        if not count.any():
+            continue
+        cent = np.full((frames.shape[0], 2), np.nan)
+        for t in range(frames.shape[0]):
+            if count[t] >= 6:
+                ys, xs = np.nonzero(hit[t])
+                cent[t] = xs.mean(), ys.mean()
+        found[name] = {"count": count, "centroid": cent, "present": count >= 6}
+    return found
+
+
+def _moved(c: np.ndarray) -> float:
+    c = c[~np.isnan(c[:, 0])]
+    return float(np.abs(c - c[0]).max()) if len(c) else 0.0
+
+
+def test_samples_are_deterministic_and_splits_disjoint():
+    a = scenes.make_sample("test", 7)
+    b = scenes.make_sample("test", 7)
+    assert np.array_equal(a.frames, b.frames) and a.question == b.question
+    other = [scenes.make_sample(s, 7).frames for s in ("train", "val")]
+    assert not any(np.array_equal(a.frames, o) for o in other)
+    assert a.frames.shape == (scenes.FRAMES, scenes.SIZE, scenes.SIZE, 3)
+    assert a.frames.dtype == np.uint8
+
+
+def test_families_are_balanced_and_answers_uniform(test_samples):
+    fams = [s.family for s in test_samples]
+    assert all(fams.count(f) == len(fams) // len(scenes.FAMILIES) for f in scenes.FAMILIES)
+    letters = [s.question.answer for s in samples("test", 240)]
+    assert all(letters.count(k) > 30 for k in range(4))  # 60 expected per letter
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_answers_agree_with_the_pixels(index):
+    s = scenes.make_sample("test", index)
+    q, found = s.question, _find(s.frames)
+    answer = q.options[q.answer]
+    assert len(set(q.options)) == 4
+    if s.family == "count":
+        assert int(answer) == len(found)
+        return
+    assert answer in found, f"{s.family}: answer {answer} not visible"
+    present = {c: f["present"] for c, f in found.items()}
+    if s.family == "stationary":
+        assert present[answer].all() and _moved(found[answer]["centroid"]) < 1.0
+        assert all(_moved(f["centroid"]) > 3 for c, f in found.items() if c != answer)
+    elif s.family == "hit":
+        c = found[answer]["centroid"]
+        steps = np.linalg.norm(np.diff(c, axis=0), axis=1)
+        assert steps[0] < 1.0 and steps[-1] > 2.0  # still at first, moving at the end
+        assert any(np.linalg.norm(np.diff(f["centroid"], axis=0), axis=1)[0] > 2.0
+                   for col, f in found.items() if col != answer)  # something moved into it
+    elif s.family == "order":
+        first = {c: int(np.flatnonzero(p)[0]) for c, p in present.items()}
+        target = min(first.values()) if "first" in q.text else max(first.values())
+        assert first[answer] == target
+        assert sum(v == target for v in first.values()) == 1
+    elif s.family == "rare":
+        assert present[answer].sum() <= 2
+        assert all(p.sum() >= 4 for c, p in present.items() if c != answer)
+
+
+def test_token_labels_match_a_pixel_loop():
+    s = scenes.make_sample("val", 4, keep_scene=True)
+    colours, shapes = scenes.token_labels(s.scene)
+    masks = scenes.object_masks(s.scene)
+    cells = scenes.SIZE // scenes.TOKEN_PX
+    for t in range(scenes.FRAMES):
+        for row in range(cells):
+            for col in range(cells):
+                want = np.zeros(len(scenes.COLOUR_NAMES))
+                for obj, m in zip(s.scene.objects, masks, strict=True):
+                    cell = m[t, row * 16 : row * 16 + 16, col * 16 : col * 16 + 16]
+                    if cell.mean() >= 0.1:
+                        want[scenes.COLOUR_NAMES.index(obj.colour)] = 1
+                np.testing.assert_array_equal(colours[t, row * cells + col], want)
+    assert shapes.shape == (scenes.FRAMES, cells * cells, len(scenes.SHAPES))
+
+
+def test_bad_generator_arguments_raise():
+    with pytest.raises(ValueError, match="split must be one of"):
+        scenes.make_sample("dev", 0)
+    with pytest.raises(ValueError, match="index must be >= 0"):
+        scenes.make_sample("test", -1)
+    with pytest.raises(ValueError, match="limit"):
+        samples("train")
+
+
+# ----------------------------------------------------------------------------- model builder
+
+
+def test_tokenizer_and_prompt_format(test_samples):
+    tok = build_tokenizer()
+    shape = LabShape()
+    ids = encode_prompts(tok, [s.question for s in test_samples], shape.video_tokens)
+    for x in ids:
+        assert x.count(VIDEO_TOKEN_ID) == shape.frames * shape.tokens_per_frame + 1
+        assert tok.unk_token_id not in x
+    text = tok.decode(ids[0], skip_special_tokens=False)
+    assert text.startswith("<|im_start|> user <video>")
+    assert text.endswith("<|im_start|> assistant \n")
+    assert len(set(letter_ids(tok))) == 4
+    bad = scenes.Question("count", "How many zebras ?", ["2", "3", "4", "5"], 0)
+    with pytest.raises(ValueError, match="outside the lab vocabulary"):
+        encode_prompts(tok, [bad], shape.video_tokens)
+
+
+def test_model_is_a_real_llava_onevision(tiny_model, test_samples):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    assert isinstance(tiny_model, LlavaOnevisionForConditionalGeneration)
+    assert tiny_model.config.text_config.num_hidden_layers > LAB_LAYER
+    assert lab.default_config().layer == LAB_LAYER
+    shape = LabShape()
+    px = pixel_values(np.stack([test_samples[0].frames]))
+    assert px.shape == (1, shape.frames, 3, shape.size, shape.size)
+    assert -1.0 <= float(px.min()) and float(px.max()) <= 1.0
+    feats = tiny_model.model.get_video_features(
+        px, vision_feature_layer=-1, vision_feature_select_strategy="full"
+    ).pooler_output
+    assert feats.shape == (1, shape.video_tokens, shape.hidden)
+
+
+def test_load_model_missing_weights_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m ustc.lab.train"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="lab weights missing"):
+        lab.check(path=tmp_path)
+    with pytest.raises(ValueError, match="lab split must be one of"):
+        lab.check(split="dev")
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+def test_evaluator_matches_one_question_at_a_time(tiny_model, test_samples):
+    data = test_samples[:18]
+    res = evaluate(None, model=tiny_model, data=data, progress=False, batch_size=4)
+    tok = build_tokenizer()
+    letters = letter_ids(tok)
+    shape = LabShape()
+    right = 0
+    with torch.no_grad():
+        for s in data:
+            ids = torch.tensor(encode_prompts(tok, [s.question], shape.video_tokens))
+            logits = tiny_model(input_ids=ids, pixel_values_videos=pixel_values(s.frames[None]))
+            right += int(int(logits.logits[0, -1, letters].argmax()) == s.question.answer)
+    assert res.n == 18
+    assert res.overall == pytest.approx(100 * right / 18)
+    assert set(res.per_family) == set(scenes.FAMILIES)
+    assert res.tokens["llm_visual"] == 128 and res.tokens["visual_in"] == 128
+
+
+def test_random_selector_budget_and_determinism():
+    feats = torch.randn(3, 128, 16)
+    a = random_selector(0.02, seed=1)(feats, 8)
+    b = random_selector(0.02, seed=1)(feats, 8)
+    assert a.shape == (3, 8 * math.ceil(0.02 * 16))
+    assert torch.equal(a, b)
+    assert (a.diff(dim=1) > 0).all() and int(a.max()) < 128
+
+
+def test_evaluator_counts_tokens_under_compression(tiny_model, test_samples):
+    data = test_samples[:6]
+    rnd = evaluate(None, model=tiny_model, data=data, progress=False,
+                   selector=random_selector(0.02))
+    assert rnd.tokens["llm_visual"] == 8
+    config = lab.default_config(retention=0.1)
+    res = evaluate(config, model=tiny_model, data=data, progress=False)
+    assert res.tokens["llm_visual"] == config.budget(8, 16)
+    assert res.tokens["after_merge"] == config.kept_after_merge(config.budget(8, 16))
+    with pytest.raises(ValueError, match="either a compressing config or a selector"):
+        evaluate(config, model=tiny_model, data=data, selector=random_selector(0.02))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_shared_prefix_training_loss_equals_full_prompts():
+    from ustc.lab import train
+
+    shape = LabShape()
+    model = build_model(seed=1)
+    probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+    tok = build_tokenizer()
+    batch = train._batch(0, 2, 3, shape)
+    with torch.no_grad():
+        answer, aux, _ = train._loss(model, probe, tok, batch, shape)
+        flat = [q for qs in batch["questions"] for q in qs]
+        ids = encode_prompts(tok, flat, shape.video_tokens)
+        px = pixel_values(batch["frames"]).repeat_interleave(3, 0)
+        losses = []
+        for i, x in enumerate(ids):
+            logits = model(input_ids=torch.tensor([x]), pixel_values_videos=px[i : i + 1]).logits
+            target = tok.convert_tokens_to_ids(flat[i].letter)
+            losses.append(torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([target])))
+    assert float(answer) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+    assert float(aux) > 0
+
+
+def test_attention_supervision_matches_eager_attention():
+    """The "learn to look" loss is -log of head 0's attention mass on the evidence tokens, from the
+    answer position of the last layer, renormalised over the visual tokens: compare it with the
+    attention probabilities an eager forward returns."""
+    from ustc.lab import train
+
+    shape = LabShape()
+    model = build_model(seed=2)
+    model.config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    tok = build_tokenizer()
+    batch = train._batch(3, 2, 2, shape)
+    seen_losses = {}
+    original = train._pointer_loss
+
+    def spy(attn, seen, keys, last, evidence):
+        out = original(attn, seen, keys[:1], last[:1], evidence[:1])
+        seen_losses["first"] = float(out)
+        return original(attn, seen, keys, last, evidence)
+
+    train._pointer_loss = spy
+    try:
+        with torch.no_grad():
+            train._loss(model, torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES)), tok, batch, shape)
+    finally:
+        train._pointer_loss = original
+    q = batch["questions"][0][0]
+    ids = torch.tensor(encode_prompts(tok, [q], shape.video_tokens))
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values_videos=pixel_values(batch["frames"][:1]),
+                    output_attentions=True)
+    first = int((ids[0] == VIDEO_TOKEN_ID).nonzero()[0])
+    att = out.attentions[-1][0, 0, -1, first : first + shape.frames * shape.tokens_per_frame]
+    want = -torch.log(att[batch["evidence"][0]].sum() / att.sum())
+    assert batch["evidence"][0].any()
+    assert seen_losses["first"] == pytest.approx(float(want), rel=1e-4)
+
+
+def test_training_smoke_writes_loadable_weights(tmp_path):
+    from ustc.lab import train
+
+    train.main(["--out", str(tmp_path), "--steps", "2", "--batch", "2", "--questions", "2",
+                "--val-limit", "6", "--test-limit", "6", "--threads", "1", "--log-every", "1"])
+    record = json.loads((tmp_path / "lab.json").read_text())
+    assert record["test"]["n"] == 6 and record["videos_seen"] == 4
+    model = load_model(tmp_path)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+SHIPPED = (weights_path() / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
+def test_shipped_weights_answer_questions():
+    record = lab.training_record()
+    assert record["test"]["overall"] >= 90.0
+    size = (weights_path() / "model.safetensors").stat().st_size
+    assert size < 8 * 2**20
+    model = load_model()
+    res = evaluate(None, model=model, split="test", limit=60, progress=False)
+    assert res.overall >= 80.0
+    rnd = evaluate(None, model=model, split="test", limit=60, progress=False,
+                   selector=random_selector(0.02))
+    assert rnd.overall <= res.overall - 15.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
+def test_retraining_reproduces_the_shipped_accuracy(tmp_path: Path, request):
+    """Retrain from scratch with the recorded settings (tens of CPU minutes)."""
+    from ustc.lab import train
+
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("retraining takes tens of minutes: select it with -m slow")
+
+    settings = lab.training_record()["settings"]
+    argv = ["--out", str(tmp_path)]
+    for key in ("steps", "batch", "questions", "lr", "warmup", "aux_weight", "seed", "threads"):
+        argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    record = train.train(train.parser().parse_args(argv))
+    shipped = lab.training_record()["test"]["overall"]
+    assert abs(record["test"]["overall"] - shipped) <= 2.0

@@ -1,0 +1,280 @@
+"""Multiple-choice accuracy of the lab model, per question family and overall, for any config.
+
+A question is answered by the letter (A-D) whose token has the largest logit at the last prompt
+position, the position where the model would write its answer.  Questions are evaluated in batches
+of equal prompt length (so no padding is ever needed); compression is applied with
+``ustc.attach(model, config)``, the same code path as for a real LLaVA-OneVision model, and the
+number of tokens entering the LLM (and its layers from K on) is measured with hooks on the model's
+decoder layers, not taken from the config.
+
+    from ustc.lab import evaluate, default_config
+    print(evaluate(None).overall)                    # uncompressed
+    res = evaluate(default_config(retention=0.02))   # the method at 2 %
+    res.per_family, res.tokens, res.timings
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ustc.config import CompressionConfig
+from ustc.lab import scenes
+from ustc.lab.model import (
+    VIDEO_TOKEN_ID,
+    LabShape,
+    build_tokenizer,
+    encode_prompts,
+    letter_ids,
+    load_model,
+    pixel_values,
+)
+from ustc.lab.scenes import FAMILIES, Sample
+
+#: (features (B, N, D), frames F) -> kept indices (B, M) into N, sorted ascending
+Selector = Callable[[Tensor, int], Tensor]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy in % overall and per family; token counts are means per question.
+
+    tokens: ``visual_in`` (F*P features the vision tower produced), ``llm_visual`` (visual tokens
+            entering the LLM), ``after_merge`` (visual tokens in the layers from K on),
+            ``sequence`` (whole prompt entering the LLM).
+    timings: seconds: ``total``, ``per_question``, ``data`` (rendering the videos).
+    """
+
+    overall: float
+    per_family: dict[str, float]
+    n: int
+    tokens: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    def summary(self) -> str:
+        fams = "  ".join(f"{k} {v:5.1f}" for k, v in self.per_family.items())
+        return (
+            f"overall {self.overall:5.1f}  ({fams})  n={self.n}  "
+            f"llm_visual={self.tokens.get('llm_visual', float('nan')):.1f}  "
+            f"{self.timings.get('total', 0.0):.1f}s"
+        )
+
+
+def samples(split: str = "test", limit: int | None = None) -> list[Sample]:
+    """The first ``limit`` samples of ``split`` (its default size when ``limit`` is None)."""
+    size = scenes.split_size(split)
+    if limit is None:
+        if size is None:
+            raise ValueError("the train split is an unbounded stream: pass limit=")
+        limit = size
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of questions, got {limit}")
+    return [scenes.make_sample(split, i) for i in range(limit)]
+
+
+def random_selector(retention: float, seed: int = 0) -> Selector:
+    """Keep a random F*clamp(round(r*P), 1, P) of the N visual tokens (seeded; the "random 2 %" baseline).
+
+    Not a registered strategy: it exists so the lab can show how far blind token dropping falls.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def select(features: Tensor, frames: int) -> Tensor:
+        b, n, _ = features.shape
+        m = CompressionConfig(retention=retention, merger="none").budget(frames, n // frames)
+        scores = torch.rand(b, n, generator=gen)
+        return scores.topk(m, dim=1).indices.sort(dim=1).values.to(features.device)
+
+    return select
+
+
+class _TokenCounter:
+    """Forward pre-hooks on decoder layers 0 and K that record the sequence length they see."""
+
+    def __init__(self, model: Any, layer: int | None) -> None:
+        layers = model.model.language_model.layers
+        self.lengths: dict[str, int] = {}
+        self._hooks = [layers[0].register_forward_pre_hook(self._hook("in"), with_kwargs=True)]
+        if layer is not None and 0 < layer < len(layers):
+            hook = self._hook("after_merge")
+            self._hooks.append(layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _hook(self, key: str) -> Callable[..., None]:
+        def record(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.lengths[key] = hidden.shape[1]
+
+        return record
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def _forward_selected(model: Any, ids: Tensor, px: Tensor, select: Selector, frames: int) -> Tensor:
+    """Logits at the last position with only the selected visual tokens entering the LLM.
+
+    The kept tokens keep their original positions (gapped ``position_ids``), as the compressor
+    does; the image_newline is kept.
+    """
+    inner = model.model
+    cfg = model.config
+    feats = inner.get_video_features(
+        pixel_values_videos=px,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    ).pooler_output
+    n = feats.shape[1] - 1
+    keep = select(feats[:, :n], frames)  # (B, M)
+    b = ids.shape[0]
+    first = int((ids[0] == VIDEO_TOKEN_ID).nonzero()[0])
+    pos_video = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype)], 1) + first
+    before = torch.arange(first).expand(b, -1)
+    after = torch.arange(first + n + 1, ids.shape[1]).expand(b, -1)
+    positions = torch.cat([before, pos_video, after], 1)
+    idx = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype)], 1)
+    video = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
+    embed = inner.get_input_embeddings()
+    embeds = torch.cat([embed(ids[:, :first]), video, embed(ids[:, first + n + 1 :])], 1)
+    out = model(
+        inputs_embeds=embeds,
+        position_ids=positions,
+        attention_mask=torch.ones(positions.shape, dtype=torch.long),
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def evaluate(
+    config: CompressionConfig | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    progress: bool = True,
+    model: Any = None,
+    batch_size: int = 25,
+    selector: Selector | None = None,
+    data: Sequence[Sample] | None = None,
+) -> EvalResult:
+    """Accuracy of the lab model on ``split`` under ``config`` (None: uncompressed).
+
+    config:   a CompressionConfig applied with ``ustc.attach``; None or an identity config runs
+              the plain model.
+    split:    ``test`` (600 questions, 100 per family), ``val`` (300) or ``train`` (needs limit).
+    limit:    evaluate only the first ``limit`` questions.
+    model:    a lab model (default: the shipped weights, :func:`ustc.lab.load_model`).
+    selector: instead of ``config``, keep the visual tokens this function picks (e.g.
+              :func:`random_selector`); mutually exclusive with a compressing config.
+    data:     samples to use instead of ``split``/``limit`` (already rendered).
+    """
+    if selector is not None and config is not None and not config.is_identity:
+        raise ValueError("pass either a compressing config or a selector, not both")
+    start = time.perf_counter()
+    model = load_model() if model is None else model
+    tokenizer = build_tokenizer()
+    frames = int(model.config.lab["frames"]) if hasattr(model.config, "lab") else LabShape().frames
+    t0 = time.perf_counter()
+    data = list(data) if data is not None else samples(split, limit)
+    data_seconds = time.perf_counter() - t0
+    letters = torch.tensor(letter_ids(tokenizer))
+    p = _tokens_per_frame(model)
+    video_tokens = frames * p + 1
+
+    handle = None
+    if config is not None and not config.is_identity:
+        import ustc
+
+        handle = ustc.attach(model, config)
+    layer = config.layer if config is not None and config.merger != "none" else None
+    counter = _TokenCounter(model, layer)
+    correct: dict[str, list[bool]] = defaultdict(list)
+    counts: dict[str, list[int]] = defaultdict(list)
+    try:
+        prompts = encode_prompts(tokenizer, [s.question for s in data], video_tokens)
+        by_len: dict[int, list[int]] = defaultdict(list)
+        for i, ids in enumerate(prompts):
+            by_len[len(ids)].append(i)
+        batches = [
+            group[j : j + batch_size]
+            for _, group in sorted(by_len.items())
+            for j in range(0, len(group), batch_size)
+        ]
+        bar = _progress(len(data), progress)
+        for batch in batches:
+            ids = torch.tensor([prompts[i] for i in batch])
+            px = pixel_values(np.stack([data[i].frames for i in batch]))
+            if selector is not None:
+                logits = _forward_selected(model, ids, px, selector, frames)
+            else:
+                with torch.no_grad():
+                    out = model(
+                        input_ids=ids,
+                        pixel_values_videos=px,
+                        attention_mask=torch.ones_like(ids),
+                        logits_to_keep=1,
+                    )
+                logits = out.logits[:, -1]
+            choice = logits[:, letters].argmax(-1)
+            text_tokens = ids.shape[1] - video_tokens
+            seq_in = counter.lengths["in"]
+            counts["sequence"] += [seq_in] * len(batch)
+            counts["llm_visual"] += [seq_in - text_tokens - 1] * len(batch)
+            if "after_merge" in counter.lengths:
+                counts["after_merge"] += [counter.lengths["after_merge"] - text_tokens - 1] * len(
+                    batch
+                )
+            for k, i in enumerate(batch):
+                correct[data[i].family].append(bool(choice[k] == data[i].question.answer))
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        counter.remove()
+        if handle is not None:
+            handle.remove()
+
+    total = time.perf_counter() - start
+    n = sum(len(v) for v in correct.values())
+    per_family = {f: 100.0 * float(np.mean(correct[f])) for f in FAMILIES if correct[f]}
+    overall = 100.0 * sum(sum(v) for v in correct.values()) / max(n, 1)
+    tokens = {"visual_in": float(frames * p)}
+    tokens.update({k: float(np.mean(v)) for k, v in counts.items()})
+    if "after_merge" not in tokens:
+        tokens["after_merge"] = tokens["llm_visual"]
+    return EvalResult(
+        overall=overall,
+        per_family=per_family,
+        n=n,
+        tokens=tokens,
+        timings={"total": total, "per_question": total / max(n, 1), "data": data_seconds},
+        config=config.to_dict() if config is not None else None,
+    )
+
+
+def _tokens_per_frame(model: Any) -> int:
+    v = model.config.vision_config
+    side = -(-v.image_size // v.patch_size)
+    return (-(-side // 2)) ** 2
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="lab eval", unit="q", leave=False)

@@ -1,0 +1,346 @@
+"""Train the lab's micro Video-LLM from scratch on generated videos (CPU, deterministic).
+
+    python -m ustc.lab.train --out ustc/lab/weights            # the shipped weights
+    python -m ustc.lab.train --out /tmp/lab --steps 200        # a quick look
+
+Each step renders ``--batch`` new videos of the training stream (sample indices
+``step * batch ...``, never repeated) and asks ``--questions`` questions about each: the video's own
+family and others its scene defines.  The prompt prefix up to the end of the video is run once per
+video and its KV cache is shared by that video's questions (mathematically the same as running
+each full prompt, ``--questions`` times cheaper on the visual tokens).  The loss is the language
+model's cross-entropy on the answer letter plus an auxiliary loss, through a linear probe that is
+thrown away after training, on the visual tokens entering the LLM: which colours and shapes each
+16 x 16 px token shows (the per-token labels the renderer knows).  The probe only speeds up
+learning to see; the shipped model is a plain ``LlavaOnevisionForConditionalGeneration``.
+
+Writes ``model.safetensors`` and ``config.json`` (``save_pretrained``) and ``lab.json`` (settings,
+the validation curve, final validation and test accuracy) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ustc.lab import scenes
+from ustc.lab.evaluate import evaluate, samples
+from ustc.lab.model import (
+    VIDEO_TOKEN_ID,
+    LabShape,
+    build_model,
+    build_tokenizer,
+    encode_prompts,
+    pixel_values,
+)
+
+
+def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
+    """Which visual tokens show each object: (n_objects, N) bool."""
+    size = scene.background.shape[0]
+    cells = size // scenes.TOKEN_PX
+    masks = scenes.object_masks(scene, size)
+    n, frames = masks.shape[:2]
+    cover = masks.reshape(n, frames, cells, scenes.TOKEN_PX, cells, scenes.TOKEN_PX).mean((3, 5))
+    return (cover >= min_cover).reshape(n, frames * cells * cells)
+
+
+def _evidence(scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None) -> np.ndarray:
+    """Visual tokens (N,) showing the object(s) the answer rests on: all objects for ``count``."""
+    shown = _shown(scene) if shown is None else shown
+    if q.family == "count":
+        return shown.any(0)
+    colour = q.text.split()[4] if q.family == "shape" else q.options[q.answer]
+    return shown[[o.colour == colour for o in scene.objects]].any(0)
+
+
+def _batch(
+    step: int, batch: int, questions: int, shape: LabShape, open_ratio: float = 0.0
+) -> dict[str, Any]:
+    """Videos, aux labels and questions of one training step (a function of ``step`` only)."""
+    rng = np.random.default_rng([scenes.LAB_SEED, 7, step])
+    data = [
+        scenes.make_sample("train", step * batch + i, shape.frames, shape.size, keep_scene=True)
+        for i in range(batch)
+    ]
+    asked = []
+    for s in data:
+        pool = s.extra or [s.question]
+        picks = rng.choice(len(pool), size=questions - 1, replace=len(pool) < questions - 1)
+        asked.append([s.question, *(pool[i] for i in picks)])
+    open_ended = (rng.random(batch * questions) < open_ratio).tolist()
+    evidence = []
+    for s, qs in zip(data, asked, strict=True):
+        shown = _shown(s.scene)  # type: ignore[arg-type]
+        evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
+    labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
+    colours = torch.from_numpy(np.stack([c for c, _ in labels]))
+    shapes = torch.from_numpy(np.stack([s for _, s in labels]))
+    return {
+        "frames": np.stack([s.frames for s in data]),
+        "questions": asked,
+        "aux": torch.cat([colours, shapes], -1).flatten(1, 2),  # (B, N, 12)
+        "open": open_ended,
+        "evidence": torch.stack(evidence),  # (B * questions, N) bool
+    }
+
+
+def _loss(
+    model: Any, probe: torch.nn.Linear, tokenizer: Any, batch: dict[str, Any], shape: LabShape
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Answer cross-entropy (shared-prefix KV cache) and the auxiliary token-label loss."""
+    inner = model.model
+    lm = inner.language_model
+    cfg = model.config
+    feats = inner.get_video_features(
+        pixel_values_videos=pixel_values(batch["frames"]),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    ).pooler_output  # (B, N + 1, D)
+    n = feats.shape[1] - 1
+    # the probe reads RMS-normalised features: a probe on raw features pays the projector to
+    # inflate their norm far above the text embeddings', which starves the LLM of its say
+    visual = feats[:, :n]
+    visual = visual * torch.rsqrt(visual.pow(2).mean(-1, keepdim=True) + 1e-6)
+    aux = F.binary_cross_entropy_with_logits(probe(visual), batch["aux"])
+
+    flat = [q for qs in batch["questions"] for q in qs]
+    with_options = [not o for o in batch["open"]]
+    ids = encode_prompts(tokenizer, flat, shape.video_tokens, with_options)
+    cut = ids[0].index(VIDEO_TOKEN_ID) + shape.video_tokens
+    b, q = len(batch["questions"]), len(batch["questions"][0])
+    prefix = torch.tensor(ids[0][: cut - shape.video_tokens]).expand(b, -1)
+    embeds = torch.cat([inner.get_input_embeddings()(prefix), feats], 1)
+    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(q)
+
+    lengths = torch.tensor([len(x) - cut for x in ids])
+    suffix = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)  # right padding: causal
+    for i, x in enumerate(ids):
+        suffix[i, : len(x) - cut] = torch.tensor(x[cut:])
+    layer = lm.layers[-1].self_attn
+    keys = cache.layers[len(lm.layers) - 1].keys[:, :, len(prefix[0]) : len(prefix[0]) + n]
+    seen: dict[str, Any] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["rope"] = kwargs["position_embeddings"]
+
+    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        hidden = lm(input_ids=suffix, past_key_values=cache, use_cache=False).last_hidden_state
+    finally:
+        hook.remove()
+    pointer = _pointer_loss(layer, seen, keys, lengths - 1, batch["evidence"])
+    pointer = pointer + _option_loss(layer, seen, suffix, lengths - 1, flat, with_options, tokenizer)
+    last = hidden[torch.arange(len(ids)), lengths - 1]
+    logits = model.lm_head(last)
+    answers = [x.letter if o else x.options[x.answer] for x, o in zip(flat, with_options, strict=True)]
+    target = torch.tensor(tokenizer.convert_tokens_to_ids(answers))
+    answer = F.cross_entropy(logits, target)
+    acc = float((logits.argmax(-1) == target).float().mean())
+    return answer, aux + pointer, acc
+
+
+def _option_loss(
+    attn: Any,
+    seen: dict[str, Any],
+    suffix: torch.Tensor,
+    last: torch.Tensor,
+    flat: list[scenes.Question],
+    with_options: list[bool],
+    tokenizer: Any,
+) -> torch.Tensor:
+    """Cross-entropy of head 1 of the last layer, from the answer position over the prompt after
+    the video, against the correct option's word: teaches the model to read the option list.
+    """
+    rows = [i for i, o in enumerate(with_options) if o]
+    if not rows:
+        return suffix.new_zeros((), dtype=torch.float32)
+    newline, dot = tokenizer.convert_tokens_to_ids(["\n", "."])
+    target = []
+    for i in rows:
+        letter = tokenizer.convert_tokens_to_ids(flat[i].letter)
+        ids = suffix[i].tolist()
+        at = next(j for j in range(len(ids) - 2) if ids[j : j + 3] == [newline, letter, dot])
+        target.append(at + 3)
+    idx = torch.tensor(rows)
+    hidden, (cos, sin) = seen["hidden"][idx], seen["rope"]
+    cos, sin = (x.expand(len(suffix), -1, -1)[idx] for x in (cos, sin))
+    d = attn.head_dim
+    half = d // 2
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    k = rope(attn.k_proj(hidden)[..., :d])  # kv head 0, (R, Ls, d)
+    q = rope(attn.q_proj(hidden)[..., d : 2 * d])  # head 1 (shares kv head 0)
+    q_last = q[torch.arange(len(rows)), last[idx]]
+    scores = torch.einsum("rd,rsd->rs", q_last, k) / math.sqrt(d)
+    causal = torch.arange(k.shape[1])[None] > last[idx, None]
+    return F.cross_entropy(scores.masked_fill(causal, -1e4), torch.tensor(target))
+
+
+def _pointer_loss(
+    attn: Any, seen: dict[str, Any], keys: torch.Tensor, last: torch.Tensor, evidence: torch.Tensor
+) -> torch.Tensor:
+    """-log of the attention mass that head 0 of the last layer puts, from the answer position,
+    on the visual tokens showing the evidence (softmax over the N visual keys only).
+
+    keys: (BQ, H_kv, N, d) post-RoPE keys of the visual tokens; last: (BQ,) answer positions in
+    the suffix; evidence: (BQ, N) bool.  This teaches the model where to look; it is a training
+    signal only and leaves no trace in the model.
+    """
+    rows = torch.arange(len(last))
+    h = seen["hidden"][rows, last]  # (BQ, D)
+    d = keys.shape[-1]
+    q = attn.q_proj(h)[:, :d]  # head 0
+    cos, sin = (x.expand(len(last), -1, -1)[rows, last] for x in seen["rope"])
+    half = d // 2
+    rotated = torch.cat([-q[:, half:], q[:, :half]], -1)
+    q = q * cos + rotated * sin
+    scores = torch.einsum("bd,bnd->bn", q, keys[:, 0]) / math.sqrt(d)
+    logp = torch.log_softmax(scores, -1)
+    mass = torch.logsumexp(logp.masked_fill(~evidence, -1e4), -1)
+    has = evidence.any(-1)
+    return -(mass[has]).mean() if has.any() else scores.sum() * 0
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    # denormal weights and gradients late in training make CPU kernels many times slower
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    shape = LabShape()
+    tokenizer = build_tokenizer()
+    model = build_model(shape, seed=args.seed).train()
+    probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    val = samples("val", args.val_limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curve: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
+    stop = args.steps if args.stop is None else min(args.stop, args.steps)
+    for step in range(stop):
+        batch = _batch(step, args.batch, args.questions, shape, args.open_ratio)
+        answer, aux, acc = _loss(model, probe, tokenizer, batch, shape)
+        loss = answer + args.aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        run["answer"] += float(answer.detach())
+        run["aux"] += float(aux.detach())
+        run["acc"] += acc
+        run["k"] += 1
+        if (step + 1) % args.log_every == 0:
+            k = run.pop("k")
+            print(
+                f"step {step + 1:5d}  answer {run['answer'] / k:.3f}  aux {run['aux'] / k:.3f}  "
+                f"train acc {100 * run['acc'] / k:5.1f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"{time.perf_counter() - start:6.0f}s",
+                flush=True,
+            )
+            run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
+        if (step + 1) % args.eval_every == 0 or step + 1 == stop:
+            model.eval()
+            res = evaluate(None, model=model, data=val, progress=False)
+            model.train()
+            point = {
+                "step": step + 1,
+                "seconds": time.perf_counter() - start,
+                "val": res.overall,
+                "val_per_family": res.per_family,
+            }
+            curve.append(point)
+            print(f"  val {res.summary()}", flush=True)
+            model.save_pretrained(out)
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    model.save_pretrained(out)
+    final_val = evaluate(None, model=model, data=val, progress=False)
+    test = evaluate(None, model=model, split="test", limit=args.test_limit, progress=False)
+    record = {
+        "settings": vars(args),
+        "shape": shape.__dict__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "steps_run": stop,
+        "videos_seen": stop * args.batch,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "curve": curve,
+        "val": {"overall": final_val.overall, "per_family": final_val.per_family, "n": final_val.n},
+        "test": {
+            "overall": test.overall,
+            "per_family": test.per_family,
+            "n": test.n,
+            "seconds": test.timings["total"],
+        },
+    }
+    with open(out / "lab.json", "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"test {test.summary()}", flush=True)
+    return record
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ustc.lab.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out", required=True, help="folder for model.safetensors, config.json, lab.json"
+    )
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--stop", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (default: all)")
+    p.add_argument("--batch", type=int, default=12, help="videos per step")
+    p.add_argument("--questions", type=int, default=3, help="questions per video")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--open-ratio", type=float, default=0.5,
+                   help="share of training questions asked open-ended (answer word, no options)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a shared 2-core machine; results are "
+                   "deterministic for a given thread count)")
+    p.add_argument("--val-limit", type=int, default=300)
+    p.add_argument("--test-limit", type=int, default=None, help="test questions (default: all)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    for name in ("steps", "batch", "questions", "threads", "val_limit", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
