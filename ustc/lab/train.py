@@ -313,15 +313,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="folder for model.safetensors, config.json, lab.json"
     )
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--stop", type=int, default=None,
                    help="stop after this many steps of the --steps schedule (default: all)")
     p.add_argument("--batch", type=int, default=12, help="videos per step")
-    p.add_argument("--questions", type=int, default=3, help="questions per video")
+    p.add_argument("--questions", type=int, default=1,
+                   help="questions per video (1: its own family, so the families stay balanced)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=1.0)
-    p.add_argument("--open-ratio", type=float, default=0.5,
+    p.add_argument("--open-ratio", type=float, default=0.0,
                    help="share of training questions asked open-ended (answer word, no options)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
