@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_impl import reference_compress  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from ustc import SCORERS, CompressionConfig, Compressor  # noqa: E402
 
@@ -49,23 +48,6 @@ def rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_extra_memory(config: CompressionConfig, args, frames: int) -> float:
@@ -134,12 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
             retention=args.retention, scorer=scorer, recycler=recycler, merger="none"
         )
         compressor = Compressor(config)
-        seconds = median_time(
+        seconds = median_seconds(
             lambda c=compressor: c.compress(features, attention), args.repeats, args.device
         )
         row = {"scorer": scorer, "recycler": recycler, "median_ms": seconds * 1e3}
         if not args.no_reference and scorer != "sim":
-            ref_s = median_time(
+            ref_s = median_seconds(
                 lambda c=config: reference_compress(c, features.cpu(), attention.cpu()), 1, "cpu"
             )
             ours = compressor.compress(features, attention).indices.cpu()
@@ -156,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     default = CompressionConfig(retention=args.retention, merger="none")
     for frames in args.scaling:
         x, a = make_inputs(frames, args.tokens, args.dim, args.device, args.dtype)
-        seconds = median_time(
+        seconds = median_seconds(
             lambda x=x, a=a: Compressor(default).compress(x, a),
             max(1, args.repeats // 2),
             args.device,

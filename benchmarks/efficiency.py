@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 import ustc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds, sync  # noqa: E402
 
 #: the paper's Table 6 (LLaVA-OV-7B, 32 frames): Process, Prefill (ms), TTFT (ms), throughput (tok/s)
 PAPER_TABLE6 = {
@@ -128,23 +132,6 @@ def make_inputs(model, frames: int, device: str, question_tokens: int = 40) -> d
     }
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _median(fn, repeats: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 class _LLMTimer:
     """Times every forward of the language model (the first one of a generate is the prefill)."""
 
@@ -156,11 +143,11 @@ class _LLMTimer:
         ]
 
     def _before(self, *_: object) -> None:
-        _sync(self.device)
+        sync(self.device)
         self._start = time.perf_counter()
 
     def _after(self, *_: object) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.durations.append(time.perf_counter() - self._start)
 
     def remove(self) -> None:
@@ -174,7 +161,7 @@ def measure(model, inputs: dict, config: ustc.CompressionConfig | None, args) ->
     handle = ustc.attach(model, config) if config is not None else None
     timer = _LLMTimer(model.model.language_model, device)
     try:
-        vision_s = _median(
+        vision_s = median_seconds(
             lambda: model.model.get_video_features(
                 pixel_values_videos=inputs["pixel_values_videos"]
             ),
@@ -186,7 +173,9 @@ def measure(model, inputs: dict, config: ustc.CompressionConfig | None, args) ->
         timer.durations.clear()
         process_before = handle.stats.total_seconds if handle is not None else 0.0
         prefills_before = handle.stats.prefills if handle is not None else 0
-        ttft_s = _median(lambda: model.generate(**inputs, max_new_tokens=1), args.repeats, device)
+        ttft_s = median_seconds(
+            lambda: model.generate(**inputs, max_new_tokens=1), args.repeats, device
+        )
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         prefill_s = statistics.median(timer.durations)  # one LLM forward per generate here
         process_s = 0.0
@@ -194,7 +183,7 @@ def measure(model, inputs: dict, config: ustc.CompressionConfig | None, args) ->
             runs = max(1, handle.stats.prefills - prefills_before)
             process_s = (handle.stats.total_seconds - process_before) / runs
         n_new = args.new_tokens
-        total_s = _median(
+        total_s = median_seconds(
             lambda: model.generate(**inputs, max_new_tokens=n_new), args.repeats, device
         )
         stats = handle.stats.as_dict() if handle is not None else {}
