@@ -34,6 +34,7 @@ compressor runs with: ``config.budget(F, P)`` visual tokens enter the LLM and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -145,15 +146,8 @@ class ModelSpec:
         self, frames: int | None = None, tokens_per_frame: int | None = None
     ) -> ModelSpec:
         """The same LLM with another frame sampling."""
-        return ModelSpec(
-            name=self.name,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            vocab_size=self.vocab_size,
+        return dataclasses.replace(
+            self,
             frames=self.frames if frames is None else frames,
             tokens_per_frame=self.tokens_per_frame
             if tokens_per_frame is None
