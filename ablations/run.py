@@ -210,14 +210,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, annotation in CONFIG_FIELDS.items():
         if name in REGISTRIES:
             known = ", ".join(REGISTRIES[name].names())
-            config_group.add_argument(*_option_strings(name), dest=name, default=None,
-                                      metavar="NAME", help=f"{name}: {known} "
-                                      f"(default {getattr(defaults, name)})")
+            config_group.add_argument(
+                *_option_strings(name),
+                dest=name,
+                default=None,
+                metavar="NAME",
+                help=f"{name}: {known} (default {getattr(defaults, name)})",
+            )
             continue
         parse, _ = converter(annotation)
         owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
         config_group.add_argument(
-            *_option_strings(name), dest=name, type=parse, default=None,
+            *_option_strings(name),
+            dest=name,
+            type=parse,
+            default=None,
             help=f"(default {getattr(defaults, name)})"
             + (f"; used by {', '.join(owners)}" if owners else ""),
         )
@@ -225,28 +232,46 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, param in strategy_params().items():
         parse, _ = converter(param.annotation)
         owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
-        strategy_group.add_argument(*_option_strings(name), dest=name, type=parse, default=None,
-                                    help=f"used by {', '.join(owners)}")
+        strategy_group.add_argument(
+            *_option_strings(name),
+            dest=name,
+            type=parse,
+            default=None,
+            help=f"used by {', '.join(owners)}",
+        )
     bench_group = parser.add_argument_group("benchmark")
-    bench_group.add_argument("--benchmark", default="lab",
-                             help=f"comma-separated: {', '.join(BENCHMARKS.names())}, or "
-                             "package.module:Class (default lab)")
+    bench_group.add_argument(
+        "--benchmark",
+        default="lab",
+        help=f"comma-separated: {', '.join(BENCHMARKS.names())}, or "
+        "package.module:Class (default lab)",
+    )
     for name, param in benchmark_params(extra_benchmarks).items():
         if name in CONFIG_FIELDS or name in strategy_params():
             raise ValueError(f"benchmark parameter {name!r} clashes with a compression flag")
         parse, _ = converter(param.annotation)
         users = [b for b in BENCHMARKS.names() if name in {p.name for p in BENCHMARKS.params(b)}]
         users += [c.registered_name for c in extra_benchmarks if name in constructor_params(c)]
-        help_text = ("model spec or path (benchmark's default model when omitted)"
-                     if name == "model" else f"used by {', '.join(users)}")
-        bench_group.add_argument(*_option_strings(name), dest=name, type=parse, default=None,
-                                 help=help_text)
+        help_text = (
+            "model spec or path (benchmark's default model when omitted)"
+            if name == "model"
+            else f"used by {', '.join(users)}"
+        )
+        bench_group.add_argument(
+            *_option_strings(name), dest=name, type=parse, default=None, help=help_text
+        )
     special = parser.add_argument_group("ablation shortcuts")
-    special.add_argument("--paper-layer", "--paper_layer", dest="paper_layer", type=_parse_int,
-                         default=None, help="the paper's K (of 28 layers), mapped to the same "
-                         "relative depth of the evaluated LLM")
-    special.add_argument("--modules", default=None, metavar="ROW",
-                         help=f"Table 5 row: {', '.join(MODULE_ROWS)}")
+    special.add_argument(
+        "--paper-layer",
+        "--paper_layer",
+        dest="paper_layer",
+        type=_parse_int,
+        default=None,
+        help="the paper's K (of 28 layers), mapped to the same relative depth of the evaluated LLM",
+    )
+    special.add_argument(
+        "--modules", default=None, metavar="ROW", help=f"Table 5 row: {', '.join(MODULE_ROWS)}"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--store", default=DEFAULT_STORE, help="JSONL results store")
     out.add_argument("--no-store", "--no_store", dest="no_store", action="store_true")
@@ -254,8 +279,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     out.add_argument("--no-baseline", "--no_baseline", dest="no_baseline", action="store_true")
     out.add_argument("--output", default=None, help="write the run record as JSON")
     out.add_argument("--wandb", default="auto", choices=MODES)
-    out.add_argument("--wandb-project", "--wandb_project", dest="wandb_project",
-                     default="ustc-ablations")
+    out.add_argument(
+        "--wandb-project", "--wandb_project", dest="wandb_project", default="ustc-ablations"
+    )
     out.add_argument("--wandb-group", "--wandb_group", dest="wandb_group", default=None)
     out.add_argument("--quiet", action="store_true", help="no progress bars, no table")
     out.add_argument("--list", action="store_true", help="list strategies and benchmarks")
@@ -290,8 +316,11 @@ def _cached(benches: list[Benchmark]) -> list[Benchmark]:
     """Reuse benchmark objects (and the models they hold) across runs of one process."""
     out = []
     for bench in benches:
-        tag = json.dumps([type(bench).__module__, type(bench).__qualname__, bench.spec()],
-                         sort_keys=True, default=str)
+        tag = json.dumps(
+            [type(bench).__module__, type(bench).__qualname__, bench.spec()],
+            sort_keys=True,
+            default=str,
+        )
         out.append(_BENCH_CACHE.setdefault(tag, bench))
     return out
 
@@ -314,32 +343,41 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
     stray = sorted(set(bench_values) - accepted)
     if stray:
         flags = ", ".join(_option_strings(s)[0] for s in stray)
-        raise ValueError(f"{flags} is not a parameter of benchmark {args.benchmark!r}; "
-                         f"it takes: {', '.join(sorted(accepted)) or 'nothing'}")
+        raise ValueError(
+            f"{flags} is not a parameter of benchmark {args.benchmark!r}; "
+            f"it takes: {', '.join(sorted(accepted)) or 'nothing'}"
+        )
     benches = _cached(build_benchmarks(names, bench_values))
 
     base = benches[0].default_config()
     changes = _given(args, list(CONFIG_FIELDS))
     if args.modules is not None:
         if args.modules not in MODULE_ROWS:
-            raise ValueError(f"unknown --modules {args.modules!r}; Table 5 rows: "
-                             f"{', '.join(MODULE_ROWS)}")
+            raise ValueError(
+                f"unknown --modules {args.modules!r}; Table 5 rows: {', '.join(MODULE_ROWS)}"
+            )
         row = TABLE5_ROWS[MODULE_ROWS[args.modules]]
         for name in MODULE_FIELDS:
             value = getattr(row, name)
             if name in changes and changes[name] != value:
-                raise ValueError(f"--modules {args.modules} sets {name}={value!r}, but "
-                                 f"--{name.replace('_', '-')}={changes[name]!r} was also given")
+                raise ValueError(
+                    f"--modules {args.modules} sets {name}={value!r}, but "
+                    f"--{name.replace('_', '-')}={changes[name]!r} was also given"
+                )
             changes[name] = value
     if args.paper_layer is not None:
         if "layer" in changes:
-            raise ValueError("give either --layer (this model's K) or --paper-layer (the "
-                             "paper's K, mapped), not both")
+            raise ValueError(
+                "give either --layer (this model's K) or --paper-layer (the "
+                "paper's K, mapped), not both"
+            )
         layers = benches[0].llm_layers()
         if layers is None:
-            raise ValueError(f"--paper-layer needs the LLM depth of benchmark "
-                             f"{benches[0].registered_name!r}, which it does not report; "
-                             "give --layer instead")
+            raise ValueError(
+                f"--paper-layer needs the LLM depth of benchmark "
+                f"{benches[0].registered_name!r}, which it does not report; "
+                "give --layer instead"
+            )
         changes["layer"] = map_paper_layer(args.paper_layer, layers)
     extra = _given(args, list(strategy_params()))
     params = {**base.params, **extra}
@@ -435,8 +473,9 @@ def run_plan(plan: RunPlan, store: ResultStore | None = None) -> dict[str, Any]:
     args = plan.args
     progress = not args.quiet
 
-    def stored_or_run(config: CompressionConfig, key: str,
-                      force: bool) -> tuple[dict[str, Any], bool]:
+    def stored_or_run(
+        config: CompressionConfig, key: str, force: bool
+    ) -> tuple[dict[str, Any], bool]:
         if store is not None and not force:
             hit = store.get(key)
             if hit is not None:
@@ -453,8 +492,11 @@ def run_plan(plan: RunPlan, store: ResultStore | None = None) -> dict[str, Any]:
     record = dict(record)
     record["cached"] = cached
     if baseline is not None and baseline["avg"] > 0:
-        record["baseline"] = {"key": baseline["key"], "avg": baseline["avg"],
-                              "scores": baseline["scores"]}
+        record["baseline"] = {
+            "key": baseline["key"],
+            "avg": baseline["avg"],
+            "scores": baseline["scores"],
+        }
         record["pct_of_uncompressed"] = 100.0 * record["avg"] / baseline["avg"]
     else:
         record["pct_of_uncompressed"] = None
@@ -472,21 +514,24 @@ def format_record(record: dict[str, Any]) -> str:
         tok += f" -> {flops['after_merge_tokens']}"
     row = [f"{record['scores'][c]:.1f}" for c in cols] + [
         f"{record['avg']:.1f}",
-        "-" if record.get("pct_of_uncompressed") is None
+        "-"
+        if record.get("pct_of_uncompressed") is None
         else f"{record['pct_of_uncompressed']:.1f}",
         "-" if flops.get("tflops") is None else f"{flops['tflops']:.3g}",
         tok,
         f"{record['timings'].get('wall', float('nan')):.1f}",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             "| " + " | ".join(row) + " |"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        "| " + " | ".join(row) + " |",
+    ]
     return "\n".join(lines)
 
 
 def describe_config(config: CompressionConfig) -> str:
     c = config
-    text = (f"r={c.retention:g} scorer={c.scorer} pool={c.pool}(tau={c.tau:g}) "
-            f"recycler={c.recycler}")
+    text = f"r={c.retention:g} scorer={c.scorer} pool={c.pool}(tau={c.tau:g}) recycler={c.recycler}"
     if c.recycler != "none":
         text += f"(cluster_ratio={c.cluster_ratio:g}, k={c.k})"
     text += f" merger={c.merger}"
@@ -525,8 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     store = None if args.no_store else ResultStore(args.store)
     if not args.quiet:
         names = ",".join(b.registered_name for b in plan.benchmarks)
-        print(f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config)}",
-              flush=True)
+        print(f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config)}", flush=True)
     record = run_plan(plan, store)
     if not record.pop("cached"):
         log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)

@@ -63,8 +63,9 @@ class ResultStore:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     # a run killed while writing leaves a partial last line: its run is redone
-                    warnings.warn(f"{self.path}:{lineno}: skipping an incomplete record",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"{self.path}:{lineno}: skipping an incomplete record", stacklevel=2
+                    )
                     continue
                 if isinstance(record, dict) and "key" in record:
                     yield record

@@ -78,8 +78,9 @@ def plans_for(sweep: dict[str, Any], extra: Sequence[str], store: str) -> list[r
     return plans
 
 
-def collect(table: TableDef, sweep: dict[str, Any], store_path: str,
-            extra: Sequence[str]) -> Rendered:
+def collect(
+    table: TableDef, sweep: dict[str, Any], store_path: str, extra: Sequence[str]
+) -> Rendered:
     """Render ``table`` from the store for the grid ``sweep`` (runs nothing)."""
     store = ResultStore(store_path)
     records = store.records()
@@ -92,17 +93,27 @@ def collect(table: TableDef, sweep: dict[str, Any], store_path: str,
     return render(table, {v: by_value.get(v) for v in table.values}, baseline)
 
 
-def run_sweep(source: str, extra: Sequence[str] = (), *, store_path: str = runner.DEFAULT_STORE,
-              out_dir: str = "results/tables", wandb: str = "auto",
-              project: str = "ustc-ablations", progress: bool = True) -> Rendered | None:
+def run_sweep(
+    source: str,
+    extra: Sequence[str] = (),
+    *,
+    store_path: str = runner.DEFAULT_STORE,
+    out_dir: str = "results/tables",
+    wandb: str = "auto",
+    project: str = "ustc-ablations",
+    progress: bool = True,
+) -> Rendered | None:
     """Run every grid point not yet in the store, then write the table."""
     sweep, table = _load(source)
     plans = plans_for(sweep, extra, store_path)
     store = ResultStore(store_path)
     done = store.records()
     varied = [n for n, p in sweep["parameters"].items() if "values" in p]
-    todo = [(point, plan) for point, plan in zip(expand_grid(sweep), plans, strict=True)
-            if plan.key not in done]
+    todo = [
+        (point, plan)
+        for point, plan in zip(expand_grid(sweep), plans, strict=True)
+        if plan.key not in done
+    ]
     group = str(sweep.get("name", Path(source).stem))
     bar = None
     if progress:
@@ -122,8 +133,14 @@ def run_sweep(source: str, extra: Sequence[str] = (), *, store_path: str = runne
     if table is None:
         return None
     rendered = collect(table, sweep, store_path, extra)
-    stem = table.name if not extra else f"{table.name}-" + "-".join(
-        f.lstrip("-").replace("=", "_").replace("/", "_").replace(":", "_") for f in extra)
+    stem = (
+        table.name
+        if not extra
+        else f"{table.name}-"
+        + "-".join(
+            f.lstrip("-").replace("=", "_").replace("/", "_").replace(":", "_") for f in extra
+        )
+    )
     paths = write_outputs(rendered, out_dir, stem)
     log_table(table.name, rendered.header, rendered.rows, mode=wandb, project=project)
     if progress:
@@ -142,13 +159,21 @@ def main(argv: Sequence[str] | None = None) -> Rendered | None:
     parser.add_argument("--store", default=runner.DEFAULT_STORE, help="JSONL results store")
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="results/tables")
     parser.add_argument("--wandb", default="auto", choices=MODES)
-    parser.add_argument("--wandb-project", "--wandb_project", dest="wandb_project",
-                        default="ustc-ablations")
+    parser.add_argument(
+        "--wandb-project", "--wandb_project", dest="wandb_project", default="ustc-ablations"
+    )
     parser.add_argument("--quiet", action="store_true")
     args, extra = parser.parse_known_args(argv)
     try:
-        return run_sweep(args.sweep, extra, store_path=args.store, out_dir=args.out_dir,
-                         wandb=args.wandb, project=args.wandb_project, progress=not args.quiet)
+        return run_sweep(
+            args.sweep,
+            extra,
+            store_path=args.store,
+            out_dir=args.out_dir,
+            wandb=args.wandb,
+            project=args.wandb_project,
+            progress=not args.quiet,
+        )
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -68,8 +68,12 @@ class TableDef:
     labels: dict[Any, str] = field(default_factory=dict)
 
     def label(self, value: Any) -> str:
-        return self.labels.get(value, f"{self.parameter} = {value:g}" if isinstance(
-            value, (int, float)) else f"{self.parameter} = {value}")
+        return self.labels.get(
+            value,
+            f"{self.parameter} = {value:g}"
+            if isinstance(value, (int, float))
+            else f"{self.parameter} = {value}",
+        )
 
     def sweep(self) -> dict[str, Any]:
         """The W&B sweep definition (method grid) of this table."""
@@ -93,8 +97,15 @@ TABLES: dict[str, TableDef] = {
         name="table5",
         title="Table 5. Module Ablations for Unified Spatiotemporal Token Compression",
         parameter="modules",
-        values=("attn", "sim", "cluster", "attn+sim", "attn+cluster", "sim+cluster",
-                "attn+sim+cluster"),
+        values=(
+            "attn",
+            "sim",
+            "cluster",
+            "attn+sim",
+            "attn+cluster",
+            "sim+cluster",
+            "attn+sim+cluster",
+        ),
         fixed={**_AT_2, "merger": "none"},
         paper={
             "attn": (41.4, 46.6, 30.8, 44.7, 45.3, 41.8, 74.2),
@@ -107,8 +118,12 @@ TABLES: dict[str, TableDef] = {
         },
         show=("scorer", "recycler", "cluster_ratio"),
         labels={
-            "attn": "Attn", "sim": "Sim", "cluster": "Cluster", "attn+sim": "Attn+Sim",
-            "attn+cluster": "Attn+Cluster", "sim+cluster": "Sim+Cluster",
+            "attn": "Attn",
+            "sim": "Sim",
+            "cluster": "Cluster",
+            "attn+sim": "Attn+Sim",
+            "attn+cluster": "Attn+Cluster",
+            "sim+cluster": "Sim+Cluster",
             "attn+sim+cluster": "Attn+Sim+Cluster",
         },
     ),
@@ -194,12 +209,15 @@ def sweep_path(table: TableDef) -> Path:
 
 
 def sweep_yaml(table: TableDef) -> str:
-    header = (f"# {table.title}.\n# Generated from ablations/tables.py (python ablations/tables.py "
-              "--write-sweeps); run with\n#   wandb sweep ablations/sweeps/"
-              f"{table.name}.yaml && wandb agent <entity/project/id>\n# or without a W&B server:"
-              f"\n#   python ablations/sweep.py ablations/sweeps/{table.name}.yaml\n")
-    return header + yaml.safe_dump(table.sweep(), sort_keys=False, default_flow_style=None,
-                                   width=100)
+    header = (
+        f"# {table.title}.\n# Generated from ablations/tables.py (python ablations/tables.py "
+        "--write-sweeps); run with\n#   wandb sweep ablations/sweeps/"
+        f"{table.name}.yaml && wandb agent <entity/project/id>\n# or without a W&B server:"
+        f"\n#   python ablations/sweep.py ablations/sweeps/{table.name}.yaml\n"
+    )
+    return header + yaml.safe_dump(
+        table.sweep(), sort_keys=False, default_flow_style=None, width=100
+    )
 
 
 def write_sweeps() -> list[Path]:
@@ -219,8 +237,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "parameters" not in data:
         raise ValueError(f"{path}: not a W&B sweep file (no 'parameters')")
     if data.get("method", "grid") != "grid":
-        raise ValueError(f"{path}: the local runner expands method 'grid' only, got "
-                         f"{data.get('method')!r}")
+        raise ValueError(
+            f"{path}: the local runner expands method 'grid' only, got {data.get('method')!r}"
+        )
     for name, spec in data["parameters"].items():
         if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
             raise ValueError(f"{path}: parameter {name!r} needs 'value' or 'values' for a grid")
@@ -232,8 +251,9 @@ def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
     constants: the runs ``wandb agent`` would make of a grid sweep."""
     params = sweep["parameters"]
     names = list(params)
-    choices = [params[n]["values"] if "values" in params[n] else [params[n]["value"]]
-               for n in names]
+    choices = [
+        params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names
+    ]
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
@@ -264,8 +284,12 @@ class Rendered:
                 return f"{v:.1f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
             return str(v)
 
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |",
-                 "|" + "|".join("---" for _ in self.header) + "|"]
+        lines = [
+            f"**{self.title}**",
+            "",
+            "| " + " | ".join(self.header) + " |",
+            "|" + "|".join("---" for _ in self.header) + "|",
+        ]
         lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
         if self.missing:
             lines += ["", f"{self.missing} run(s) not in the store yet (shown as -)."]
@@ -280,16 +304,26 @@ class Rendered:
         return buf.getvalue()
 
 
-def render(table: TableDef, records: dict[Any, dict[str, Any] | None],
-           baseline: dict[str, Any] | None, flops_fmt: str = "{:.3g}") -> Rendered:
+def render(
+    table: TableDef,
+    records: dict[Any, dict[str, Any] | None],
+    baseline: dict[str, Any] | None,
+    flops_fmt: str = "{:.3g}",
+) -> Rendered:
     """Ours beside the paper's.  ``records``: grid value -> stored run record (None if missing);
     ``baseline``: the uncompressed run."""
     found = [r for r in records.values() if r] + ([baseline] if baseline else [])
     columns: list[str] = []
     for record in found:
         columns += [c for c in record.get("columns") or record["scores"] if c not in columns]
-    header = (["Setting"] + list(table.show) + columns + ["Avg.", "%", "FLOPs (T)"]
-              + [f"paper {c}" for c in PAPER_COLUMNS] + ["paper Avg.", "paper %"])
+    header = (
+        ["Setting"]
+        + list(table.show)
+        + columns
+        + ["Avg.", "%", "FLOPs (T)"]
+        + [f"paper {c}" for c in PAPER_COLUMNS]
+        + ["paper Avg.", "paper %"]
+    )
     base_avg = baseline["avg"] if baseline else None
 
     def ours(record: dict[str, Any] | None) -> list[Any]:
@@ -297,13 +331,15 @@ def render(table: TableDef, records: dict[Any, dict[str, Any] | None],
             return [None] * (len(table.show) + len(columns) + 3)
         flops = (record.get("flops") or {}).get("tflops")
         pct = None if not base_avg else 100.0 * record["avg"] / base_avg
-        return ([record["config"].get(f) for f in table.show]
-                + [record["scores"].get(c) for c in columns]
-                + [record["avg"], pct, None if flops is None else float(flops_fmt.format(flops))])
+        return (
+            [record["config"].get(f) for f in table.show]
+            + [record["scores"].get(c) for c in columns]
+            + [record["avg"], pct, None if flops is None else float(flops_fmt.format(flops))]
+        )
 
     rows = [["Vanilla"] + ours(baseline) + list(PAPER_VANILLA)]
     if baseline is not None:
-        rows[0][1:1 + len(table.show)] = ["-"] * len(table.show)
+        rows[0][1 : 1 + len(table.show)] = ["-"] * len(table.show)
     for value in table.values:
         rows.append([table.label(value)] + ours(records.get(value)) + list(table.paper[value]))
     missing = sum(1 for r in records.values() if r is None) + (baseline is None)
@@ -325,8 +361,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Render a table from the results store (runs nothing), or write the sweeps.",
     )
     parser.add_argument("table", nargs="?", help=f"one of {', '.join(TABLES)}")
-    parser.add_argument("--write-sweeps", action="store_true",
-                        help="regenerate ablations/sweeps/*.yaml from TABLES")
+    parser.add_argument(
+        "--write-sweeps", action="store_true", help="regenerate ablations/sweeps/*.yaml from TABLES"
+    )
     parser.add_argument("--list", action="store_true")
     args, run_flags = parser.parse_known_args(argv)
     if args.write_sweeps:

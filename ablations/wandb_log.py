@@ -62,8 +62,9 @@ def _init(mode: str, project: str, **kwargs: Any) -> Any:
     import wandb
 
     settings = wandb.Settings(init_timeout=30, silent=True, console="off")
-    return wandb.init(project=project, mode=mode, settings=settings, reinit="finish_previous",
-                      **kwargs)
+    return wandb.init(
+        project=project, mode=mode, settings=settings, reinit="finish_previous", **kwargs
+    )
 
 
 def metrics_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +83,13 @@ def metrics_of(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def log_run(record: dict[str, Any], *, mode: str = "auto", project: str = "ustc-ablations",
-            group: str | None = None) -> str:
+def log_run(
+    record: dict[str, Any],
+    *,
+    mode: str = "auto",
+    project: str = "ustc-ablations",
+    group: str | None = None,
+) -> str:
     """Log one run record; returns the mode used.  Inside a ``wandb agent`` the run joins the
     sweep (wandb reads the sweep id from the agent's environment)."""
     mode = resolve_mode(mode)
@@ -108,8 +114,14 @@ def log_run(record: dict[str, Any], *, mode: str = "auto", project: str = "ustc-
     return mode
 
 
-def log_table(title: str, columns: list[str], rows: list[list[Any]], *, mode: str = "auto",
-              project: str = "ustc-ablations") -> str:
+def log_table(
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    *,
+    mode: str = "auto",
+    project: str = "ustc-ablations",
+) -> str:
     """Log a finished ablation table as a ``wandb.Table`` in its own run."""
     mode = resolve_mode(mode)
     if mode == "disabled":

@@ -217,8 +217,10 @@ def test_defaults_come_from_the_benchmark() -> None:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--scorer=nope"],
-         "unknown scorer 'nope'; known scorers: " + re.escape(", ".join(SCORERS.names()))),
+        (
+            ["--scorer=nope"],
+            "unknown scorer 'nope'; known scorers: " + re.escape(", ".join(SCORERS.names())),
+        ),
         (["--merger=fancy"], "unknown merger"),
         (["--retention=1.5"], r"retention must be in \(0, 1\]"),
         (["--tau=2"], r"tau must be in \[-1, 1\]"),

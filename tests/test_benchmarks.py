@@ -392,9 +392,13 @@ def test_a_table_runs_on_the_lab_path(tmp_path: Path) -> None:
     build_model().save_pretrained(tmp_path / "lab")
     runner._BENCH_CACHE.clear()
     rendered = sweeper.run_sweep(
-        "s6", ["--model", str(tmp_path / "lab"), "--limit=6"],
-        store_path=str(tmp_path / "store.jsonl"), out_dir=str(tmp_path), wandb="disabled",
-        progress=False)
+        "s6",
+        ["--model", str(tmp_path / "lab"), "--limit=6"],
+        store_path=str(tmp_path / "store.jsonl"),
+        out_dir=str(tmp_path),
+        wandb="disabled",
+        progress=False,
+    )
     assert rendered is not None and rendered.missing == 0 and len(rendered.rows) == 6
     from ablations.store import ResultStore
 

@@ -104,8 +104,11 @@ def test_answers_agree_with_the_pixels(index):
         c = found[answer]["centroid"]
         steps = np.linalg.norm(np.diff(c, axis=0), axis=1)
         assert steps[0] < 1.0 and steps[-1] > 2.0  # still at first, moving at the end
-        assert any(np.linalg.norm(np.diff(f["centroid"], axis=0), axis=1)[0] > 2.0
-                   for col, f in found.items() if col != answer)  # something moved into it
+        assert any(
+            np.linalg.norm(np.diff(f["centroid"], axis=0), axis=1)[0] > 2.0
+            for col, f in found.items()
+            if col != answer
+        )  # something moved into it
     elif s.family == "order":
         first = {c: int(np.flatnonzero(p)[0]) for c, p in present.items()}
         target = min(first.values()) if "first" in q.text else max(first.values())
@@ -218,8 +221,9 @@ def test_random_selector_budget_and_determinism():
 
 def test_evaluator_counts_tokens_under_compression(tiny_model, test_samples):
     data = test_samples[:6]
-    rnd = evaluate(None, model=tiny_model, data=data, progress=False,
-                   selector=random_selector(0.02))
+    rnd = evaluate(
+        None, model=tiny_model, data=data, progress=False, selector=random_selector(0.02)
+    )
     assert rnd.tokens["llm_visual"] == 8
     config = lab.default_config(retention=0.1)
     res = evaluate(config, model=tiny_model, data=data, progress=False)
@@ -277,14 +281,23 @@ def test_attention_supervision_matches_eager_attention():
     train._pointer_loss = spy
     try:
         with torch.no_grad():
-            train._loss(model, torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES)), tok, batch, shape)
+            train._loss(
+                model,
+                torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES)),
+                tok,
+                batch,
+                shape,
+            )
     finally:
         train._pointer_loss = original
     q = batch["questions"][0][0]
     ids = torch.tensor(encode_prompts(tok, [q], shape.video_tokens))
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values_videos=pixel_values(batch["frames"][:1]),
-                    output_attentions=True)
+        out = model(
+            input_ids=ids,
+            pixel_values_videos=pixel_values(batch["frames"][:1]),
+            output_attentions=True,
+        )
     first = int((ids[0] == VIDEO_TOKEN_ID).nonzero()[0])
     att = out.attentions[-1][0, 0, -1, first : first + shape.frames * shape.tokens_per_frame]
     want = -torch.log(att[batch["evidence"][0]].sum() / att.sum())
@@ -295,8 +308,26 @@ def test_attention_supervision_matches_eager_attention():
 def test_training_smoke_writes_loadable_weights(tmp_path):
     from ustc.lab import train
 
-    train.main(["--out", str(tmp_path), "--steps", "2", "--batch", "2", "--questions", "2",
-                "--val-limit", "6", "--test-limit", "6", "--threads", "1", "--log-every", "1"])
+    train.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--questions",
+            "2",
+            "--val-limit",
+            "6",
+            "--test-limit",
+            "6",
+            "--threads",
+            "1",
+            "--log-every",
+            "1",
+        ]
+    )
     record = json.loads((tmp_path / "lab.json").read_text())
     assert record["test"]["n"] == 6 and record["videos_seen"] == 4
     model = load_model(tmp_path)
@@ -317,8 +348,9 @@ def test_shipped_weights_answer_questions():
     model = load_model()
     res = evaluate(None, model=model, split="test", limit=60, progress=False)
     assert res.overall >= 80.0
-    rnd = evaluate(None, model=model, split="test", limit=60, progress=False,
-                   selector=random_selector(0.02))
+    rnd = evaluate(
+        None, model=model, split="test", limit=60, progress=False, selector=random_selector(0.02)
+    )
     assert rnd.overall <= res.overall - 15.0
 
 

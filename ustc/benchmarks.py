@@ -191,8 +191,9 @@ class LabBenchmark(Benchmark):
     model: folder of lab weights (``config.json`` + ``model.safetensors``); None for the shipped.
     """
 
-    def __init__(self, split: str = "test", limit: int | None = None,
-                 model: str | None = None) -> None:
+    def __init__(
+        self, split: str = "test", limit: int | None = None, model: str | None = None
+    ) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive number of questions, got {limit}")
         self.split = split
@@ -250,12 +251,14 @@ class LabBenchmark(Benchmark):
             return None
         shape = self._import("ustc.lab.model").LabShape()
         vision = values.get("vision_config") or {}
-        side = -(-int(vision.get("image_size", shape.size)) // int(vision.get("patch_size",
-                                                                              shape.patch)))
+        side = -(
+            -int(vision.get("image_size", shape.size)) // int(vision.get("patch_size", shape.patch))
+        )
         frames = int((values.get("lab") or {}).get("frames", shape.frames))
         # LLaVA-OV's 2x bilinear pooling halves each side (rounding up)
-        return ModelSpec.from_config(values, name="lab", frames=frames,
-                                     tokens_per_frame=(-(-side // 2)) ** 2)
+        return ModelSpec.from_config(
+            values, name="lab", frames=frames, tokens_per_frame=(-(-side // 2)) ** 2
+        )
 
     def _load(self) -> Any:
         if self._model is None:
@@ -265,8 +268,13 @@ class LabBenchmark(Benchmark):
     def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
         from ustc.lab.evaluate import evaluate as lab_evaluate
 
-        out = lab_evaluate(None if config.is_identity else config, split=self.split,
-                           limit=self.limit, progress=progress, model=self._load())
+        out = lab_evaluate(
+            None if config.is_identity else config,
+            split=self.split,
+            limit=self.limit,
+            progress=progress,
+            model=self._load(),
+        )
         return BenchmarkResult(
             scores={k: float(v) for k, v in out.per_family.items()},
             n=int(out.n),

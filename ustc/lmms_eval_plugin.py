@@ -180,8 +180,9 @@ class LlavaOneVisionUSTC(_LmmsBase):  # type: ignore[misc,valid-type]
             return read_video(visual, num_frm=self.max_frames_num)
         frames = np.asarray(visual)
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"a video must be (F, H, W, 3) frames or a path, got shape "
-                             f"{frames.shape}")
+            raise ValueError(
+                f"a video must be (F, H, W, 3) frames or a path, got shape {frames.shape}"
+            )
         if len(frames) > self.max_frames_num:  # uniform sampling, as read_video does
             keep = np.linspace(0, len(frames) - 1, self.max_frames_num).round().astype(int)
             frames = frames[keep]
@@ -194,7 +195,8 @@ class LlavaOneVisionUSTC(_LmmsBase):  # type: ignore[misc,valid-type]
         content: list[dict[str, Any]] = [{"type": "video"}] if videos else []
         content.append({"type": "text", "text": context})
         prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True)
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
         kwargs: dict[str, Any] = {"text": prompt + continuation, "return_tensors": "pt"}
         if videos:
             kwargs["videos"] = videos
@@ -227,7 +229,7 @@ class LlavaOneVisionUSTC(_LmmsBase):  # type: ignore[misc,valid-type]
             if length < 1:
                 raise ValueError(f"continuation {continuation!r} adds no tokens to the prompt")
             target = full["input_ids"][:, -length:]
-            logits = self.model(**full).logits[:, -length - 1:-1].float()
+            logits = self.model(**full).logits[:, -length - 1 : -1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             total = logprobs.gather(-1, target[..., None]).sum()
             greedy = bool((logits.argmax(-1) == target).all())
@@ -256,7 +258,7 @@ class LlavaOneVisionUSTC(_LmmsBase):  # type: ignore[misc,valid-type]
                 if gen.get("top_p") is not None:
                     settings["top_p"] = float(gen.pop("top_p"))
             sequences = self.model.generate(**inputs, **settings)
-            new = sequences[:, inputs["input_ids"].shape[1]:]
+            new = sequences[:, inputs["input_ids"].shape[1] :]
             text = self.tokenizer.decode(new[0], skip_special_tokens=True)
             for stop in until:
                 if stop:
@@ -281,8 +283,11 @@ def _auto_processor(pretrained: str) -> Any:
 
         return AutoProcessor.from_pretrained(pretrained)
     except Exception as exc:
-        warnings.warn(f"AutoProcessor.from_pretrained({pretrained!r}) failed ({exc}); laying "
-                      "out the inputs in ustc (ManualVideoProcessor)", stacklevel=3)
+        warnings.warn(
+            f"AutoProcessor.from_pretrained({pretrained!r}) failed ({exc}); laying "
+            "out the inputs in ustc (ManualVideoProcessor)",
+            stacklevel=3,
+        )
         return None
 
 
@@ -306,25 +311,27 @@ class ManualVideoProcessor:
         side = -(-self.size // int(vision.patch_size))
         self.tokens_per_frame = (-(-side // 2)) ** 2
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         text = ""
         for message in messages:
             parts = message["content"]
-            body = "".join(self.video_marker + "\n" if p["type"] == "video" else p["text"]
-                           for p in parts)
+            body = "".join(
+                self.video_marker + "\n" if p["type"] == "video" else p["text"] for p in parts
+            )
             text += f"<|im_start|>{message['role']}\n{body}<|im_end|>\n"
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def __call__(self, text: str, videos: Sequence[np.ndarray] | None = None,
-                 return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+    def __call__(
+        self, text: str, videos: Sequence[np.ndarray] | None = None, return_tensors: str = "pt"
+    ) -> dict[str, torch.Tensor]:
         pieces = text.split(self.video_marker)
         if len(pieces) - 1 != len(videos or []):
-            raise ValueError(f"{len(pieces) - 1} video placeholders for {len(videos or [])} "
-                             "videos")
+            raise ValueError(f"{len(pieces) - 1} video placeholders for {len(videos or [])} videos")
         ids: list[int] = self._ids(pieces[0])
         for video, piece in zip(videos or [], pieces[1:], strict=True):
             ids += [self.video_token_id] * (len(video) * self.tokens_per_frame + 1)
@@ -338,6 +345,7 @@ class ManualVideoProcessor:
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
         """(F, H, W, 3) uint8 -> (F, 3, size, size) float, SigLIP-normalised."""
         x = torch.as_tensor(np.asarray(frames), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(
+            x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+        )
         return (x - 0.5) / 0.5

@@ -150,10 +150,7 @@ def prompt(question: Question, options: bool = True) -> str:
     lines = "".join(
         f"\n{a}. {o}" for a, o in zip(LETTERS, question.options, strict=True) if options
     )
-    return (
-        f"<|im_start|>user <video>\n{question.text}{lines}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    return f"<|im_start|>user <video>\n{question.text}{lines}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def encode_prompts(

@@ -53,7 +53,9 @@ def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
     return (cover >= min_cover).reshape(n, frames * cells * cells)
 
 
-def _evidence(scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None) -> np.ndarray:
+def _evidence(
+    scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None
+) -> np.ndarray:
     """Visual tokens (N,) showing the object(s) the answer rests on: all objects for ``count``."""
     shown = _shown(scene) if shown is None else shown
     if q.family == "count":
@@ -140,10 +142,14 @@ def _loss(
     finally:
         hook.remove()
     pointer = _pointer_loss(layer, seen, keys, lengths - 1, batch["evidence"])
-    pointer = pointer + _option_loss(layer, seen, suffix, lengths - 1, flat, with_options, tokenizer)
+    pointer = pointer + _option_loss(
+        layer, seen, suffix, lengths - 1, flat, with_options, tokenizer
+    )
     last = hidden[torch.arange(len(ids)), lengths - 1]
     logits = model.lm_head(last)
-    answers = [x.letter if o else x.options[x.answer] for x, o in zip(flat, with_options, strict=True)]
+    answers = [
+        x.letter if o else x.options[x.answer] for x, o in zip(flat, with_options, strict=True)
+    ]
     target = torch.tensor(tokenizer.convert_tokens_to_ids(answers))
     answer = F.cross_entropy(logits, target)
     acc = float((logits.argmax(-1) == target).float().mean())
@@ -314,20 +320,36 @@ def parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder for model.safetensors, config.json, lab.json"
     )
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--stop", type=int, default=None,
-                   help="stop after this many steps of the --steps schedule (default: all)")
+    p.add_argument(
+        "--stop",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (default: all)",
+    )
     p.add_argument("--batch", type=int, default=12, help="videos per step")
-    p.add_argument("--questions", type=int, default=1,
-                   help="questions per video (1: its own family, so the families stay balanced)")
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=1,
+        help="questions per video (1: its own family, so the families stay balanced)",
+    )
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=1.0)
-    p.add_argument("--open-ratio", type=float, default=0.0,
-                   help="share of training questions asked open-ended (answer word, no options)")
+    p.add_argument(
+        "--open-ratio",
+        type=float,
+        default=0.0,
+        help="share of training questions asked open-ended (answer word, no options)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest on a shared 2-core machine; results are "
-                   "deterministic for a given thread count)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest on a shared 2-core machine; results are "
+        "deterministic for a given thread count)",
+    )
     p.add_argument("--val-limit", type=int, default=300)
     p.add_argument("--test-limit", type=int, default=None, help="test questions (default: all)")
     p.add_argument("--eval-every", type=int, default=100)
