@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ustc import CompressionConfig
+from ustc.config import round_half_up
 
 
 def reference_compress(config: CompressionConfig, features: Tensor, attention: Tensor) -> Tensor:
@@ -21,7 +22,7 @@ def reference_compress(config: CompressionConfig, features: Tensor, attention: T
     b, f, p, d = features.shape
     n = f * p
     budget = config.budget(f, p)
-    clusters = 0 if config.recycler == "none" else math.floor(config.cluster_ratio * budget + 0.5)
+    clusters = 0 if config.recycler == "none" else round_half_up(config.cluster_ratio * budget)
     out = []
     for v in range(b):
         x = features[v].reshape(n, d).float()

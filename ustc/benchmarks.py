@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ustc.config import CompressionConfig
+from ustc.config import CompressionConfig, round_half_up
 from ustc.registry import Registry
 
 #: T of the paper's LLM (Qwen2-7B in LLaVA-OneVision-7B): the depth the paper's K refers to.
@@ -172,7 +171,7 @@ def map_paper_layer(paper_layer: int, llm_layers: int) -> int:
     if llm_layers < 1:
         raise ValueError(f"the LLM needs at least one layer, got {llm_layers}")
     # round half up, not Python's banker's rounding: K = 14 on 4 layers is 2, K = 7 is 1
-    mapped = math.floor(paper_layer * llm_layers / PAPER_LLM_LAYERS + 0.5)
+    mapped = round_half_up(paper_layer * llm_layers / PAPER_LLM_LAYERS)
     return min(max(mapped, 0), llm_layers - 1)
 
 

@@ -11,14 +11,13 @@ inside the LLM, layer K:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ustc import strategies  # noqa: F401  (registers the built-in strategies)
-from ustc.config import CompressionConfig
+from ustc.config import CompressionConfig, round_half_up
 from ustc.merging import MergeResult
 from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices
 from ustc.pool import REJECTED, RETAINED, UNVISITED, PoolFill
@@ -104,7 +103,7 @@ class Compressor:
         """Retention-pool slots: the budget less the cluster share (rounded half up)."""
         if self.config.recycler == "none":
             return budget
-        return budget - math.floor(self.config.cluster_ratio * budget + 0.5)
+        return budget - round_half_up(self.config.cluster_ratio * budget)
 
     def compress(self, features: Tensor, attention: Tensor | None = None) -> CompressionResult:
         """Unified spatiotemporal compression of a batch of videos.

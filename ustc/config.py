@@ -21,7 +21,8 @@ def _ceil(x: float) -> int:
     return math.ceil(round(x, 9))
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
+    """Nearest integer, halves up; rounded to 9 decimals first so 0.35 * 10 counts as 3.5."""
     return math.floor(round(x, 9) + 0.5)
 
 
@@ -41,7 +42,7 @@ def visual_budget(frames: int, tokens_per_frame: int, retention: float) -> int:
             f"P={tokens_per_frame}"
         )
     _check_ratio("retention", retention)
-    per_frame = min(tokens_per_frame, max(1, _round_half_up(retention * tokens_per_frame)))
+    per_frame = min(tokens_per_frame, max(1, round_half_up(retention * tokens_per_frame)))
     return frames * per_frame
 
 

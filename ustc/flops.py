@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -647,32 +646,25 @@ def _schedule_text(schedule: TokenSchedule) -> str:
 
 
 def _explain(result: RowResult, merge_at: MergeAt) -> str:
-    """Which other convention, if any, reproduces a row that does not match."""
+    """Whether the other merge-point convention reproduces a row that does not match.
+
+    (The entering token count is config.budget's: its per-frame rounding is the one that
+    reproduces every printed row, so there is no other rounding left to try.)
+    """
     row, spec = result.row, result.spec
-    frames, per_frame = spec.frames, spec.tokens_per_frame
-    budget = result.schedule.visual[0]
-    # round half up, at least one token per frame, at most P
-    nearest = frames * min(per_frame, max(1, math.floor(row.config.retention * per_frame + 0.5)))
     other: MergeAt = "input" if merge_at == "output" else "output"
     vanilla = eq_s3(spec, TokenSchedule.from_config(VANILLA, spec))
-    for entering, where in ((budget, other), (nearest, merge_at), (nearest, other)):
-        schedule = TokenSchedule._reduced(row.config, spec, entering, 0, where)
-        if schedule == result.schedule:
-            continue
+    schedule = TokenSchedule._reduced(row.config, spec, result.schedule.visual[0], 0, other)
+    if schedule != result.schedule:
         alt = eq_s3(spec, schedule)
         tera = _fmt(alt.tera, row.tera)
         ratio = _fmt(alt.ratio(vanilla), row.ratio) if row.ratio else ""
-        if (tera, ratio) != (row.tera, row.ratio):
-            continue
-        needs = []
-        if entering != budget:
-            needs.append(
-                f"F*round(r*P) = {frames}*{entering // frames} = {entering} visual tokens "
-                f"instead of config.budget's {budget}"
+        if (tera, ratio) == (row.tera, row.ratio):
+            return (
+                f"needs the reduction at the {other} of layer K (gives {tera} T {ratio})".replace(
+                    " )", ")"
+                )
             )
-        if where != merge_at:
-            needs.append(f"the reduction at the {where} of layer K")
-        return f"needs {' and '.join(needs)} (gives {tera} T {ratio})".replace(" )", ")")
     return "no convention found (see docs/flops.md)"
 
 

@@ -69,10 +69,6 @@ def per_frame_budget(name: str, budget: int, frames: int) -> int:
     return budget // frames
 
 
-def round_half_up(x: float) -> int:
-    return math.floor(round(x, 9) + 0.5)
-
-
 def proportional_quota(sizes: list[int], total: int) -> list[int]:
     """Split ``total`` slots over groups in proportion to their ``sizes``, never above a size.
 

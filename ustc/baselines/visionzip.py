@@ -28,9 +28,9 @@ from ustc.baselines._common import (
     nearest_kept,
     per_frame_budget,
     result_from_owner,
-    round_half_up,
     unit_vectors,
 )
+from ustc.config import round_half_up
 from ustc.ops import descending_order, first_n_mask
 from ustc.registry import METHODS
 
