@@ -123,3 +123,13 @@ def test_symmetric_gram_matches_direct_distances(monkeypatch):
     d2 = ustc.ops.pairwise_squared_distances(x)
     torch.testing.assert_close(d2, ustc.ops.squared_distances(x, x))
     assert torch.equal(d2, d2.transpose(1, 2))
+
+
+def test_squared_norms_are_the_plain_sums_bit_for_bit():
+    """The row-blocked norms feed every distance: they must not move a tie (lab duplicates)."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 1000, 37), (1, 700, 5), (2, 256, 64), (9,)]:
+        x = torch.randn(*shape, generator=g)
+        assert torch.equal(ustc.ops.squared_norms(x), x.square().sum(-1))
+    half = torch.randn(2, 600, 16, generator=g).bfloat16()
+    assert torch.equal(ustc.ops.squared_norms(half), half.float().square().sum(-1))

@@ -102,6 +102,29 @@ def row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 _GRAM_BLOCK = 1024
 
 
+#: rows per block of ``squared_norms``
+_NORM_ROWS = 256
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    """||x_i||^2 over the last dimension, in float32: ``x.float().square().sum(-1)`` bit for bit,
+    but in row blocks (a fresh N x D temporary costs more than the sum on the CPU)."""
+    x = x.float()
+    if x.dim() < 2 or x.shape[-2] <= _NORM_ROWS:
+        return x.square().sum(-1)
+    # row blocks through one reused buffer: the same sums, without an N x D temporary
+    out = torch.empty(x.shape[:-1], device=x.device)
+    buffer = torch.empty(0, device=x.device)
+    for i in range(0, x.shape[-2], _NORM_ROWS):
+        block = x[..., i : i + _NORM_ROWS, :]
+        torch.sum(
+            torch.square(block, out=buffer.resize_(block.shape)),
+            -1,
+            out=out[..., i : i + _NORM_ROWS],
+        )
+    return out
+
+
 def pairwise_squared_distances(x: Tensor) -> Tensor:
     """||x_i - x_j||^2 for all pairs of x (B, N, D), float32 (B, N, N), exactly symmetric.
 
@@ -110,7 +133,7 @@ def pairwise_squared_distances(x: Tensor) -> Tensor:
     """
     b, n, _ = x.shape
     x = x.float()
-    sq = x.square().sum(-1)
+    sq = squared_norms(x)
     out = torch.empty(b, n, n, device=x.device)
     for i in range(0, n, _GRAM_BLOCK):
         rows = slice(i, min(i + _GRAM_BLOCK, n))
@@ -133,8 +156,8 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     a = a.float()
     b = b.float()
     d2 = (
-        a.square().sum(-1, keepdim=True)
-        + b.square().sum(-1).unsqueeze(1)
+        squared_norms(a).unsqueeze(-1)
+        + squared_norms(b).unsqueeze(1)
         - 2.0 * torch.bmm(a, b.transpose(1, 2))
     )
     return d2.clamp_(min=0.0)

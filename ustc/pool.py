@@ -18,6 +18,8 @@ UNVISITED = 3  # never offered: the pool was full before its turn
 
 #: largest block of candidates offered at once (blocks double from max(256, 2 * capacity))
 _MAX_BLOCK = 8192
+#: norm floor of the unit vectors (torch.nn.functional.normalize's default)
+_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -63,32 +65,33 @@ def greedy_retention_pool(
         return _to_original(order, admitted_rank, status_rank)
 
     width = block or max(256, 2 * capacity)
+    x = features.float()
+    inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp(min=_EPS)  # as F.normalize
     admitted_rank = torch.zeros(b, n, dtype=torch.bool, device=device)
     pool = torch.zeros(b, capacity, d, device=device)  # unit vectors of the admitted tokens
     count = torch.zeros(b, dtype=torch.long, device=device)
     last_admitted = torch.full((b,), -1, dtype=torch.long, device=device)
+    # max similarity of every token (original order) to the pool so far
+    to_pool = torch.full((b, n), float("-inf"), device=device)
     start = 0
     while start < n and not bool((count >= capacity).all()):
         idx = order[:, start : start + width]
         span = idx.shape[1]
-        unit = torch.nn.functional.normalize(
-            features.gather(1, idx.unsqueeze(-1).expand(b, span, d)).float(), dim=-1
-        )
-        max_sim = torch.full((b, span), float("-inf"), device=device)
-        if start > 0:
-            to_pool = torch.bmm(unit, pool.transpose(1, 2))  # (B, L, capacity)
-            filled = torch.arange(capacity, device=device) < count.unsqueeze(1)
-            max_sim = to_pool.masked_fill(~filled.unsqueeze(1), float("-inf")).amax(dim=-1)
+        max_sim = to_pool.gather(1, idx)
         # only candidates the pool has not already rejected need their mutual similarities
         alive = (max_sim < tau) & (count < capacity).unsqueeze(1)
         n_alive = int(alive.sum(dim=1).max())
+        count_before = count.clone()
         if n_alive > 0:
             local = torch.arange(span, device=device)
             key = torch.where(alive, local, span + local)
             sel = torch.sort(key, dim=1).values[:, :n_alive]  # ascending rank, alive first
             sel_ok = sel < span
             sel = torch.where(sel_ok, sel, sel - span)
-            sub = unit.gather(1, sel.unsqueeze(-1).expand(b, n_alive, d))
+            picked = idx.gather(1, sel)
+            sub = torch.nn.functional.normalize(
+                x.gather(1, picked.unsqueeze(-1).expand(b, n_alive, d)), dim=-1
+            )
             sub_max = max_sim.gather(1, sel).masked_fill(~sel_ok, float("inf"))
             within = torch.bmm(sub, sub.transpose(1, 2))  # (B, L', L')
             position = torch.arange(n_alive, device=device)
@@ -111,6 +114,15 @@ def greedy_retention_pool(
                 sub_max = torch.where(found.unsqueeze(1), closer, sub_max)
                 sub_last = torch.where(found, nxt, n_alive)  # n_alive: nothing left here
         start += span
+        if start < n and not bool((count >= capacity).all()):
+            # the later candidates meet this block's admissions: one (N x new) product
+            first, stop = int(count_before.min()), int(count.max())
+            if stop > first:
+                slots = torch.arange(first, stop, device=device)
+                new = (slots >= count_before.unsqueeze(1)) & (slots < count.unsqueeze(1))
+                sims = torch.bmm(x, pool[:, first:stop].transpose(1, 2)) * inv_norm.unsqueeze(-1)
+                sims = sims.masked_fill_(~new.unsqueeze(1), float("-inf")).amax(-1)
+                to_pool = torch.maximum(to_pool, sims)
         width = min(2 * width, _MAX_BLOCK)  # a pool that fills slowly gets larger blocks
     full = count >= capacity
     visited = rank <= torch.where(full, last_admitted, n - 1).unsqueeze(1)

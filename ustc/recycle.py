@@ -21,6 +21,7 @@ from ustc.ops import (
     squared_distances,
 )
 from ustc.registry import RECYCLERS
+from ustc.screening import screen, screening_applies
 
 #: largest N x N distance matrix kept for the density and delta passes (N <= 8192)
 GRAM_CACHE_ENTRIES = 1 << 26
@@ -135,11 +136,17 @@ def dpc_knn(features: Tensor, mask: Tensor, n_clusters: Tensor, k: int) -> Recyc
     features: (B, N, D); mask: (B, N) bool recycle-pool membership; n_clusters: (B,) long, at most
     the pool size per video (more is clipped: every member becomes its own center).
     """
-    n = features.shape[1]
-    # one Gram matrix serves both passes when it is small enough to keep (32 x 196 tokens is)
-    d2 = pairwise_squared_distances(features) if n * n <= GRAM_CACHE_ENTRIES else None
-    log_rho = knn_log_density(features, mask, k, d2)
-    delta = peak_distance(features, mask, log_rho, d2)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    screened = screen(features, mask, k) if screening_applies(features, mask, k) else None
+    if screened is not None:  # large pools on the CPU: see ustc.screening
+        log_rho, delta = screened
+    else:
+        n = features.shape[1]
+        # one Gram matrix serves both passes when it is small enough to keep
+        d2 = pairwise_squared_distances(features) if n * n <= GRAM_CACHE_ENTRIES else None
+        log_rho = knn_log_density(features, mask, k, d2)
+        delta = peak_distance(features, mask, log_rho, d2)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))
