@@ -102,6 +102,21 @@ def row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 _GRAM_BLOCK = 1024
 
 
+def denser_than(log_rho_i: Tensor, index_i: Tensor, log_rho_j: Tensor, index_j: Tensor) -> Tensor:
+    """Eq. (4)'s order, broadcast: token j is denser than token i; equal densities make the lower
+    index the denser, so exactly one token of a pool is the densest."""
+    return (log_rho_j > log_rho_i) | ((log_rho_j == log_rho_i) & (index_j < index_i))
+
+
+def peak_from_distances(d: Tensor, denser: Tensor, member: Tensor) -> Tensor:
+    """delta of Eq. (4) from distance rows d (..., N): the nearest ``denser`` column, or for a row
+    with none (the densest) the farthest ``member`` column.  d(i, i) = 0 cannot be that maximum
+    of non-negative distances, so rows need no self mask."""
+    to_denser = d.masked_fill(~denser, float("inf")).amin(-1)
+    farthest = d.masked_fill(~member, 0.0).amax(-1)
+    return torch.where(denser.any(-1), to_denser, farthest)
+
+
 #: rows per block of ``squared_norms``
 _NORM_ROWS = 256
 

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from ustc.ops import (
+    denser_than,
     descending_order,
     first_n_mask,
     pairwise_squared_distances,
+    peak_from_distances,
     row_blocks,
     squared_distances,
 )
@@ -77,12 +79,11 @@ def knn_log_density(features: Tensor, mask: Tensor, k: int, d2: Tensor | None = 
 
 
 def _denser(log_rho: Tensor, rows: slice) -> Tensor:
-    """(B, r, N) bool: token j is denser than token i, ties broken by lower index (Eq. 4)."""
-    n = log_rho.shape[1]
-    idx = torch.arange(n, device=log_rho.device)
-    li = log_rho[:, rows].unsqueeze(-1)
-    lj = log_rho.unsqueeze(1)
-    return (lj > li) | ((lj == li) & (idx < idx[rows].unsqueeze(-1)))
+    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``)."""
+    idx = torch.arange(log_rho.shape[1], device=log_rho.device)
+    return denser_than(
+        log_rho[:, rows].unsqueeze(-1), idx[rows].unsqueeze(-1), log_rho.unsqueeze(1), idx
+    )
 
 
 def peak_distance(
@@ -99,11 +100,7 @@ def peak_distance(
     col_ok = mask.unsqueeze(1)
     for rows, block in _distance_blocks(features, d2):
         d = block.sqrt_()
-        denser = _denser(log_rho, rows) & col_ok
-        to_denser = d.masked_fill(~denser, float("inf")).amin(-1)
-        # d(i, i) = 0 cannot be the maximum of non-negative distances: no self mask needed
-        farthest = d.masked_fill_(~col_ok, 0.0).amax(-1)
-        out[:, rows] = torch.where(denser.any(-1), to_denser, farthest)
+        out[:, rows] = peak_from_distances(d, _denser(log_rho, rows) & col_ok, col_ok)
     return out.masked_fill(~mask, 0.0)
 
 

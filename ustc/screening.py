@@ -39,7 +39,13 @@ import scipy.sparse.csgraph
 import torch
 from torch import Tensor
 
-from ustc.ops import pairwise_squared_distances, row_blocks, squared_norms
+from ustc.ops import (
+    denser_than,
+    pairwise_squared_distances,
+    peak_from_distances,
+    row_blocks,
+    squared_norms,
+)
 
 #: smallest recycle pool (tokens in one video) screened; below it the dense matrix is cheap
 MIN_TOKENS = 4096
@@ -141,28 +147,25 @@ def _screen_pool(x: Tensor, member: Tensor, k: int) -> tuple[Tensor, Tensor] | N
     full = _FullRows(x, sq, member)
     if not full.add((member & (kth > reach)).nonzero().squeeze(1)):
         return None
-    for i, d2 in full.rows.items():
-        log_rho[i] = -(
-            d2.masked_fill(~member, float("inf")).topk(k + 1, largest=False).values[1:].sum() / k
-        )
+    ids, d2 = full.stacked()
+    if ids.numel():
+        d2 = d2.masked_fill(~member, float("inf"))
+        d2[torch.arange(ids.numel()), ids] = float("inf")  # not its own neighbour
+        log_rho[ids] = -(d2.topk(k, dim=1, largest=False).values.sum(1) / k)
     delta = torch.empty(n, device=x.device)
     for idx, d2 in chunks:
         lr = log_rho[idx]
-        denser = (lr.unsqueeze(0) > lr.unsqueeze(1)) | (
-            (lr.unsqueeze(0) == lr.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
-        )
+        denser = denser_than(lr.unsqueeze(1), idx.unsqueeze(1), lr.unsqueeze(0), idx.unsqueeze(0))
         delta[idx] = d2.masked_fill_(~denser, float("inf")).amin(1).sqrt_()
     # likewise a denser token within reach certifies delta (the group's densest token has none)
     if not full.add((member & (delta > reach)).nonzero().squeeze(1)):
         return None
-    index = torch.arange(n, device=x.device)
-    for i, d2 in full.rows.items():
-        denser = member & ((log_rho > log_rho[i]) | ((log_rho == log_rho[i]) & (index < i)))
-        d = d2.sqrt()
-        if bool(denser.any()):
-            delta[i] = d.masked_fill(~denser, float("inf")).min()
-        else:
-            delta[i] = d.masked_fill(~member, 0.0).max()
+    ids, d2 = full.stacked()
+    if ids.numel():
+        index = torch.arange(n, device=x.device)
+        lr = log_rho[ids].unsqueeze(1)
+        denser = member & denser_than(lr, ids.unsqueeze(1), log_rho, index)
+        delta[ids] = peak_from_distances(d2.sqrt(), denser, member)
     return log_rho, delta
 
 
@@ -185,6 +188,13 @@ class _FullRows:
             d2.add_(self.sq[ids_t].unsqueeze(1)).clamp_(min=0.0)
             self.rows.update(zip(todo[rows], d2.unbind(0), strict=True))
         return True
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """The row indices held (r,) and their squared distances (r, N)."""
+        if not self.rows:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, self.x.shape[0])
+        ids = list(self.rows)
+        return torch.tensor(ids, device=self.x.device), torch.stack([self.rows[i] for i in ids])
 
 
 def _groups(
