@@ -53,7 +53,9 @@ def rss_kib(field: str) -> int:
 def peak_extra_memory(config: CompressionConfig, args, frames: int) -> float:
     """Peak extra memory in MiB of one compress call at ``frames`` frames."""
     if args.device.startswith("cuda"):
-        features, attention = make_inputs(frames, args.tokens, args.dim, args.device, args.dtype)
+        features, attention = make_inputs(
+            frames, args.tokens, args.dim, args.device, args.dtype, args.seed
+        )
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -65,7 +67,7 @@ def peak_extra_memory(config: CompressionConfig, args, frames: int) -> float:
     code = (
         "import sys, torch; sys.path.insert(0, 'benchmarks');"
         "from compressor import make_inputs, rss_kib; from ustc import CompressionConfig, Compressor;"
-        f"x, a = make_inputs({frames}, {args.tokens}, {args.dim}, 'cpu', torch.{args.dtype_name});"
+        f"x, a = make_inputs({frames}, {args.tokens}, {args.dim}, 'cpu', torch.{args.dtype_name}, {args.seed});"
         "open('/proc/self/clear_refs', 'w').write('5'); before = rss_kib('VmRSS');"
         f"Compressor(CompressionConfig(**{config.to_dict()!r})).compress(x, a);"
         "print((rss_kib('VmHWM') - before) / 1024)"
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic features")
     parser.add_argument(
         "--scaling", type=int, nargs="*", default=[], help="frame counts to scale over"
     )
@@ -100,9 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
         else f"cpu x{torch.get_num_threads()} threads"
     )
     print(
-        f"# {machine}; {args.frames} x {args.tokens} tokens, D = {args.dim}, r = {args.retention}, {args.dtype_name}"
+        f"# {machine}; {args.frames} x {args.tokens} tokens, D = {args.dim}, r = {args.retention}, "
+        f"{args.dtype_name}, seed {args.seed}"
     )
-    features, attention = make_inputs(args.frames, args.tokens, args.dim, args.device, args.dtype)
+    features, attention = make_inputs(
+        args.frames, args.tokens, args.dim, args.device, args.dtype, args.seed
+    )
     report: dict = {
         "machine": machine,
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     default = CompressionConfig(retention=args.retention, merger="none")
     for frames in args.scaling:
-        x, a = make_inputs(frames, args.tokens, args.dim, args.device, args.dtype)
+        x, a = make_inputs(frames, args.tokens, args.dim, args.device, args.dtype, args.seed)
         seconds = median_seconds(
             lambda x=x, a=a: Compressor(default).compress(x, a),
             max(1, args.repeats // 2),

@@ -109,7 +109,7 @@ def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
 
     Centers own themselves (a duplicate of a lower-index center would otherwise leave its own
     cluster empty); distance ties go to the lower center index.  Distances are taken to the
-    centers only: (B, N, C) in row blocks.  (B, N) long.
+    centers only: (B, C, N) in blocks.  (B, N) long.
     """
     b, n, d = features.shape
     n_centers = max(1, int(centers.sum(-1).max()))
@@ -118,9 +118,10 @@ def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
     center_x = features.gather(1, center_idx.unsqueeze(-1).expand(b, n_centers, d))
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
     for rows in row_blocks(n, n_centers):
-        d2 = squared_distances(features[:, rows], center_x)
-        d2 = d2.masked_fill_(~center_ok.unsqueeze(1), float("inf"))
-        owner[:, rows] = center_idx.gather(1, d2.argmin(-1))
+        # (B, C, r): the centers as the rows of the product, the faster orientation on the CPU
+        d2 = squared_distances(center_x, features[:, rows])
+        d2 = d2.masked_fill_(~center_ok.unsqueeze(-1), float("inf"))
+        owner[:, rows] = center_idx.gather(1, d2.argmin(1))
     own = torch.arange(n, device=features.device).expand(b, n)
     owner = torch.where(centers, own, owner)
     return owner.masked_fill(~mask, -1)

@@ -3,67 +3,75 @@
 DPC-KNN needs each token's k nearest neighbours (the density, Eq. 3) and its nearest denser
 token (delta, Eq. 4).  On 32 x 196 tokens of width 3584 the dense way is N^2 D / 2 = 7e10
 multiply-adds of float32 distances, nearly all of DPC-KNN's time on a CPU, and nearly all of
-those distances only serve to be ruled out.  Here they are ruled out by bounds from a
+those distances only serve to be ruled out.  Here they are ruled out by lower bounds from a
 low-dimensional projection, and float32 distances are computed only where the bounds cannot
 decide:
 
-1. ``V`` (D x l, orthonormal): a randomized sketch of the features' dominant directions;
-   z_i = V^T x_i and r_i = ||x_i - V z_i|| (from r_i^2 = ||x_i||^2 - ||z_i||^2).  A projection
-   is a contraction and the residuals obey the triangle inequality, so for every pair
+1. ``Sketch``: an orthonormal basis V (D x l) of the features' dominant directions
+   (``sketch_basis``), z_i = V^T x_i.  A projection is a contraction, so for every pair
 
-       ||z_i - z_j|| - s_i - s_j  <=  d(x_i, x_j)  <=  ||z_i - z_j|| + r_i + r_j + s_i + s_j,
+       ||z_i - z_j|| - s  <=  d(x_i, x_j),
 
-   where s_i = ``SLACK`` ||x_i|| = 1e-3 ||x_i|| covers the float32 rounding of the projection and
-   of the distances themselves: typically ~1e-6 ||x_i|| at D = 3584, so a wide margin, though
-   not a worst-case bound.
-2. The reach T_i (1.25 x an estimate of the k-th neighbour distance): token i is linked to
-   every token whose lower bound is within T_i; the groups are the connected components, so
-   every token outside i's group is farther than T_i.
-3. Per group, exact float32 distances give each token's k nearest inside the group and its
-   nearest denser token inside the group.  Either found within T_i is exact (nothing outside
-   is that close).  The other rows (each group's densest token, mostly) get one exact distance
-   row against every token.
+   where s = 2 ``SLACK`` max ||x|| = 2e-3 max ||x|| covers the float32 rounding of the
+   projection and of the distances themselves (typically ~1e-6 ||x|| at D = 3584: a wide
+   margin, though not a worst-case bound).
+2. ``cells``: k-means on z splits the pool into cells of about ``CELL`` tokens (a scene of a
+   video, the same content over many frames, becomes one or a few cells).  With a cell's
+   centroid c_B and radius r_B (the largest ||z_j - c_B|| over its tokens), the triangle
+   inequality bounds every token j of B at once:
+
+       gap(i, B) = ||z_i - c_B|| - r_B - s  <=  d(x_i, x_j).
+
+3. Density: the exact distances inside a token's own cell give u_i >= its k-th neighbour
+   distance (a row with fewer than k first takes the nearest cell by gap, until it has k); the
+   exact distances to every cell with gap(i, B) <= u_i then hold its k nearest neighbours,
+   since every other token is farther than u_i.  Distances are computed a whole cell pair at a
+   time (a cell's tokens are close, so they want the same cells), each pair once.
+4. Delta: the nearest denser token t_i among the distances computed for the density is the
+   nearest of all once every cell not computed for i has gap > t_i or no token denser than i.
+   The rows this leaves open (mostly each scene's densest token, whose nearest denser token is
+   in another scene, and the densest token of the pool, which has none: Eq. 4 gives it the
+   farthest member) take their full row.
 
 The result is the dense computation's (``recycle.knn_log_density``, ``recycle.peak_distance``)
-up to the float32 rounding of the same distances.  ``screening_applies`` keeps the dense path
-wherever screening cannot pay: small pools, narrow features, GPUs (the dense matrix there is a
-few milliseconds and screening needs host synchronisation), and ``screen`` returns None when
-the candidate graph is too connected (one component holding most tokens).
+up to the float32 rounding of the same distances.  How much exact work is left depends on the
+data, never the result: on features without structure every cell is within reach of every
+token, and ``screen`` returns None (the dense path runs) once the exact pairs pass
+``MAX_EXACT_SHARE`` of the dense ones.  ``screening_applies`` keeps the dense path wherever
+screening cannot pay: small pools, narrow features, GPUs (the dense matrix there is a few
+milliseconds and screening needs host synchronisation).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ustc.ops import (
-    denser_than,
-    pairwise_squared_distances,
-    peak_from_distances,
-    row_blocks,
-    squared_norms,
-)
+from ustc.ops import denser_than, peak_from_distances, row_blocks, squared_norms
 
 #: smallest recycle pool (tokens in one video) screened; below it the dense matrix is cheap
-MIN_TOKENS = 4096
+MIN_TOKENS = 1024
 #: width l of the projection the bounds come from
 RANK = 64
 #: rows and coordinates the basis is sketched from
-_SKETCH_ROWS, _SKETCH_COLUMNS = 2048, 256
-#: float32 rounding margin on every bound, relative to the token's norm
+_SKETCH_ROWS, _SKETCH_COLUMNS = 1024, 256
+#: float32 rounding margin on every bound, relative to the largest token norm
 SLACK = 1e-3
-#: the exact work per component (sum of squared sizes) may be at most this share of N^2
+#: tokens per k-means cell
+CELL = 48
+#: Lloyd iterations of the k-means
+CELL_ITERATIONS = 4
+#: the k-means++ seeds are drawn from this many tokens per cell, in this many batches
+_SEED_SAMPLE, _SEED_ROUNDS = 4, 16
+#: cells wider than this many times the median radius are split in two, at most this many times
+_SPLIT_WIDTH, _SPLIT_ROUNDS = 1.5, 3
+#: the exact pairs may be at most this share of the dense N^2 (else the dense path runs)
 MAX_EXACT_SHARE = 0.25
-#: most links kept for the connected components (int32 pairs: 256 MiB)
-MAX_EDGES = 1 << 25
-#: components are computed exactly in chunks of about this many tokens
-CHUNK = 128
-#: reach of a group: this many times the estimated k-th neighbour distance
-REACH = 1.25
-#: most rows computed against every token before the dense path is cheaper
+#: and at most this many (float32 kept until delta is known: 512 MiB)
+MAX_EXACT_PAIRS = 1 << 27
+#: most rows whose delta takes a full row (against every token) before the dense path is cheaper
 MAX_FULL_ROWS = 1024
 
 
@@ -72,34 +80,57 @@ def screening_applies(features: Tensor, mask: Tensor, k: int) -> bool:
     return (
         features.device.type == "cpu"
         and features.shape[-1] >= 8 * RANK
-        and k < MIN_TOKENS // 4
+        and k < CELL
         and int(mask.sum(-1).max()) >= MIN_TOKENS
     )
 
 
 def screen(features: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """(log rho, delta), each (B, N) float32 as ``knn_log_density`` and ``peak_distance`` return
-    them (-inf and 0 outside ``mask``), or None if some video's candidate graph is too connected
-    for screening to pay.  features: (B, N, D); mask: (B, N) bool; k: neighbours (Eq. 3)."""
+    them (-inf and 0 outside ``mask``), or None if some video needs too much exact work for
+    screening to pay.  features: (B, N, D); mask: (B, N) bool; k: neighbours (Eq. 3)."""
     b, n, _ = features.shape
     log_rho = torch.full((b, n), float("-inf"))
     delta = torch.zeros(b, n)
     for v in range(b):
-        if int(mask[v].sum()) <= k:
+        members = mask[v].nonzero().squeeze(1)
+        if members.numel() <= k:
             return None
-        result = _screen_pool(features[v].float(), mask[v], k)
+        result = _screen_pool(Sketch.of(features[v].float()), members, k)
         if result is None:
             return None
-        log_rho[v], delta[v] = result
-    return log_rho.masked_fill(~mask, float("-inf")), delta.masked_fill(~mask, 0.0)
+        log_rho[v, members], delta[v, members] = result
+    return log_rho, delta
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """Tokens x (N, D) float32 through the orthonormal basis V (D, l) of ``sketch_basis``:
+    z = x V (N, l), the squared norms sq = ||x||^2, and the rounding slack
+    s = 2 ``SLACK`` max ||x|| (>= s_i + s_j of the bound for every pair)."""
+
+    x: Tensor
+    z: Tensor
+    sq: Tensor
+    slack: float
+
+    @classmethod
+    def of(cls, x: Tensor) -> Sketch:
+        sq = squared_norms(x)
+        slack = 2 * SLACK * float(sq.max().sqrt())
+        return cls(x=x, z=x @ sketch_basis(x, RANK), sq=sq, slack=slack)
 
 
 def sketch_basis(x: Tensor, rank: int, seed: int = 0) -> Tensor:
     """(D, rank) orthonormal basis of the dominant row directions of x (m, D).
 
-    A randomized range finder on 2048 random rows: y = x Omega sketches the column space (Omega draws ``rank`` random mixtures of 256 random coordinates, enough to tell the
-    dominant directions apart) and the rows of y^T x span the dominant row directions.  Any orthonormal basis keeps the bounds valid; a good one makes
-    them tight.  QR in float64, so the columns are orthonormal to float32 precision.
+    A randomized range finder (Halko, Martinsson and Tropp 2011) on 1024 random rows R: the
+    columns of y = R Omega sketch R's column space (Omega draws ``rank`` random mixtures of 256
+    random coordinates, enough to tell the dominant directions apart), one power step
+    y <- R R^T y sharpens it against the flat spectrum of the noise (without it a direction
+    shared by a few dozen tokens can be missed at D ~ 1000-4000), and the rows of y^T R span
+    the dominant row directions.  Any orthonormal basis keeps the bounds valid; a good one makes
+    them tight.  The final QR is in float64, so the columns are orthonormal to float32 precision.
     """
     m, d = x.shape
     generator = torch.Generator().manual_seed(seed)
@@ -107,165 +138,243 @@ def sketch_basis(x: Tensor, rank: int, seed: int = 0) -> Tensor:
     omega = torch.randn(columns.numel(), rank, generator=generator).to(x.device)
     # random rows: a stride could miss whole token positions (frames repeat every P rows)
     rows = x.index_select(0, torch.randperm(m, generator=generator)[:_SKETCH_ROWS].to(x.device))
-    y = rows.index_select(1, columns) @ omega  # (rows, rank)
+    y = torch.linalg.qr(rows.index_select(1, columns) @ omega).Q  # (rows, rank)
+    y = rows @ (rows.T @ y)  # the power step
     q, _ = torch.linalg.qr((y.T @ rows).T.double())
     return q.float()
 
 
-def _screen_pool(x: Tensor, member: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """log rho and delta (N,) of the members of one video's recycle pool, or None (see
-    ``screen``).  x: (N, D) float32, every token of the video; member: (N,) bool.  Non-members
-    take part in the grouping (they are few: the retention pool) but never count as neighbours.
+def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """k-means of z (M, l) into about ``count`` cells: k-means++ seeding, ``CELL_ITERATIONS``
+    Lloyd steps, then cells far wider than the median split in two.  Returns labels (M,) long in
+    [0, C), centroids (C, l) and radius (C,), the largest distance of a cell's token to its
+    centroid; empty cells dropped."""
+    generator = torch.Generator().manual_seed(seed)
+    m = z.shape[0]
+    count = max(1, min(count, m))
+    # k-means++ seeding on a random sample of the tokens, the seeds drawn in ``_SEED_ROUNDS``
+    # batches (each proportional to the squared distance to the seeds so far) so that the
+    # sequential loop stays short
+    sample = z[torch.randperm(m, generator=generator)[: _SEED_SAMPLE * count]]
+    centroids = sample[:1]
+    nearest = (sample - sample[0]).square().sum(1)
+    per_round = -(-(count - 1) // _SEED_ROUNDS)
+    while centroids.shape[0] < count and bool(nearest.count_nonzero() > 0):
+        draws = min(per_round, count - centroids.shape[0], int(nearest.count_nonzero()))
+        new = sample[torch.multinomial(nearest, draws, generator=generator)]
+        centroids = torch.cat([centroids, new])
+        nearest = torch.minimum(nearest, torch.cdist(sample, new).square_().amin(1))
+    centroids = _lloyd(z, centroids, CELL_ITERATIONS)
+    for _ in range(_SPLIT_ROUNDS):
+        # a cell much wider than the typical one has most likely merged two clusters (a local
+        # optimum of k-means); its bounds would be loose for everyone, so it is split in two
+        labels, radius = _assign(z, centroids)
+        wide = (radius > _SPLIT_WIDTH * radius.median()).nonzero().squeeze(1).tolist()
+        if not wide:
+            break
+        halves = [_bisect(z[labels == c]) for c in wide]
+        keep = torch.ones(centroids.shape[0], dtype=torch.bool)
+        keep[wide] = False
+        centroids = _lloyd(z, torch.cat([centroids[keep], *halves]), 1)
+    labels, radius = _assign(z, centroids)
+    return labels, centroids, radius
+
+
+def _lloyd(z: Tensor, centroids: Tensor, iterations: int) -> Tensor:
+    """Lloyd steps of k-means from ``centroids``; cells left empty are dropped."""
+    for _ in range(iterations):
+        labels = _closest(z, centroids)
+        sizes = torch.bincount(labels, minlength=centroids.shape[0])
+        sums = torch.zeros_like(centroids).index_add_(0, labels, z)
+        centroids = sums[sizes > 0] / sizes[sizes > 0].unsqueeze(1)
+    used = torch.unique(_closest(z, centroids))
+    return centroids[used]
+
+
+def _assign(z: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's cell (its nearest centroid) and each cell's radius."""
+    labels = _closest(z, centroids)
+    spread = (z - centroids[labels]).norm(dim=1)
+    radius = torch.zeros(centroids.shape[0], device=z.device)
+    return labels, radius.scatter_reduce_(0, labels, spread, "amax")
+
+
+def _bisect(points: Tensor) -> Tensor:
+    """Two centroids for ``points`` (m, l): 2-means seeded with the point farthest from the
+    mean and the point farthest from that one."""
+    first = points[(points - points.mean(0)).square().sum(1).argmax()]
+    second = points[(points - first).square().sum(1).argmax()]
+    return _lloyd(points, torch.stack([first, second]), 3)
+
+
+def _closest(z: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest centroid of every row of z, in row blocks."""
+    norms = squared_norms(centroids)
+    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for rows in row_blocks(z.shape[0], centroids.shape[0]):
+        out[rows] = torch.addmm(norms, z[rows], centroids.T, alpha=-2.0).argmin(1)
+    return out
+
+
+class _CellPairs:
+    """Exact squared distances between whole cells of one pool, each pair of cells computed once.
+
+    The pool's tokens are sorted cell by cell: cell b is ``cell(b)`` of that order, with its
+    features gathered once into ``x[b]`` (one tensor per cell: a single gathered copy of the
+    pool would be a fresh allocation of N x D floats, whose page faults cost more on the CPU
+    than the copy).  ``blocks[a]`` lists (b, d2) for row cell a, d2 (|a|, |b|) the squared
+    distances to cell b (for b != a the transpose of b's block for a, a view); a cell against
+    itself has +inf on the diagonal, a token not being its own neighbour.  ``done`` (C, C)
+    records the pairs held, ``budget`` the exact pairs still allowed.
     """
-    n = x.shape[0]
-    z = x @ sketch_basis(x, RANK)  # (N, l)
-    sq = squared_norms(x)
-    zn = squared_norms(z)
-    slack = 2 * SLACK * float(sq.max().sqrt())  # >= s_i + s_j for every pair
-    residual2 = (sq - zn).clamp_(min=0.0)
-    reach, labels = _groups(z, zn, residual2, member, slack, k)
-    if labels is None:
-        return None
-    sizes = np.bincount(labels)
-    if float(np.square(sizes, dtype=np.float64).sum()) > MAX_EXACT_SHARE * n * n:
-        return None
-    labels_t = torch.from_numpy(labels).to(x.device)
-    order = torch.sort(labels_t, stable=True).indices  # by group, ascending index inside
-    log_rho = torch.empty(n, device=x.device)
-    kth = torch.empty(n, device=x.device)  # k-th nearest distance inside the group
-    chunks = []
-    for idx in _chunks(order, sizes):
-        keep = (labels_t[idx].unsqueeze(1) == labels_t[idx].unsqueeze(0)) & member[idx]
-        d2 = pairwise_squared_distances(x[idx].unsqueeze(0))[0]
-        d2.masked_fill_(~keep, float("inf")).fill_diagonal_(float("inf"))
-        nearest = d2.topk(min(k, idx.numel()), dim=1, largest=False).values
-        log_rho[idx] = -(nearest.sum(1) / k)
-        kth[idx] = nearest[:, -1].sqrt() if idx.numel() >= k else float("inf")
-        chunks.append((idx, d2))
-    # a k-th neighbour within reach certifies the density: every token outside the group is
-    # farther than reach.  The other rows are computed against every token.
-    full = _FullRows(x, sq, member)
-    if not full.add((member & (kth > reach)).nonzero().squeeze(1)):
-        return None
-    ids, d2 = full.stacked()
-    if ids.numel():
-        d2 = d2.masked_fill(~member, float("inf"))
-        d2[torch.arange(ids.numel()), ids] = float("inf")  # not its own neighbour
-        log_rho[ids] = -(d2.topk(k, dim=1, largest=False).values.sum(1) / k)
-    delta = torch.empty(n, device=x.device)
-    for idx, d2 in chunks:
-        lr = log_rho[idx]
-        denser = denser_than(lr.unsqueeze(1), idx.unsqueeze(1), lr.unsqueeze(0), idx.unsqueeze(0))
-        delta[idx] = d2.masked_fill_(~denser, float("inf")).amin(1).sqrt_()
-    # likewise a denser token within reach certifies delta (the group's densest token has none)
-    if not full.add((member & (delta > reach)).nonzero().squeeze(1)):
-        return None
-    ids, d2 = full.stacked()
-    if ids.numel():
-        index = torch.arange(n, device=x.device)
-        lr = log_rho[ids].unsqueeze(1)
-        denser = member & denser_than(lr, ids.unsqueeze(1), log_rho, index)
-        delta[ids] = peak_from_distances(d2.sqrt(), denser, member)
-    return log_rho, delta
+
+    def __init__(self, x: Tensor, sq: Tensor, position: Tensor, sizes: Tensor, budget: float):
+        self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
+        self.x = [x.index_select(0, position[self.cell(b)]) for b in range(sizes.numel())]
+        self.sq = [sq[position[self.cell(b)]] for b in range(sizes.numel())]
+        self.sizes = sizes
+        self.done = torch.zeros(sizes.numel(), sizes.numel(), dtype=torch.bool)
+        self.blocks: list[list[tuple[int, Tensor]]] = [[] for _ in range(sizes.numel())]
+        self.budget = budget
+
+    def cell(self, b: int) -> slice:
+        return slice(self.bounds[b], self.bounds[b + 1])
+
+    def add(self, want: Tensor) -> list[int] | None:
+        """Compute the cell pairs ``want`` (C, C) bool, in either orientation, not yet held.
+        Returns the row cells that got new blocks, or None past the budget."""
+        want = (want | want.T) & ~self.done
+        pairs = want.triu().nonzero()
+        sizes = self.sizes.double()
+        self.budget -= float((sizes[pairs[:, 0]] * sizes[pairs[:, 1]]).sum())
+        if self.budget < 0:
+            return None
+        for a, b in pairs.tolist():
+            # the dense path's expression (``ops.pairwise_squared_distances``)
+            d2 = self.sq[a].unsqueeze(1) + self.sq[b] - 2.0 * (self.x[a] @ self.x[b].T)
+            d2.clamp_(min=0.0)
+            if a == b:  # the product's two triangles can differ in the last bit: mirror one
+                d2 = d2.triu(1)
+                d2 = d2 + d2.T
+                self.blocks[a].append((a, d2.fill_diagonal_(float("inf"))))
+            else:
+                self.blocks[a].append((b, d2))
+                self.blocks[b].append((a, d2.T))
+        self.done |= want
+        return pairs.unique().tolist()
+
+    def columns(self, a: int) -> Tensor:
+        """The positions (in the sorted order) of the columns held for row cell a."""
+        return torch.cat([torch.arange(*self.bounds[b : b + 2]) for b, _ in self.blocks[a]])
+
+    def distances(self, a: int) -> Tensor:
+        """The squared distances held for row cell a, (|a|, len(columns(a)))."""
+        return torch.cat([d2 for _, d2 in self.blocks[a]], 1)
 
 
-class _FullRows:
-    """Squared distances of single rows to every token, computed in blocks on demand."""
-
-    def __init__(self, x: Tensor, sq: Tensor, member: Tensor) -> None:
-        self.x, self.sq, self.member = x, sq, member
-        self.rows: dict[int, Tensor] = {}
-
-    def add(self, ids: Tensor) -> bool:
-        """Compute the rows ``ids`` not yet held; False past ``MAX_FULL_ROWS`` rows."""
-        todo = [i for i in ids.tolist() if i not in self.rows]
-        if len(self.rows) + len(todo) > MAX_FULL_ROWS:
-            return False
-        n = self.x.shape[0]
-        for rows in row_blocks(len(todo), n):
-            ids_t = torch.tensor(todo[rows], device=self.x.device)
-            d2 = torch.addmm(self.sq, self.x[ids_t], self.x.T, alpha=-2.0)
-            d2.add_(self.sq[ids_t].unsqueeze(1)).clamp_(min=0.0)
-            self.rows.update(zip(todo[rows], d2.unbind(0), strict=True))
-        return True
-
-    def stacked(self) -> tuple[Tensor, Tensor]:
-        """The row indices held (r,) and their squared distances (r, N)."""
-        if not self.rows:
-            return torch.empty(0, dtype=torch.long), torch.empty(0, self.x.shape[0])
-        ids = list(self.rows)
-        return torch.tensor(ids, device=self.x.device), torch.stack([self.rows[i] for i in ids])
-
-
-def _groups(
-    z: Tensor, zn: Tensor, residual2: Tensor, member: Tensor, slack: float, k: int
-) -> tuple[Tensor, np.ndarray | None]:
-    """Group every token with all members that could be among its k nearest.
-
-    est_ij = sqrt(||z_i - z_j||^2 + r_i^2 + r_j^2) estimates d(x_i, x_j) (residuals taken as
-    orthogonal); reach_i is ``REACH`` times the k-th smallest estimate over members.  Tokens j
-    with lower bound ||z_i - z_j|| - slack <= reach_i are linked to i; the groups are the
-    connected components, so every token outside i's group is farther than reach_i.  Returns
-    reach (N,) and the group label of every token, or None past ``MAX_EDGES`` links.
-    """
-    n = z.shape[0]
-    reach = torch.empty(n, device=z.device)
-    heads, tails = [], []
-    n_edges = 0
-    # ||z_i - z_j||^2 = zn_i + zn_j - 2 z_i.z_j; the row term zn_i moves to the thresholds
-    column_cost = (zn + residual2).masked_fill(~member, float("inf"))
-    proj2 = torch.empty(0, device=z.device)
-    estimate = torch.empty(0, device=z.device)
-    for rows in row_blocks(n, n):
-        r = rows.stop - rows.start
-        proj2 = torch.addmm(zn, z[rows], z.T, alpha=-2.0, out=proj2.resize_(r, n))
-        estimate = torch.add(proj2, column_cost - zn, out=estimate.resize_(r, n))
-        estimate.diagonal(rows.start).fill_(float("inf"))
-        kth = kth_smallest_bound(estimate, k)
-        kth = (kth + zn[rows] + residual2[rows]).clamp_(min=0.0)
-        reach[rows] = REACH * kth.sqrt()
-        # linked: ||z_i - z_j|| <= reach_i + slack
-        bound = (reach[rows] + slack).square() - zn[rows]
-        i, j = (proj2 <= bound.unsqueeze(1)).nonzero(as_tuple=True)
-        n_edges += i.numel()
-        if n_edges > MAX_EDGES:
-            return reach, None
-        heads.append((i + rows.start).int())
-        tails.append(j.int())
-    head = torch.cat(heads)  # row-major: already the CSR order
-    indptr = torch.zeros(n + 1, dtype=torch.long)
-    indptr[1:] = torch.bincount(head.long(), minlength=n).cumsum(0)
-    tail = torch.cat(tails).cpu().numpy()
-    graph = scipy.sparse.csr_matrix(
-        (np.ones(tail.size, dtype=np.int8), tail, indptr.numpy()), (n, n)
+def _screen_pool(sketch: Sketch, members: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """log rho and delta (M,) of the recycle pool ``members`` (M,), ascending indices into the
+    sketch's tokens, or None (see ``screen``).  Equal densities order by index, as in the dense
+    path."""
+    m = members.numel()
+    labels, centroids, radius = cells(sketch.z[members], round(m / CELL))
+    n_cells = centroids.shape[0]
+    order = torch.sort(labels, stable=True).indices  # cell by cell, ascending index inside
+    labels, position = labels[order], members[order]
+    z, centroid_norms = sketch.z[position], squared_norms(centroids)
+    pairs = _CellPairs(
+        sketch.x,
+        sketch.sq,
+        position,
+        torch.bincount(labels, minlength=n_cells),
+        budget=min(MAX_EXACT_SHARE * m * m, MAX_EXACT_PAIRS),
     )
-    _, labels = scipy.sparse.csgraph.connected_components(graph, connection="weak")
-    return reach, labels
 
+    def lower_bounds(rows: slice) -> Tensor:
+        """(r, C): lower bound on the distance from each row to every token of each cell
+        (module doc, 2)."""
+        gap = torch.addmm(centroid_norms, z[rows], centroids.T, alpha=-2.0)
+        gap = gap.add_(squared_norms(z[rows]).unsqueeze(1)).clamp_(min=0.0).sqrt_()
+        return gap.sub_(radius + sketch.slack)
 
-def kth_smallest_bound(x: Tensor, k: int, width: int = 64) -> Tensor:
-    """An upper bound on the k-th smallest entry of each row of x (r, n), in one pass.
+    blocks = list(row_blocks(m, n_cells))
+    # the bounds are kept when they fit in one block (pools up to ~64 frames), else recomputed
+    gaps = {0: lower_bounds(blocks[0])} if len(blocks) == 1 else {}
 
-    The columns are dealt round-robin to k sets in chunks of ``width``; the largest of the k set
-    minima is an entry of the row with k - 1 other entries (the other minima) at most as large,
-    so it is >= the k-th smallest.  Chunks rather than single columns keep the reduction
-    contiguous; dealing them out keeps a token's neighbours in adjacent frames (196 apart)
-    in different sets.
-    """
-    r, n = x.shape
-    per = n // (k * width)
-    if per == 0:
-        return x.topk(min(k, n), dim=1, largest=False).values[:, -1]
-    return x[:, : per * k * width].view(r, per, k, width).amin(3).amin(1).amax(1)
+    def wanted(
+        bound: Tensor, densest: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The cells each row still needs, given the squared distance ``bound`` its answer is
+        known to be within (+inf: unknown yet): every cell not held within the bound, or
+        without one the nearest.  With ``densest`` (the log rho and position of each cell's
+        densest token) only cells that hold a denser token count.  Returns (C, C) bool, some
+        token of row cell a needs cell b, and (M,) bool, the rows that need any.  In row
+        blocks, so nothing is M x C."""
+        by_cell = torch.zeros(n_cells, n_cells, dtype=torch.int32)
+        needs = torch.zeros(m, dtype=torch.bool)
+        for rows in blocks:
+            gap = gaps[rows.start] if rows.start in gaps else lower_bounds(rows)
+            open_cells = ~pairs.done[labels[rows]]
+            if densest is not None:
+                row_rho, row_position = log_rho[rows].unsqueeze(1), position[rows].unsqueeze(1)
+                open_cells &= denser_than(row_rho, row_position, *densest)
+            unknown = torch.isinf(bound[rows])
+            want = open_cells & (gap <= bound[rows].sqrt().unsqueeze(1)) & ~unknown.unsqueeze(1)
+            unknown = unknown.nonzero().squeeze(1)
+            first = gap[unknown].masked_fill_(~open_cells[unknown], float("inf")).argmin(1)
+            want[unknown, first] = open_cells[unknown, first]
+            needs[rows] = want.any(1)
+            by_cell.index_add_(0, labels[rows], want.int())
+        return by_cell > 0, needs
 
+    # density (module doc, 3): own cell, then every cell within the k-th distance held, or for
+    # rows with fewer than k distances the nearest cell, until nothing is left
+    knn = torch.full((m, k), float("inf"))
+    want = torch.eye(n_cells, dtype=torch.bool)
+    while bool(want.any()):
+        touched = pairs.add(want)
+        if touched is None:
+            return None
+        for a in touched:
+            d2 = pairs.distances(a)
+            nearest = d2.topk(min(k, d2.shape[1]), dim=1, largest=False).values
+            knn[pairs.cell(a), : nearest.shape[1]] = nearest
+        want = wanted(knn[:, -1])[0]
+    log_rho = -(knn.sum(1) / k)
 
-def _chunks(order: Tensor, sizes: np.ndarray):
-    """Index tensors of consecutive whole groups of ``order``, about ``CHUNK`` tokens each."""
-    start = stop = 0
-    for size in sizes.tolist():
-        if stop > start and stop - start + size > CHUNK:
-            yield order[start:stop]
-            start = stop
-        stop += size
-    if stop > start:
-        yield order[start:stop]
+    # delta (module doc, 4): the nearest denser token among the pairs held
+    best = torch.empty(m)  # its squared distance
+    for a in range(n_cells):
+        rows = pairs.cell(a)
+        cols, d2 = pairs.columns(a), pairs.distances(a)
+        denser = denser_than(
+            log_rho[rows].unsqueeze(1),
+            position[rows].unsqueeze(1),
+            log_rho[cols].unsqueeze(0),
+            position[cols].unsqueeze(0),
+        )
+        best[rows] = d2.masked_fill_(~denser, float("inf")).amin(1)
+    # cell b holds a token denser than i iff its densest token is denser than i
+    cell_rho = torch.full((n_cells,), float("-inf")).scatter_reduce_(0, labels, log_rho, "amax")
+    at_top = log_rho == cell_rho[labels]
+    cell_position = torch.full((n_cells,), int(position.max()) + 1).scatter_reduce_(
+        0, labels[at_top], position[at_top], "amin"
+    )
+    # the rows still open take their full row (module doc, 4)
+    needs_more = wanted(best, (cell_rho, cell_position))[1]
+    open_rows = (needs_more | torch.isinf(best)).nonzero().squeeze(1)
+    if open_rows.numel() > MAX_FULL_ROWS:
+        return None
+    x, sq = sketch.x, sketch.sq
+    for block in row_blocks(open_rows.numel(), x.shape[0]):
+        rows = position[open_rows[block]]
+        d2 = (sq[rows].unsqueeze(1) + sq - 2.0 * (x[rows] @ x.T)).clamp_(min=0.0)[:, position]
+        denser = denser_than(
+            log_rho[open_rows[block]].unsqueeze(1), rows.unsqueeze(1), log_rho, position
+        )
+        best[open_rows[block]] = peak_from_distances(d2, denser, torch.ones_like(denser))
+    delta = best.sqrt_()
+    # back to the order of ``members``
+    out_rho, out_delta = torch.empty(m), torch.empty(m)
+    out_rho[order], out_delta[order] = log_rho, delta
+    return out_rho, out_delta
