@@ -18,6 +18,8 @@ UNVISITED = 3  # never offered: the pool was full before its turn
 
 #: largest block of candidates offered at once (blocks double from max(256, 2 * capacity))
 _MAX_BLOCK = 8192
+#: rounds of ``first_fit`` before the rest of a block is settled one candidate at a time
+_ROUNDS = 16
 #: norm floor of the unit vectors (torch.nn.functional.normalize's default)
 _EPS = 1e-12
 
@@ -47,9 +49,9 @@ def greedy_retention_pool(
 
     Candidates are taken in blocks of L ranks (first max(256, 2 * capacity), doubling while the
     pool is not full): one matmul gives their similarity to the pool so far; the candidates that
-    survive it get their mutual similarities from a second one, and the greedy loop then runs
-    over the admitted tokens only, on small vectors.  A candidate skipped once stays rejected,
-    because the pool only grows.  The work is O(N capacity D) at most plus the survivors' squares,
+    survive it get their mutual similarities from a second one, and ``first_fit`` settles them
+    in a few vectorised rounds rather than one step per admitted token.  A candidate skipped
+    once stays rejected, because the pool only grows.  The work is O(N capacity D) at most plus the survivors' squares,
     instead of O(capacity N D) per admitted token, and nothing is N x N.
 
     features: (B, N, D); priority: (B, N); capacity: tokens to admit per video.
@@ -68,7 +70,8 @@ def greedy_retention_pool(
     x = features.float()
     inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp(min=_EPS)  # as F.normalize
     admitted_rank = torch.zeros(b, n, dtype=torch.bool, device=device)
-    pool = torch.zeros(b, capacity, d, device=device)  # unit vectors of the admitted tokens
+    # unit vectors of the admitted tokens, and one spare slot that takes the writes of the others
+    pool = torch.zeros(b, capacity + 1, d, device=device)
     count = torch.zeros(b, dtype=torch.long, device=device)
     last_admitted = torch.full((b,), -1, dtype=torch.long, device=device)
     # max similarity of every token (original order) to the pool so far
@@ -94,25 +97,15 @@ def greedy_retention_pool(
             )
             sub_max = max_sim.gather(1, sel).masked_fill(~sel_ok, float("inf"))
             within = torch.bmm(sub, sub.transpose(1, 2))  # (B, L', L')
-            position = torch.arange(n_alive, device=device)
-            sub_last = torch.full((b,), -1, dtype=torch.long, device=device)
-            while True:
-                eligible = (position > sub_last.unsqueeze(1)) & (sub_max < tau)
-                eligible &= (count < capacity).unsqueeze(1)
-                found = eligible.any(dim=1)
-                if not bool(found.any()):
-                    break
-                nxt = eligible.to(torch.uint8).argmax(dim=1)  # first eligible candidate
-                rank_of = start + take_rows(sel, nxt)
-                put_rows(admitted_rank, rank_of, take_rows(admitted_rank, rank_of) | found)
-                slot = count.clamp(max=capacity - 1)
-                chosen = torch.where(found.unsqueeze(1), take_rows(sub, nxt), take_rows(pool, slot))
-                put_rows(pool, slot, chosen)
-                count += found.long()
-                last_admitted = torch.where(found, rank_of, last_admitted)
-                closer = torch.maximum(sub_max, take_rows(within, nxt))
-                sub_max = torch.where(found.unsqueeze(1), closer, sub_max)
-                sub_last = torch.where(found, nxt, n_alive)  # n_alive: nothing left here
+            admit = first_fit(within, tau, sub_max < tau)
+            # the pool takes the first of them, in rank order, up to its capacity
+            admit &= admit.cumsum(1) <= (capacity - count).unsqueeze(1)
+            slot = torch.where(admit, count.unsqueeze(1) + admit.cumsum(1) - 1, capacity)
+            pool.scatter_(1, slot.unsqueeze(-1).expand(b, n_alive, d), sub)  # slot capacity: unused
+            admitted_rank[:, start : start + span].scatter_(1, sel, admit)
+            newest = torch.where(admit, start + sel, -1).amax(1)
+            last_admitted = torch.maximum(last_admitted, newest)
+            count += admit.sum(1)
         start += span
         if start < n and not bool((count >= capacity).all()):
             # the later candidates meet this block's admissions: one (N x new) product
@@ -132,6 +125,45 @@ def greedy_retention_pool(
         torch.where(visited, REJECTED, UNVISITED),
     ).to(torch.int8)
     return _to_original(order, admitted_rank, status_rank)
+
+
+def first_fit(within: Tensor, tau: float, free: Tensor) -> Tensor:
+    """(B, L) bool: the candidates the greedy rule of Eq. (2) admits, offered in order 0..L-1 to
+    a pool that already rejected those not ``free``: j is admitted iff free[j] and
+    within[i, j] < tau for every admitted i < j.  within: (B, L, L) similarities; free: (B, L).
+
+    That set is the lexicographically first maximal independent set of the conflict graph
+    (i < j conflict when within[i, j] >= tau), and it is computed in rounds: a candidate is
+    admitted once every earlier candidate it conflicts with is rejected, rejected once one of
+    them is admitted.  Each round settles every candidate whose earlier conflicts are settled,
+    so clusters of near-duplicates take two rounds, whatever their number, instead of one step
+    per admitted token (and one host synchronisation per round, not per token).  A long chain of
+    conflicts would take one round per link: after ``_ROUNDS`` rounds the rest is settled one
+    candidate at a time, in order.
+    """
+    b, n = free.shape
+    earlier = torch.ones(n, n, dtype=torch.bool, device=free.device).triu_(1)  # [i, j]: i < j
+    conflict = (within >= tau) & earlier
+    admitted = torch.zeros_like(free)
+    rejected = ~free
+    for _ in range(_ROUNDS):
+        undecided = ~(admitted | rejected)
+        if not bool(undecided.any()):
+            return admitted
+        hit = (conflict & admitted.unsqueeze(2)).any(1)  # an earlier admitted one conflicts
+        pending = (conflict & ~rejected.unsqueeze(2)).any(1)  # ... or may still be admitted
+        rejected |= undecided & hit
+        admitted |= undecided & ~pending
+    undecided = ~(admitted | rejected)
+    while bool(undecided.any()):
+        first = undecided.to(torch.uint8).argmax(1)  # each video's first undecided candidate
+        column = conflict.gather(2, first.view(b, 1, 1).expand(b, n, 1)).squeeze(2)
+        hit = (column & admitted).any(1)
+        has = undecided.any(1)
+        put_rows(admitted, first, take_rows(admitted, first) | (has & ~hit))
+        put_rows(rejected, first, take_rows(rejected, first) | (has & hit))
+        undecided = ~(admitted | rejected)
+    return admitted
 
 
 def _to_original(order: Tensor, admitted_rank: Tensor, status_rank: Tensor) -> PoolFill:

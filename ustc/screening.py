@@ -228,7 +228,9 @@ class _CellPairs:
     records the pairs held, ``budget`` the exact pairs still allowed.
     """
 
-    def __init__(self, x: Tensor, sq: Tensor, position: Tensor, sizes: Tensor, budget: float):
+    def __init__(
+        self, x: Tensor, sq: Tensor, position: Tensor, sizes: Tensor, budget: float
+    ) -> None:
         self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
         self.x = [x.index_select(0, position[self.cell(b)]) for b in range(sizes.numel())]
         self.sq = [sq[position[self.cell(b)]] for b in range(sizes.numel())]
@@ -274,107 +276,132 @@ class _CellPairs:
 
 def _screen_pool(sketch: Sketch, members: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """log rho and delta (M,) of the recycle pool ``members`` (M,), ascending indices into the
-    sketch's tokens, or None (see ``screen``).  Equal densities order by index, as in the dense
+    sketch's tokens, or None (see ``screen``)."""
+    pool = _Pool(sketch, members)
+    log_rho = pool.density(k)
+    delta = None if log_rho is None else pool.delta(log_rho)
+    if delta is None:
+        return None
+    return pool.unsorted(log_rho), pool.unsorted(delta)
+
+
+class _Pool:
+    """One recycle pool being screened: its tokens sorted cell by cell (module doc, 2), the
+    exact distances held (``pairs``) and the bounds that decide which are still needed.
+    Equal densities order by the token's index in the video (``position``), as in the dense
     path."""
-    m = members.numel()
-    labels, centroids, radius = cells(sketch.z[members], round(m / CELL))
-    n_cells = centroids.shape[0]
-    order = torch.sort(labels, stable=True).indices  # cell by cell, ascending index inside
-    labels, position = labels[order], members[order]
-    z, centroid_norms = sketch.z[position], squared_norms(centroids)
-    pairs = _CellPairs(
-        sketch.x,
-        sketch.sq,
-        position,
-        torch.bincount(labels, minlength=n_cells),
-        budget=min(MAX_EXACT_SHARE * m * m, MAX_EXACT_PAIRS),
-    )
 
-    def lower_bounds(rows: slice) -> Tensor:
-        """(r, C): lower bound on the distance from each row to every token of each cell
+    def __init__(self, sketch: Sketch, members: Tensor) -> None:
+        m = members.numel()
+        labels, self.centroids, self.radius = cells(sketch.z[members], round(m / CELL))
+        self.n_cells = self.centroids.shape[0]
+        self.order = torch.sort(labels, stable=True).indices  # ascending index inside a cell
+        self.labels, self.position = labels[self.order], members[self.order]
+        self.sketch, self.z = sketch, sketch.z[self.position]
+        self.pairs = _CellPairs(
+            sketch.x,
+            sketch.sq,
+            self.position,
+            torch.bincount(self.labels, minlength=self.n_cells),
+            budget=min(MAX_EXACT_SHARE * m * m, MAX_EXACT_PAIRS),
+        )
+        self.blocks = list(row_blocks(m, self.n_cells))
+        # the bounds are kept when they fit in one block (pools up to ~64 frames)
+        self.gaps = {0: self.lower_bounds(self.blocks[0])} if len(self.blocks) == 1 else {}
+
+    def lower_bounds(self, rows: slice) -> Tensor:
+        """(r, C): a lower bound on the distance from each row to every token of each cell
         (module doc, 2)."""
-        gap = torch.addmm(centroid_norms, z[rows], centroids.T, alpha=-2.0)
-        gap = gap.add_(squared_norms(z[rows]).unsqueeze(1)).clamp_(min=0.0).sqrt_()
-        return gap.sub_(radius + sketch.slack)
-
-    blocks = list(row_blocks(m, n_cells))
-    # the bounds are kept when they fit in one block (pools up to ~64 frames), else recomputed
-    gaps = {0: lower_bounds(blocks[0])} if len(blocks) == 1 else {}
+        centroids = self.centroids
+        gap = torch.addmm(squared_norms(centroids), self.z[rows], centroids.T, alpha=-2.0)
+        gap = gap.add_(squared_norms(self.z[rows]).unsqueeze(1)).clamp_(min=0.0).sqrt_()
+        return gap.sub_(self.radius + self.sketch.slack)
 
     def wanted(
-        bound: Tensor, densest: tuple[Tensor, Tensor] | None = None
+        self, bound: Tensor, denser: tuple[Tensor, Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The cells each row still needs, given the squared distance ``bound`` its answer is
-        known to be within (+inf: unknown yet): every cell not held within the bound, or
-        without one the nearest.  With ``densest`` (the log rho and position of each cell's
-        densest token) only cells that hold a denser token count.  Returns (C, C) bool, some
-        token of row cell a needs cell b, and (M,) bool, the rows that need any.  In row
-        blocks, so nothing is M x C."""
-        by_cell = torch.zeros(n_cells, n_cells, dtype=torch.int32)
-        needs = torch.zeros(m, dtype=torch.bool)
-        for rows in blocks:
-            gap = gaps[rows.start] if rows.start in gaps else lower_bounds(rows)
-            open_cells = ~pairs.done[labels[rows]]
-            if densest is not None:
-                row_rho, row_position = log_rho[rows].unsqueeze(1), position[rows].unsqueeze(1)
-                open_cells &= denser_than(row_rho, row_position, *densest)
+        """The cells each row still needs, given the squared distance ``bound`` (M,) its answer
+        is known to be within (+inf: unknown yet): every cell not held within the bound, or
+        without one the nearest.  With ``denser`` = (log rho (M,), and per cell the log rho and
+        position of its densest token), only cells holding a token denser than the row count.
+        Returns (C, C) bool, some token of row cell a needs cell b, and (M,) bool, the rows that
+        need any.  In row blocks, so nothing is M x C."""
+        by_cell = torch.zeros(self.n_cells, self.n_cells, dtype=torch.int32)
+        needs = torch.zeros(bound.shape[0], dtype=torch.bool)
+        for rows in self.blocks:
+            gap = self.gaps[rows.start] if rows.start in self.gaps else self.lower_bounds(rows)
+            open_cells = ~self.pairs.done[self.labels[rows]]
+            if denser is not None:
+                log_rho, cell_rho, cell_position = denser
+                row_rho, row_position = log_rho[rows].unsqueeze(1), self.position[rows]
+                open_cells &= denser_than(
+                    row_rho, row_position.unsqueeze(1), cell_rho, cell_position
+                )
             unknown = torch.isinf(bound[rows])
             want = open_cells & (gap <= bound[rows].sqrt().unsqueeze(1)) & ~unknown.unsqueeze(1)
             unknown = unknown.nonzero().squeeze(1)
             first = gap[unknown].masked_fill_(~open_cells[unknown], float("inf")).argmin(1)
             want[unknown, first] = open_cells[unknown, first]
             needs[rows] = want.any(1)
-            by_cell.index_add_(0, labels[rows], want.int())
+            by_cell.index_add_(0, self.labels[rows], want.int())
         return by_cell > 0, needs
 
-    # density (module doc, 3): own cell, then every cell within the k-th distance held, or for
-    # rows with fewer than k distances the nearest cell, until nothing is left
-    knn = torch.full((m, k), float("inf"))
-    want = torch.eye(n_cells, dtype=torch.bool)
-    while bool(want.any()):
-        touched = pairs.add(want)
-        if touched is None:
-            return None
-        for a in touched:
-            d2 = pairs.distances(a)
-            nearest = d2.topk(min(k, d2.shape[1]), dim=1, largest=False).values
-            knn[pairs.cell(a), : nearest.shape[1]] = nearest
-        want = wanted(knn[:, -1])[0]
-    log_rho = -(knn.sum(1) / k)
+    def density(self, k: int) -> Tensor | None:
+        """log rho (M,), Eq. (3) (module doc, 3): own cell, then every cell within the k-th
+        distance held, or for rows with fewer than k distances the nearest cell, until no row
+        needs more.  None past the budget."""
+        pairs = self.pairs
+        knn = torch.full((self.labels.numel(), k), float("inf"))
+        folded = [0] * self.n_cells  # blocks of each row cell already merged into knn
+        want = torch.eye(self.n_cells, dtype=torch.bool)
+        while bool(want.any()):
+            touched = pairs.add(want)
+            if touched is None:
+                return None
+            for a in touched:
+                rows = pairs.cell(a)
+                new = [d2 for _, d2 in pairs.blocks[a][folded[a] :]]
+                folded[a] = len(pairs.blocks[a])
+                merged = torch.cat([knn[rows], *new], 1)
+                knn[rows] = merged.topk(k, dim=1, largest=False).values
+            want = self.wanted(knn[:, -1])[0]
+        return -(knn.sum(1) / k)
 
-    # delta (module doc, 4): the nearest denser token among the pairs held
-    best = torch.empty(m)  # its squared distance
-    for a in range(n_cells):
-        rows = pairs.cell(a)
-        cols, d2 = pairs.columns(a), pairs.distances(a)
-        denser = denser_than(
-            log_rho[rows].unsqueeze(1),
-            position[rows].unsqueeze(1),
-            log_rho[cols].unsqueeze(0),
-            position[cols].unsqueeze(0),
-        )
-        best[rows] = d2.masked_fill_(~denser, float("inf")).amin(1)
-    # cell b holds a token denser than i iff its densest token is denser than i
-    cell_rho = torch.full((n_cells,), float("-inf")).scatter_reduce_(0, labels, log_rho, "amax")
-    at_top = log_rho == cell_rho[labels]
-    cell_position = torch.full((n_cells,), int(position.max()) + 1).scatter_reduce_(
-        0, labels[at_top], position[at_top], "amin"
-    )
-    # the rows still open take their full row (module doc, 4)
-    needs_more = wanted(best, (cell_rho, cell_position))[1]
-    open_rows = (needs_more | torch.isinf(best)).nonzero().squeeze(1)
-    if open_rows.numel() > MAX_FULL_ROWS:
-        return None
-    x, sq = sketch.x, sketch.sq
-    for block in row_blocks(open_rows.numel(), x.shape[0]):
-        rows = position[open_rows[block]]
-        d2 = (sq[rows].unsqueeze(1) + sq - 2.0 * (x[rows] @ x.T)).clamp_(min=0.0)[:, position]
-        denser = denser_than(
-            log_rho[open_rows[block]].unsqueeze(1), rows.unsqueeze(1), log_rho, position
-        )
-        best[open_rows[block]] = peak_from_distances(d2, denser, torch.ones_like(denser))
-    delta = best.sqrt_()
-    # back to the order of ``members``
-    out_rho, out_delta = torch.empty(m), torch.empty(m)
-    out_rho[order], out_delta[order] = log_rho, delta
-    return out_rho, out_delta
+    def delta(self, log_rho: Tensor) -> Tensor | None:
+        """delta (M,), Eq. (4) (module doc, 4): the nearest denser token among the distances
+        held, then a full row for every row that leaves open; None past ``MAX_FULL_ROWS``."""
+        pairs, position = self.pairs, self.position
+        best = torch.empty(log_rho.shape[0])  # squared distance to the nearest denser token
+        for a in range(self.n_cells):
+            rows, cols = pairs.cell(a), pairs.columns(a)
+            denser = denser_than(
+                log_rho[rows].unsqueeze(1),
+                position[rows].unsqueeze(1),
+                log_rho[cols].unsqueeze(0),
+                position[cols].unsqueeze(0),
+            )
+            best[rows] = pairs.distances(a).masked_fill_(~denser, float("inf")).amin(1)
+        # cell b holds a token denser than i iff its densest token is denser than i
+        labels = self.labels
+        cell_rho = torch.full((self.n_cells,), float("-inf"))
+        cell_rho.scatter_reduce_(0, labels, log_rho, "amax")
+        at_top = log_rho == cell_rho[labels]
+        cell_position = torch.full((self.n_cells,), int(position.max()) + 1)
+        cell_position.scatter_reduce_(0, labels[at_top], position[at_top], "amin")
+        needs_more = self.wanted(best, (log_rho, cell_rho, cell_position))[1]
+        open_rows = (needs_more | torch.isinf(best)).nonzero().squeeze(1)
+        if open_rows.numel() > MAX_FULL_ROWS:
+            return None
+        x, sq = self.sketch.x, self.sketch.sq
+        for block in row_blocks(open_rows.numel(), x.shape[0]):
+            rows = open_rows[block]
+            token = position[rows]
+            d2 = (sq[token].unsqueeze(1) + sq - 2.0 * (x[token] @ x.T)).clamp_(min=0.0)
+            d2 = d2[:, position]  # the pool's tokens, in the sorted order
+            denser = denser_than(log_rho[rows].unsqueeze(1), token.unsqueeze(1), log_rho, position)
+            best[rows] = peak_from_distances(d2, denser, torch.ones_like(denser))
+        return best.sqrt_()
+
+    def unsorted(self, values: Tensor) -> Tensor:
+        """``values`` (M,) of the sorted tokens, back in the order of ``members``."""
+        return torch.empty_like(values).index_copy_(0, self.order, values)
