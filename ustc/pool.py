@@ -51,8 +51,8 @@ def greedy_retention_pool(
     pool is not full): one matmul gives their similarity to the pool so far; the candidates that
     survive it get their mutual similarities from a second one, and ``first_fit`` settles them
     in a few vectorised rounds rather than one step per admitted token.  A candidate skipped
-    once stays rejected, because the pool only grows.  The work is O(N capacity D) at most plus the survivors' squares,
-    instead of O(capacity N D) per admitted token, and nothing is N x N.
+    once stays rejected, because the pool only grows.  The work is O(N capacity D) at most plus
+    the survivors' squares, instead of O(capacity N D) per admitted token, and nothing is N x N.
 
     features: (B, N, D); priority: (B, N); capacity: tokens to admit per video.
     """
@@ -99,8 +99,9 @@ def greedy_retention_pool(
             within = torch.bmm(sub, sub.transpose(1, 2))  # (B, L', L')
             admit = first_fit(within, tau, sub_max < tau)
             # the pool takes the first of them, in rank order, up to its capacity
-            admit &= admit.cumsum(1) <= (capacity - count).unsqueeze(1)
-            slot = torch.where(admit, count.unsqueeze(1) + admit.cumsum(1) - 1, capacity)
+            nth = admit.cumsum(1)
+            admit &= nth <= (capacity - count).unsqueeze(1)
+            slot = torch.where(admit, count.unsqueeze(1) + nth - 1, capacity)
             pool.scatter_(1, slot.unsqueeze(-1).expand(b, n_alive, d), sub)  # slot capacity: unused
             admitted_rank[:, start : start + span].scatter_(1, sel, admit)
             newest = torch.where(admit, start + sel, -1).amax(1)
