@@ -29,7 +29,7 @@ reproduces every printed FLOPs cell), so the FLOPs of a row are the paper's for 
 the retention; the lab accuracy per question family and overall; % of the uncompressed lab model;
 and the visual tokens the lab model's LLM actually received (measured by hooks, entering -> after
 layer K).  The lab LLM has 4 layers, so the paper's K maps to round(K * 4 / 28)
-(``ustc.benchmarks.map_paper_layer``, as ``run.py --paper-layer``): K = 18 -> 3; FastV's K = 2
+(``ustc.evaluation.map_paper_layer``, as ``run.py --paper-layer``): K = 18 -> 3; FastV's K = 2
 maps to 0 and is raised to 1, since FastV prunes with the attention of a layer that has seen the
 whole video (the paper's K in brackets).
 """
@@ -48,7 +48,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ustc.benchmarks import map_paper_layer  # noqa: E402
+from ustc.evaluation import map_paper_layer  # noqa: E402
 from ustc.config import CompressionConfig  # noqa: E402
 from ustc.flops import VANILLA, ModelSpec, count  # noqa: E402
 

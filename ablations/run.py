@@ -2,7 +2,7 @@
 
 Every field of :class:`~ustc.config.CompressionConfig`, every constructor parameter of every
 registered strategy (:data:`ustc.registry.REGISTRIES`) and of every benchmark
-(:data:`ustc.benchmarks.BENCHMARKS`) is a flag, generated from the registries: a strategy
+(:data:`ustc.evaluation.BENCHMARKS`) is a flag, generated from the registries: a strategy
 registered with a new parameter ``alpha`` gets ``--alpha`` without a CLI edit.  Names map to flags
 with dashes (``cluster_ratio`` -> ``--cluster-ratio``; ``--cluster_ratio`` works too) and
 ``--name=value`` works as W&B sweeps pass it.
@@ -14,7 +14,7 @@ Order of work, so that a mistake costs a second and not a model load:
 
 Options that are not configuration:
   --benchmark NAMES   comma-separated registered names or package.module:Class (default: lab)
-  --paper-layer K     the paper's K, mapped to the model's depth (see ustc.benchmarks)
+  --paper-layer K     the paper's K, mapped to the model's depth (see ustc.evaluation)
   --modules ROW       a Table 5 row: attn, sim, cluster, attn+sim, attn+cluster, sim+cluster,
                       attn+sim+cluster (sets scorer, recycler, cluster_ratio)
   --store PATH        JSONL results store (default results/ablations.jsonl); --no-store
@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from ablations.store import ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import MODES, log_run  # noqa: E402
 from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
-from ustc.benchmarks import (  # noqa: E402
+from ustc.evaluation import (  # noqa: E402
     BENCHMARKS,
     Benchmark,
     BenchmarkResult,
@@ -203,7 +203,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="ablations/run.py",
         description="Run one configuration of the compression on a benchmark and record it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags are generated from ustc.registry.REGISTRIES and ustc.benchmarks.BENCHMARKS.",
+        epilog="Flags are generated from ustc.registry.REGISTRIES and ustc.evaluation.BENCHMARKS.",
     )
     defaults = CompressionConfig()
     config_group = parser.add_argument_group("compression (CompressionConfig fields)")

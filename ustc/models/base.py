@@ -353,7 +353,7 @@ class Handle:
             ]
             kwargs = {**dict(zip(names[: len(args)], args, strict=True)), **kwargs}
             args = ()
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         session = self._sessions.get(cache) if cache is not None else None
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if kwargs.get("pixel_values_videos") is not None:
@@ -481,7 +481,7 @@ class Handle:
             raise RuntimeError(
                 "expected the multimodal model to call its language model with inputs_embeds"
             )
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is not None:
             _check_cache(cache)
         b, n, _ = embeds.shape
@@ -541,7 +541,10 @@ class Handle:
         session = self._fwd.session
         if session is None or not self._fwd.new_session:
             return
-        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+        cache = next(
+            (c for c in (getattr(output, name, None) for name in CACHE_NAMES) if c is not None),
+            cache_argument(kwargs),
+        )
         if cache is not None:
             self._sessions[cache] = session
 
@@ -775,6 +778,19 @@ def placeholder_span(ids: Tensor, token: int) -> tuple[int, int]:
             "same columns (equal-length prompts); got rows that differ"
         )
     return start, count
+
+
+#: the keyword a transformers release passes the KV cache by: ``cache`` from 5.24 on,
+#: ``past_key_values`` before (and still accepted, deprecated, by 5.24)
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's keyword arguments, whichever name the caller used."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def _cache_length(cache: Any, layer: int) -> int:

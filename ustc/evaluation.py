@@ -1,5 +1,6 @@
-"""Benchmarks behind one interface: the built-in laboratory benchmark and the paper's five through
-lmms-eval.
+"""Evaluation tasks behind one interface: the built-in laboratory benchmark and the paper's five
+through lmms-eval.  (Speed measurements live in the top-level ``benchmarks/`` scripts; this module
+is about accuracy.)
 
 A benchmark is a class registered in :data:`BENCHMARKS` whose typed constructor parameters become
 flags of ``ablations/run.py`` (``--limit``, ``--split``, ``--model``, ...), exactly like the
@@ -147,7 +148,7 @@ def load_benchmark_class(name: str) -> type[Benchmark]:
             f"name ({', '.join(BENCHMARKS.names())}) or package.module:Class"
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
-        raise ValueError(f"{name!r} is not a subclass of ustc.benchmarks.Benchmark")
+        raise ValueError(f"{name!r} is not a subclass of ustc.evaluation.Benchmark")
     if "registered_name" not in cls.__dict__:
         cls.registered_name = attr
     return cls

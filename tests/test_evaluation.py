@@ -1,4 +1,4 @@
-"""Tests of ustc/benchmarks.py and ustc/lmms_eval_plugin.py.
+"""Tests of ustc/evaluation.py and ustc/lmms_eval_plugin.py.
 
 The lmms-eval tests need lmms-eval importable (it is an optional extra; see docs/ablations.md for
 an install that keeps this torch) and are skipped otherwise.  They go through lmms-eval's own
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ustc import benchmarks  # noqa: E402
-from ustc.benchmarks import (  # noqa: E402
+from ustc import evaluation  # noqa: E402
+from ustc.evaluation import (  # noqa: E402
     BenchmarkResult,
     LabBenchmark,
     LmmsEvalBenchmark,
@@ -42,7 +42,7 @@ def test_registered_benchmarks_and_their_columns() -> None:
         "mlvu",
         "longvideobench",
         "videomme",
-    } <= set(benchmarks.BENCHMARKS.names())
+    } <= set(evaluation.BENCHMARKS.names())
     assert LmmsEvalBenchmark().columns == (
         "MVBench",
         "EgoSchema",
@@ -54,7 +54,7 @@ def test_registered_benchmarks_and_their_columns() -> None:
     assert single.columns == ("VideoMME",) and single.limit == 4
     assert single.spec() == {
         "name": "videomme",
-        "model": benchmarks.LmmsEvalBenchmark().model,
+        "model": evaluation.LmmsEvalBenchmark().model,
         "limit": 4,
         "frames": 32,
         "lmms_model": "llava_onevision_ustc",
@@ -82,14 +82,14 @@ def test_lmms_eval_missing_package_or_data_is_reported_before_loading(
 ) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        benchmarks.importlib.util,
+        evaluation.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "lmms_eval" else real(name, *a),
     )
     with pytest.raises(ValueError, match=r"need lmms-eval: pip install 'ustc\[lmms-eval\]'"):
         LmmsEvalBenchmark().check()
     monkeypatch.setattr(
-        benchmarks.importlib.util,
+        evaluation.importlib.util,
         "find_spec",
         lambda name, *a: object() if name == "lmms_eval" else real(name, *a),
     )
