@@ -48,8 +48,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ustc.evaluation import map_paper_layer  # noqa: E402
 from ustc.config import CompressionConfig  # noqa: E402
+from ustc.evaluation import map_paper_layer  # noqa: E402
 from ustc.flops import VANILLA, ModelSpec, count  # noqa: E402
 
 #: Table 1's retention ratios

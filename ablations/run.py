@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from ablations.store import ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import MODES, log_run  # noqa: E402
 from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
+from ustc.config import CompressionConfig  # noqa: E402
 from ustc.evaluation import (  # noqa: E402
     BENCHMARKS,
     Benchmark,
@@ -54,7 +55,6 @@ from ustc.evaluation import (  # noqa: E402
     load_benchmark_class,
     map_paper_layer,
 )
-from ustc.config import CompressionConfig  # noqa: E402
 from ustc.presets import TABLE5_ROWS  # noqa: E402
 from ustc.registry import REGISTRIES, Param  # noqa: E402
 

@@ -32,8 +32,8 @@ from ablations import tables  # noqa: E402
 from ablations.store import ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import metrics_of, resolve_mode  # noqa: E402
 from ustc import flops  # noqa: E402
-from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer  # noqa: E402
 from ustc.config import CompressionConfig  # noqa: E402
+from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer  # noqa: E402
 from ustc.presets import TABLE5_ROWS  # noqa: E402
 from ustc.registry import RECYCLERS, SCORERS  # noqa: E402
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ustc import evaluation  # noqa: E402
+from ustc.config import CompressionConfig  # noqa: E402
 from ustc.evaluation import (  # noqa: E402
     BenchmarkResult,
     LabBenchmark,
@@ -27,7 +28,6 @@ from ustc.evaluation import (  # noqa: E402
     build_benchmarks,
     parse_lmms_results,
 )
-from ustc.config import CompressionConfig  # noqa: E402
 from ustc.lmms_eval_plugin import config_from_model_args, config_to_model_args  # noqa: E402
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
