@@ -249,7 +249,11 @@ def test_text_attention_and_merge_at_layer_k_match_eager_weights():
     hidden = captured["hidden"]
     with torch.no_grad():
         recomputed = text_to_visual_attention(
-            layer.self_attn, layer.input_layernorm(hidden), *captured["rope"], ts, vs, ve
+            layer.self_attn,
+            layer.input_layernorm(hidden),
+            *captured["rope"],
+            ts,
+            torch.arange(vs, ve).expand(hidden.shape[0], -1),
         )
     expected = weights[:, :, ts:, vs:ve].mean(dim=1)
     torch.testing.assert_close(recomputed, expected, atol=1e-6, rtol=1e-5)
@@ -332,14 +336,21 @@ def test_unsupported_inputs_raise_clear_errors():
         )
         attach(Qwen2ForCausalLM(text), ON)
     handle = attach(model, ON)
+    # padding is supported, but not over the video, and the mask must be a 2-D tensor
     padded = dict(inputs.kwargs, attention_mask=inputs.kwargs["attention_mask"].clone())
-    padded["attention_mask"][1, 0] = 0
-    with pytest.raises(ValueError, match="padded batches"):
+    padded["attention_mask"][1, inputs.video_start + 3] = 0
+    with pytest.raises(ValueError, match="masks video placeholders"):
         model(**padded)
-    shifted = dict(inputs.kwargs, input_ids=inputs.input_ids.roll(1, dims=1))
-    shifted["input_ids"][0] = inputs.input_ids[0]
-    with pytest.raises(ValueError, match="same columns"):
-        model(**shifted)
+    as_dict = dict(
+        inputs.kwargs, attention_mask={"full_attention": inputs.kwargs["attention_mask"]}
+    )
+    with pytest.raises(ValueError, match=r"2-D \(B, n\) padding mask.*got a dict"):
+        model(**as_dict)
+    two_videos = dict(inputs.kwargs, input_ids=inputs.input_ids.clone())
+    two_videos["input_ids"][0, inputs.video_start + 5] = 7  # the run is cut in two
+    two_videos["input_ids"][0, 0] = VIDEO_TOKEN
+    with pytest.raises(ValueError, match="several runs"):
+        model(**two_videos)
     one_video = dict(inputs.kwargs, pixel_values_videos=inputs.kwargs["pixel_values_videos"][:1])
     with pytest.raises(ValueError, match="1 videos for 2 prompts"):
         model(**one_video)

@@ -220,8 +220,7 @@ def test_text_attention_at_layer_k_matches_eager_weights():
             layer.input_layernorm(captured["hidden"]),
             *captured["rope"],
             ts,
-            vs,
-            ve,
+            torch.arange(vs, ve).expand(captured["hidden"].shape[0], -1),
         )
     torch.testing.assert_close(
         recomputed, weights[:, :, ts:, vs:ve].mean(dim=1), atol=1e-6, rtol=1e-5
