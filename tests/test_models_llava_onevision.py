@@ -26,7 +26,7 @@ from models_helpers import (
 import ustc
 from ustc import MERGERS, CompressionConfig, Compressor
 from ustc.models import attach
-from ustc.models.base import text_to_visual_attention
+from ustc.models.attention import text_to_visual_attention
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from models_helpers import qwen_video_inputs, reference_logits, tiny_qwen2_5_vl,
 
 from ustc import MERGERS, CompressionConfig, Compressor
 from ustc.models import attach
-from ustc.models.base import text_to_visual_attention
+from ustc.models.attention import text_to_visual_attention
 
 torch.set_num_threads(1)
 

@@ -1,10 +1,20 @@
 """Shared machinery of the model adapters: the ``Handle``, the hooks, the in-LLM merge at layer K.
 
+What every decoder-only Video-LLM shares lives here and in three helper modules
+(``ustc.models.sequence``: kept columns, padding slots, masks and positions;
+``ustc.models.attention``: Eq. (1) and Eq. (5) recomputed from a layer's projections;
+``ustc.models.compat``: what differs between transformers releases).  What a backbone declares
+is a ``Handle`` subclass in a file of its own (see ``docs/adding-a-backbone.md``): where its video
+features and their grid come from (``video_call``, ``video_layout``), which vision layer gives
+the Eq. (1) scores and how they align with the LLM tokens (``vision_hooks``), its positions
+(``decode_positions``) and, where it has them, extra per-token streams (``compress_streams``,
+``merge_streams``).
+
 How a compressed ``generate()`` flows through an attached model (every hook is on the instance,
 removable, and nothing in transformers is patched):
 
 1. ``model.model`` forward pre-hook (prefill with a video): checks the inputs (one video per
-   row, no padding, no images) before anything runs.
+   row, a 2-D padding mask, no images) before anything runs.
 2. ``get_video_features``, wrapped on the instance (``generate()`` of transformers >= 5.2x calls
    it before the first forward, older versions inside it): while it runs, a pre-hook on one
    vision-encoder attention recomputes q and k from the layer's input and reduces them, frame by
@@ -13,7 +23,8 @@ removable, and nothing in transformers is patched):
 3. ``language_model`` forward pre-hook: the model has placed the video features in
    ``inputs_embeds``; they are compressed to ``config.budget(F, P)`` tokens, and
    ``inputs_embeds``, ``attention_mask`` and ``position_ids`` are cut to the kept columns, so the
-   kept tokens keep their original (RoPE / M-RoPE) positions.
+   kept tokens keep their original (RoPE / M-RoPE) positions.  Rows of a padded batch are cut
+   independently and left-padded to the longest (``ustc.models.sequence.packed_columns``).
 4. Decoder-layer pre-hooks on layers >= K: at layer K the visual hidden states are merged to
    ``config.kept_after_merge(M)`` tokens (Eq. 5-10); the position embeddings, position ids and a
    tensor attention mask are cut the same way at every layer >= K.  The KV cache of those layers
@@ -30,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -43,11 +53,27 @@ from torch import Tensor, nn
 from ustc.compressor import CompressionResult, Compressor
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
-from ustc.scoring import mean_received_attention
-
-#: attention probabilities (frames x heads x queries x keys floats) computed at once by the
-#: vision-score reduction: bounds the memory of Eq. (1) at 32-64 frames of 729 tokens
-VISION_BLOCK = 1 << 26
+from ustc.models.attention import text_to_visual_attention
+from ustc.models.compat import (
+    CACHE_NAMES,
+    cache_argument,
+    cache_length,
+    check_cache,
+    describe,
+    version_note,
+)
+from ustc.models.sequence import (
+    batch_rows,
+    default_positions,
+    first_given,
+    gather_columns,
+    next_position_after,
+    packed_columns,
+    padding_mask,
+    shape_groups,
+    slice_mask,
+    take_columns,
+)
 
 _ATTACHED = "_ustc_handle"
 
@@ -285,6 +311,17 @@ class Handle:
         """Position ids of ``length`` new tokens when the caller passed none (manual decoding)."""
         raise NotImplementedError
 
+    def compress_streams(
+        self, kwargs: dict[str, Any], session: Session, groups: list[Group], layout: VideoLayout
+    ) -> None:
+        """Cut the language model's extra per-token inputs (``kwargs``, e.g. Qwen3-VL's DeepStack
+        features) with the selection just made: ``groups`` hold each group's
+        ``CompressionResult``, ``session.keep`` the kept columns.  None by default."""
+
+    def merge_streams(self, session: Session, results: list[MergeResult]) -> None:
+        """Layer K: cut the extra streams as the visual hidden states were merged (one
+        ``MergeResult`` per group of ``session.groups``).  None by default."""
+
     # ------------------------------------------------------------------------ lifecycle
     @property
     def attached(self) -> bool:
@@ -410,13 +447,13 @@ class Handle:
                 "images mixed with a video in one call are not supported by ustc: the compressor "
                 "allocates one budget over the frames of a single video; pass the video alone"
             )
-        if session is not None or (cache is not None and _cache_length(cache, 0) > 0):
+        if session is not None or (cache is not None and cache_length(cache, 0) > 0):
             raise ValueError(
                 "a new video on top of a non-empty KV cache is not supported: start a new "
                 "conversation (fresh cache) for each video"
             )
         if cache is not None:
-            _check_cache(cache)
+            check_cache(cache)
         ids = kwargs.get("input_ids")
         if ids is None or ids.dim() != 2:
             raise ValueError(
@@ -427,8 +464,8 @@ class Handle:
         if mask is not None and (not isinstance(mask, Tensor) or mask.shape != ids.shape):
             raise ValueError(
                 "attention_mask must be a 2-D (B, n) padding mask like input_ids "
-                f"{tuple(ids.shape)}, got {_describe(mask)}"
-                f"{_version_note()}"
+                f"{tuple(ids.shape)}, got {describe(mask)}"
+                f"{version_note()}"
             )
         if kwargs.get("pixel_values_videos") is not None:  # fail before the vision tower runs
             video = self.video_call((), kwargs)
@@ -465,7 +502,7 @@ class Handle:
                 raise ValueError(
                     "decode-step attention_mask must be 2-D and cover the original prompt and "
                     f"every token since: expected (B, {session.seen + length}), got "
-                    f"{_describe(mask)}{_version_note()}"
+                    f"{describe(mask)}{version_note()}"
                 )
             n = session.prompt_length
             kwargs["attention_mask"] = torch.cat(
@@ -529,7 +566,7 @@ class Handle:
             )
         cache = cache_argument(kwargs)
         if cache is not None:
-            _check_cache(cache)
+            check_cache(cache)
         b, n, _ = embeds.shape
         device = embeds.device
         columns = torch.arange(n, device=device)
@@ -554,7 +591,7 @@ class Handle:
         kept = valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
         source = embeds.clone()
         groups: list[Group] = []
-        for rows, (f, p) in _shape_groups(layout.frames, layout.tokens_per_frame, device):
+        for rows, (f, p) in shape_groups(layout.frames, layout.tokens_per_frame, device):
             grid = starts[rows, None] + torch.arange(f * p, device=device)
             features = take_columns(embeds[rows], grid).reshape(len(rows), f, p, -1)
             group_scores = None if scores is None else torch.stack([scores[i] for i in rows])
@@ -576,7 +613,7 @@ class Handle:
             positions = kwargs.get("position_ids")
             if positions is None:
                 positions = default_positions(mask, b, n, device)
-            kwargs["position_ids"] = _gather_columns(positions, keep.clamp(min=0), b)
+            kwargs["position_ids"] = gather_columns(positions, keep.clamp(min=0), b)
             # gapped positions without a mask read as packed sequences to transformers
             kwargs["attention_mask"] = take_columns(
                 valid.to(mask.dtype if mask is not None else torch.long), keep, fill=0
@@ -597,12 +634,15 @@ class Handle:
             text_starts=visual_starts
             + torch.tensor(visual_counts, device=device)
             + layout.trailing,
-            next_position=_next_position(
-                _first(kwargs.get("position_ids"), lambda: default_positions(mask, b, n, device)),
+            next_position=next_position_after(
+                first_given(
+                    kwargs.get("position_ids"), lambda: default_positions(mask, b, n, device)
+                ),
                 keep,
             ),
             right_padded=None if keep is unchanged or mask is None else mask[:, -1] == 0,
         )
+        self.compress_streams(kwargs, session, groups, layout)
         self._fwd.session = session
         self._fwd.new_session = True
         self._fwd.phase = "prefill" if self.merge_active else None
@@ -648,14 +688,14 @@ class Handle:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, Tensor):
             raise ValueError(
-                f"decoder layer {index} received no hidden_states tensor{_version_note()}"
+                f"decoder layer {index} received no hidden_states tensor{version_note()}"
             )
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, Tensor):
             raise ValueError(
                 f"decoder layer {index} received an attention mask of type "
                 f"{type(mask).__name__}, which cannot be cut to the merged tokens; use sdpa, eager "
-                f"or flash attention{_version_note()}"
+                f"or flash attention{version_note()}"
             )
         if phase == "prefill":
             if index == self.config.layer:
@@ -671,21 +711,19 @@ class Handle:
             if kwargs.get("position_embeddings") is None:
                 raise ValueError(
                     f"decoder layer {index} received no position_embeddings (cos, sin)"
-                    f"{_version_note()}"
+                    f"{version_note()}"
                 )
             kwargs["position_embeddings"] = self._sliced(
                 kwargs["position_embeddings"],
-                lambda pe: tuple(_gather_columns(x, index_, b, dim=-2) for x in pe),
+                lambda pe: tuple(gather_columns(x, index_, b, dim=-2) for x in pe),
             )
             kwargs["position_ids"] = self._sliced(
-                kwargs.get("position_ids"), lambda pos: _gather_columns(pos, index_, b)
+                kwargs.get("position_ids"), lambda pos: gather_columns(pos, index_, b)
             )
             if mask is not None:
-                kwargs["attention_mask"] = self._sliced(mask, lambda m: _slice_mask(m, keep, keep))
+                kwargs["attention_mask"] = self._sliced(mask, lambda m: slice_mask(m, keep, keep))
             elif session.merge_pads:
-                kwargs["attention_mask"] = self._sliced(
-                    keep, lambda k: _padding_mask(k, k.shape[1])
-                )
+                kwargs["attention_mask"] = self._sliced(keep, lambda k: padding_mask(k, k.shape[1]))
         else:  # decode: the cache of this layer holds the n'' prefill columns and what followed
             keep = session.merge_keep
             assert keep is not None
@@ -697,11 +735,11 @@ class Handle:
             columns = torch.cat([keep, later], dim=1)
             if mask is not None:
                 kwargs["attention_mask"] = self._sliced(
-                    mask, lambda m: _slice_mask(m, None, columns)
+                    mask, lambda m: slice_mask(m, None, columns)
                 )
             elif session.merge_pads:
                 kwargs["attention_mask"] = self._sliced(
-                    session, lambda _: _padding_mask(columns, hidden.shape[1])
+                    session, lambda _: padding_mask(columns, hidden.shape[1])
                 )
         return args, kwargs
 
@@ -746,8 +784,8 @@ class Handle:
                 attention = text_to_visual_attention(
                     getattr(layer, self.layer_attention),
                     normed[rows],
-                    _rows(cos, rows),
-                    _rows(sin, rows),
+                    batch_rows(cos, rows),
+                    batch_rows(sin, rows),
                     text_start,
                     visual_columns,
                     session.valid[rows],
@@ -764,6 +802,7 @@ class Handle:
             results.append(result)
         session.merge_keep = packed_columns(kept)
         session.merge_pads = bool((session.merge_keep < 0).any())
+        self.merge_streams(session, results)
         merged = take_columns(source, session.merge_keep, fill=0)
         self.stats.merge_seconds += clock(hidden) - t0
         self.stats.tokens_after_merge = max(r.indices.shape[1] for r in results)
@@ -786,165 +825,6 @@ def _bind_layer_hook(method: Callable[..., Any], index: int) -> Callable[..., An
 
 
 # ----------------------------------------------------------------------------- tensor helpers
-def text_to_visual_attention(
-    attention: nn.Module,
-    normed: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    text_start: int,
-    visual_columns: Tensor,
-    key_mask: Tensor | None = None,
-) -> Tensor:
-    """A_qv = mean_h softmax(Q_h K_h^T / sqrt(d))[text rows, visual columns]   -- Eq. (1), (5)
-
-    Recomputed from the decoder layer's own q/k projections and RoPE for the text rows only, so
-    it works under sdpa/flash attention (which return no weights) in O(N_q * n) memory.  The
-    softmax runs over the whole causal key set of each text row (every earlier token that is not
-    padding), then the visual columns are taken, as in the attention matrix A of Eq. (5).
-
-    attention:      the layer's self-attention (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
-    normed:         (B, n, D) the layer input after its input norm.
-    cos, sin:       (B or 1, n, d) the layer's rotary embeddings.
-    text_start:     first text row (rows of a padded batch may start later: mask them after).
-    visual_columns: (B, N_v) the column of each visual token in each row.
-    key_mask:       (B, n) bool, False for padding columns (no query attends to them).
-    Returns (B, N_q, N_v) float32 with N_q = n - text_start.
-    """
-    rope = _rotary_function(attention)
-    b, n, _ = normed.shape
-    head_dim = attention.head_dim
-    q = (
-        attention.q_proj(normed[:, text_start:])
-        .view(b, n - text_start, -1, head_dim)
-        .transpose(1, 2)
-    )
-    k = attention.k_proj(normed).view(b, n, -1, head_dim).transpose(1, 2)
-    q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
-    k = rope(k, k, cos, sin)[1]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query heads
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attention.scaling
-    rows = torch.arange(text_start, n, device=normed.device)
-    allowed = (torch.arange(n, device=normed.device)[None, :] <= rows[:, None])[None]  # (1, N_q, n)
-    if key_mask is not None:
-        allowed = allowed & key_mask.to(normed.device)[:, None, :]
-    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
-    index = visual_columns.to(normed.device)[:, None, :].expand(b, n - text_start, -1)
-    return probs.gather(2, index)
-
-
-def _rotary_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The ``apply_rotary_pos_emb`` the attention module's own forward uses."""
-    fn = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise ValueError(
-            f"{type(attention).__name__} has no apply_rotary_pos_emb in its module; text-aware "
-            "attention cannot be recomputed for this language model"
-        )
-    return fn
-
-
-def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:
-    """Eq. (1) for encoders without CLS, over groups of frames so that memory stays bounded.
-
-    q, k: (G, H, L, d) for G independent attention groups (frames or windows).  Returns (G, L).
-    """
-    g, h, length, _ = q.shape
-    step = max(1, VISION_BLOCK // max(1, h * length * length))
-    return torch.cat(
-        [mean_received_attention(q[i : i + step], k[i : i + step]) for i in range(0, g, step)]
-    )
-
-
-def _gather_columns(x: Tensor, keep: Tensor, batch: int, dim: int = -1) -> Tensor:
-    """Columns ``keep`` (B, m) of ``x`` along ``dim``; x is (..., B or 1, n, ...)."""
-    dim = dim % x.dim()
-    batch_dim = dim - 1
-    shape = list(x.shape)
-    shape[batch_dim] = batch
-    x = x.expand(*shape)
-    index_shape = [1] * x.dim()
-    index_shape[batch_dim], index_shape[dim] = batch, keep.shape[1]
-    index = keep.to(x.device).view(index_shape)
-    target = list(x.shape)
-    target[dim] = keep.shape[1]
-    return x.gather(dim, index.expand(*target))
-
-
-def _slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor) -> Tensor:
-    """Cut a layer's attention mask to the kept query rows and key columns (-1: padding slot).
-
-    4-D (B or 1, 1, q, kv) masks (eager, or sdpa with padding) lose rows and columns; 2-D (B, kv)
-    padding masks (flash attention) lose columns.  Padding slots are masked out.
-    """
-    b = columns.shape[0]
-    if mask.dim() == 2:
-        return take_columns(mask, columns, fill=0)
-    if mask.dim() != 4:
-        raise ValueError(f"unexpected attention mask shape {tuple(mask.shape)}{_version_note()}")
-    mask = mask.expand(b, *mask.shape[1:])
-    _, h, q, kv = mask.shape
-    if rows is not None:
-        q = rows.shape[1]
-        index = rows.clamp(min=0).to(mask.device)[:, None, :, None].expand(b, h, q, kv)
-        mask = mask.gather(2, index)
-    index = columns.clamp(min=0).to(mask.device)[:, None, None, :].expand(b, h, q, columns.shape[1])
-    cut = mask.gather(3, index)
-    blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-    return cut.masked_fill((columns < 0).to(mask.device)[:, None, None, :], blocked)
-
-
-def _padding_mask(columns: Tensor, queries: int) -> Tensor:
-    """(B, 1, q, kv) bool mask: causal over the last ``queries`` columns, padding slots masked."""
-    kv = columns.shape[1]
-    rows = torch.arange(kv - queries, kv, device=columns.device)
-    causal = torch.arange(kv, device=columns.device)[None, :] <= rows[:, None]
-    return (causal[None] & (columns >= 0)[:, None, :])[:, None]
-
-
-def take_columns(x: Tensor, columns: Tensor, fill: float | bool | None = None) -> Tensor:
-    """``x[b, columns[b]]`` for x (B, n) or (B, n, D) and columns (B, m); a -1 column gives
-    ``fill`` (padding slots)."""
-    index = columns.clamp(min=0).to(x.device)
-    if x.dim() == 3:
-        out = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-    else:
-        out = x.gather(1, index)
-    if fill is None:
-        return out
-    pad = (columns < 0).to(x.device)
-    return out.masked_fill(pad[..., None] if x.dim() == 3 else pad, fill)
-
-
-def packed_columns(kept: Tensor) -> Tensor:
-    """Each row's kept columns in order, right-aligned to the longest row, -1 on the left.
-
-    kept: (B, n) bool.  Returns (B, max_b count_b) long.  Padding goes to the left, as in a
-    left-padded batch, so that every row's last column is its last token (``generate()`` reads
-    the next token there), whether the caller padded left or right.
-    """
-    n = kept.shape[1]
-    counts = kept.sum(dim=1)
-    width = int(counts.max())
-    # a stable sort puts each row's dropped columns first and its kept ones last, both in order
-    order = torch.sort(kept.to(torch.uint8), dim=1, stable=True).indices[:, n - width :]
-    slot = torch.arange(width, device=kept.device)
-    return torch.where(slot >= (width - counts)[:, None], order, -1)
-
-
-def default_positions(mask: Tensor | None, batch: int, n: int, device: torch.device) -> Tensor:
-    """1-D positions of a prompt when the caller gave none: 0..n-1, or counted over the unmasked
-    tokens of each row when the batch is padded (the rule of transformers' ``generate()``)."""
-    if mask is None or bool(mask.all()):
-        return torch.arange(n, device=device).expand(batch, n)
-    positions = mask.long().cumsum(dim=-1) - 1
-    return positions.masked_fill(mask == 0, 1).to(device)
-
-
-def _next_position(positions: Tensor, keep: Tensor) -> Tensor:
-    """Position after each row's last kept token, per axis: (B,) or (axes, B)."""
-    return positions.masked_fill(keep.to(positions.device) < 0, -1).amax(dim=-1) + 1
-
-
 def _continue_positions(kwargs: dict[str, Any], session: Session) -> None:
     """A decode step at the language model: rows whose padding moved left continue from their
     own last token (transformers' bookkeeping counts their padding columns: it gives right
@@ -960,100 +840,11 @@ def _continue_positions(kwargs: dict[str, Any], session: Session) -> None:
         return
     if positions is None or positions.shape != ours.shape:
         raise ValueError(
-            f"decode-step position_ids of shape {_describe(positions)} where {tuple(ours.shape)} "
-            f"was expected{_version_note()}"
+            f"decode-step position_ids of shape {describe(positions)} where {tuple(ours.shape)} "
+            f"was expected{version_note()}"
         )
     rows = session.right_padded.to(positions.device)[:, None]
     kwargs["position_ids"] = torch.where(rows, ours.to(positions.device), positions)
-
-
-def _shape_groups(
-    frames: list[int], per_frame: list[int], device: torch.device
-) -> list[tuple[Tensor, tuple[int, int]]]:
-    """Rows whose videos have the same F x P, in order of first appearance."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for row, shape in enumerate(zip(frames, per_frame, strict=True)):
-        groups.setdefault(shape, []).append(row)
-    return [(torch.tensor(rows, device=device), shape) for shape, rows in groups.items()]
-
-
-def _first(value: Tensor | None, otherwise: Callable[[], Tensor]) -> Tensor:
-    return value if value is not None else otherwise()
-
-
-def _rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Rows of a (B or 1, ...) tensor that broadcasts over the batch."""
-    return x if x.shape[0] == 1 else x[rows.to(x.device)]
-
-
-def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
-    """(first column, count) of each row's one contiguous run of ``token``: (B,), [count_b]."""
-    hits = ids == token
-    counts = hits.sum(dim=1)
-    if int(counts.min()) == 0:
-        raise ValueError(
-            "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
-            "exactly one video per prompt row is supported"
-        )
-    starts = hits.int().argmax(dim=1)
-    columns = torch.arange(ids.shape[1], device=ids.device)
-    run = (columns >= starts[:, None]) & (columns < (starts + counts)[:, None])
-    if not torch.equal(run, hits):
-        raise ValueError(
-            "every prompt row must hold its video as one contiguous run of video placeholders; "
-            "a row holds several runs (one video per prompt row is supported)"
-        )
-    return starts, counts.tolist()
-
-
-def _describe(value: Any) -> str:
-    shape = getattr(value, "shape", None)
-    return f"shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
-
-
-#: the transformers releases the adapters are tested with (README, CI)
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
-
-
-def _version_note() -> str:
-    import transformers
-
-    low, high = TESTED_TRANSFORMERS
-    return (
-        f" (transformers {transformers.__version__}; ustc's adapters are tested with "
-        f"{low} to {high}: a form this release passes that ustc does not know, please report it)"
-    )
-
-
-#: the keyword a transformers release passes the KV cache by: ``cache`` from 5.24 on,
-#: ``past_key_values`` before (and still accepted, deprecated, by 5.24)
-CACHE_NAMES = ("cache", "past_key_values")
-
-
-def cache_argument(kwargs: dict[str, Any]) -> Any:
-    """The KV cache among a forward's keyword arguments, whichever name the caller used."""
-    for name in CACHE_NAMES:
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-    return None
-
-
-def _cache_length(cache: Any, layer: int) -> int:
-    try:
-        return int(cache.get_seq_length(layer))
-    except TypeError:
-        return int(cache.get_seq_length())
-
-
-def _check_cache(cache: Any) -> None:
-    from transformers import DynamicCache
-
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"only DynamicCache is supported with token compression, got {type(cache).__name__}: "
-            "layers >= K hold fewer entries than layers < K, which static/offloaded caches "
-            "cannot represent"
-        )
 
 
 def clock(tensor: Tensor) -> float:

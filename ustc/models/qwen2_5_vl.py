@@ -22,15 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import (
-    Handle,
-    Session,
-    VideoCall,
-    VideoLayout,
-    clock,
-    placeholder_runs,
-    vision_received_attention,
-)
+from ustc.models.attention import vision_received_attention
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.sequence import placeholder_runs
 
 
 class Qwen2_5_VLHandle(Handle):
