@@ -588,28 +588,27 @@ class Handle:
 
         scores = self._take_scores(video, layout)
         t0 = clock(embeds)
-        kept = valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
-        source = embeds.clone()
         groups: list[Group] = []
+        visual_counts = list(layout.sizes)
         for rows, (f, p) in shape_groups(layout.frames, layout.tokens_per_frame, device):
             grid = starts[rows, None] + torch.arange(f * p, device=device)
             features = take_columns(embeds[rows], grid).reshape(len(rows), f, p, -1)
             group_scores = None if scores is None else torch.stack([scores[i] for i in rows])
-            result = self.compressor.compress(features, group_scores)
-            chosen = starts[rows, None] + result.indices
-            kept[rows[:, None], chosen] = True
-            source[rows[:, None], chosen] = result.tokens.to(embeds.dtype)
-            groups.append(Group(rows, f, p, result))
-        visual_counts = [0] * b
-        for g in groups:
-            for row in g.rows.tolist():
-                visual_counts[row] = g.compression.indices.shape[1]
-        unchanged = columns.expand(b, n)
-        if visual_counts == layout.sizes:  # nothing removed: the prompt passes unchanged
-            keep = unchanged
+            groups.append(Group(rows, f, p, self.compressor.compress(features, group_scores)))
+            for row in rows.tolist():
+                visual_counts[row] = groups[-1].compression.indices.shape[1]
+        compressed = visual_counts != layout.sizes
+        if not compressed:  # nothing removed: the prompt passes unchanged
+            keep = columns.expand(b, n)
         else:
+            kept = valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
+            source = embeds.clone()
+            for group in groups:
+                chosen = starts[group.rows, None] + group.compression.indices
+                kept[group.rows[:, None], chosen] = True
+                source[group.rows[:, None], chosen] = group.compression.tokens.to(embeds.dtype)
             keep = packed_columns(kept)
-            kwargs["inputs_embeds"] = take_columns(source, keep)
+            kwargs["inputs_embeds"] = take_columns(source, keep, fill=0)
             positions = kwargs.get("position_ids")
             if positions is None:
                 positions = default_positions(mask, b, n, device)
@@ -620,9 +619,8 @@ class Handle:
             )
         self.stats.compress_seconds += clock(embeds) - t0
 
-        before = (kept & (columns < starts[:, None])).sum(dim=1)
-        pads = (keep < 0).sum(dim=1)
-        visual_starts = pads + before
+        # padding slots (-1) and kept columns before each video precede it in the n' sequence
+        visual_starts = (keep < starts[:, None]).sum(dim=1)
         session = Session(
             keep=keep,
             valid=take_columns(valid, keep, fill=False),
@@ -640,7 +638,10 @@ class Handle:
                 ),
                 keep,
             ),
-            right_padded=None if keep is unchanged or mask is None else mask[:, -1] == 0,
+            # the sequence is packed (padding moved left) here or at layer K
+            right_padded=(
+                mask[:, -1] == 0 if (compressed or self.merge_active) and mask is not None else None
+            ),
         )
         self.compress_streams(kwargs, session, groups, layout)
         self._fwd.session = session
@@ -757,9 +758,9 @@ class Handle:
     ) -> Tensor:
         """Layer K, prefill: merge the visual hidden states (Eq. 5-10) and cut the sequence.
 
-        Rows are merged in the groups they were compressed in (equal M); each row's text is the
-        tokens after its video, right-aligned (the n' sequence is left-padded), with a mask over
-        the columns another row's longer text needs.
+        Rows are merged in the groups they were compressed in (equal M); each row's text is its
+        unpadded tokens after its video, right-aligned, with a mask over the columns another
+        row's longer text needs.
         """
         t0 = clock(hidden)
         b, n_in, _ = hidden.shape
@@ -776,10 +777,14 @@ class Handle:
         for rows in session.groups:
             m = session.visual_counts[int(rows[0])]
             visual_columns = starts[rows, None] + torch.arange(m, device=device)
-            text_start = int(text_starts[rows].min())
-            text_mask = columns[text_start:] >= text_starts[rows, None]
+            # each row's text: its unpadded columns after its video, right-aligned
+            text_columns = packed_columns(
+                session.valid[rows] & (columns >= text_starts[rows, None])
+            )
+            text_mask = text_columns >= 0
             attention = None
             if normed is not None:
+                text_start = int(text_starts[rows].min())
                 cos, sin = kwargs["position_embeddings"]
                 attention = text_to_visual_attention(
                     getattr(layer, self.layer_attention),
@@ -790,9 +795,10 @@ class Handle:
                     visual_columns,
                     session.valid[rows],
                 )
+                attention = take_columns(attention, (text_columns - text_start).clamp(min=-1))
             result = self.compressor.merge(
                 take_columns(hidden[rows], visual_columns),
-                hidden[rows, text_start:],
+                take_columns(hidden[rows], text_columns),
                 attention,
                 text_mask=None if bool(text_mask.all()) else text_mask,
             )
