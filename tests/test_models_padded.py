@@ -110,7 +110,7 @@ def test_each_row_of_a_padded_batch_equals_its_prompt_alone(backbone, attn, conf
         # the cache of layers < K holds the row's prompt as alone; the rest are padding slots
         real = batch["attention_mask"][i].bool()
 
-        def held(columns):  # the row's own tokens among the columns a cache holds
+        def held(columns, real=real):  # the row's own tokens among the columns a cache holds
             return int(((columns >= 0) & real[columns.clamp(min=0)]).sum())
 
         kept = last.input_positions[i]
