@@ -237,3 +237,15 @@ def test_citation_cff_is_valid_cff_1_2_and_cites_the_paper():
 def test_citation_cff_passes_cffconvert_when_installed():
     cffconvert = pytest.importorskip("cffconvert", reason="cffconvert is not installed")
     cffconvert.Citation((ROOT / "CITATION.cff").read_text()).validate()
+
+
+def test_the_readme_and_ci_state_the_tested_transformers_range():
+    from ustc.models.compat import TESTED_TRANSFORMERS
+
+    low, high = TESTED_TRANSFORMERS
+    readme = (ROOT / "README.md").read_text()
+    assert f"transformers {low} to {high}" in readme
+    models = (ROOT / "docs" / "models.md").read_text()
+    assert f"transformers {low} (the" in models and f"({high} when this was written" in models
+    # CI's second pass installs exactly the oldest release named there
+    assert "TESTED_TRANSFORMERS[0]" in (ROOT / ".ci" / "run").read_text()

@@ -105,3 +105,33 @@ def test_merger_errors():
         merger.merge(v, torch.randn(1, 0, 3), torch.rand(1, 0, 4), 2)
     with pytest.raises(ValueError, match="tokens to keep"):
         merger.merge(v, t, torch.rand(1, 2, 4), 5)
+
+
+@pytest.mark.parametrize("name", MERGERS.names())
+def test_masked_text_of_a_padded_batch_equals_each_row_alone(name):
+    # rows with 3 and 6 text tokens, right-aligned in one (2, 6) batch; the padding columns hold
+    # values that would win every max if they counted
+    g = torch.Generator().manual_seed(0)
+    visual = torch.randn(2, 10, 8, generator=g)
+    lengths = (3, 6)
+    text = torch.randn(2, 6, 8, generator=g)
+    attention = torch.rand(2, 6, 10, generator=g)
+    mask = torch.arange(6)[None, :] >= torch.tensor([6 - n for n in lengths])[:, None]
+    text = torch.where(mask[..., None], text, 100.0 * visual[:, :1])
+    attention = torch.where(mask[..., None], attention, 1.0)
+    merger = MERGERS.build(name)
+    batched = merger.merge(visual, text, attention, 4, text_mask=mask)
+    for row, n in enumerate(lengths):
+        alone = merger.merge(
+            visual[row : row + 1],
+            text[row : row + 1, 6 - n :],
+            attention[row : row + 1, 6 - n :],
+            4,
+        )
+        assert torch.equal(batched.indices[row], alone.indices[0])
+        assert torch.equal(batched.tokens[row], alone.tokens[0])
+    if name == "text-aware":  # the padding would change the choice if it counted
+        unmasked = merger.merge(visual, text, attention, 4)
+        assert not torch.equal(unmasked.indices[0], batched.indices[0])
+    with pytest.raises(ValueError, match="right-aligned"):
+        merger.merge(visual, text, attention, 4, text_mask=mask.flip(1))

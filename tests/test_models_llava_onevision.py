@@ -9,7 +9,9 @@ What is checked against what:
 - the text-to-visual attention of layer K -> eager attention weights of that layer.
 """
 
+import inspect
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -26,7 +28,8 @@ from models_helpers import (
 import ustc
 from ustc import MERGERS, CompressionConfig, Compressor
 from ustc.models import attach
-from ustc.models.base import text_to_visual_attention
+from ustc.models.attention import text_to_visual_attention
+from ustc.models.compat import CACHE_NAMES
 
 torch.set_num_threads(1)
 
@@ -249,7 +252,11 @@ def test_text_attention_and_merge_at_layer_k_match_eager_weights():
     hidden = captured["hidden"]
     with torch.no_grad():
         recomputed = text_to_visual_attention(
-            layer.self_attn, layer.input_layernorm(hidden), *captured["rope"], ts, vs, ve
+            layer.self_attn,
+            layer.input_layernorm(hidden),
+            *captured["rope"],
+            ts,
+            torch.arange(vs, ve).expand(hidden.shape[0], -1),
         )
     expected = weights[:, :, ts:, vs:ve].mean(dim=1)
     torch.testing.assert_close(recomputed, expected, atol=1e-6, rtol=1e-5)
@@ -281,13 +288,26 @@ def test_generate_end_to_end_with_every_merger(merger):
     handle.remove()
 
 
-def test_manual_decoding_without_generate_matches_generate():
+def _cache_keywords(model):
+    """The keywords the installed transformers takes the KV cache by: ``cache`` (>= 5.24, which
+    still accepts the deprecated ``past_key_values``) or ``past_key_values`` (older releases)."""
+    declared = inspect.signature(model.forward).parameters
+    return [name for name in CACHE_NAMES if name in declared] + (
+        ["past_key_values"] if "past_key_values" not in declared else []
+    )
+
+
+@pytest.mark.parametrize("keyword", CACHE_NAMES)
+def test_manual_decoding_without_generate_matches_generate(keyword):
     model = tiny_llava_onevision(layers=3)
+    if keyword not in _cache_keywords(model):
+        pytest.skip(f"this transformers takes no {keyword}= keyword")
     inputs = llava_video_inputs(model)
     handle = attach(model, ON)
     out = generate(model, inputs, steps=4)
     ids, mask = inputs.input_ids, inputs.kwargs["attention_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is deprecated in 5.24
         step = model(**inputs.kwargs, use_cache=True)
         logits = [step.logits[:, -1]]
         cache = step.past_key_values
@@ -296,12 +316,31 @@ def test_manual_decoding_without_generate_matches_generate():
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             # alternately with the full-length mask and with no mask and no positions at all
             extra = {"attention_mask": mask} if t % 2 == 0 else {}
-            step = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+            step = model(input_ids=token, use_cache=True, **{keyword: cache}, **extra)
             logits.append(step.logits[:, -1])
     handle.remove()
     torch.testing.assert_close(
         torch.stack(logits, 1), torch.stack(out.logits, 1), atol=1e-5, rtol=0
     )
+
+
+def test_a_layer_argument_of_unknown_form_fails_naming_the_transformers_release():
+    import transformers
+
+    model = tiny_llava_onevision(attn="eager", layers=3)
+    inputs = llava_video_inputs(model)
+    layer = model.model.language_model.layers[ON.layer]
+
+    def as_mapping(module, args, kwargs):  # a future release passing per-type masks
+        return args, dict(kwargs, attention_mask={"full_attention": kwargs["attention_mask"]})
+
+    probe = layer.register_forward_pre_hook(as_mapping, with_kwargs=True)
+    handle = attach(model, ON)  # its layer hook runs after the probe
+    with pytest.raises(ValueError, match=f"transformers {transformers.__version__}"):
+        with torch.no_grad():
+            model(**inputs.kwargs)
+    handle.remove()
+    probe.remove()
 
 
 def test_text_only_prompts_pass_through_unchanged():
@@ -332,14 +371,21 @@ def test_unsupported_inputs_raise_clear_errors():
         )
         attach(Qwen2ForCausalLM(text), ON)
     handle = attach(model, ON)
+    # padding is supported, but not over the video, and the mask must be a 2-D tensor
     padded = dict(inputs.kwargs, attention_mask=inputs.kwargs["attention_mask"].clone())
-    padded["attention_mask"][1, 0] = 0
-    with pytest.raises(ValueError, match="padded batches"):
+    padded["attention_mask"][1, inputs.video_start + 3] = 0
+    with pytest.raises(ValueError, match="masks video placeholders"):
         model(**padded)
-    shifted = dict(inputs.kwargs, input_ids=inputs.input_ids.roll(1, dims=1))
-    shifted["input_ids"][0] = inputs.input_ids[0]
-    with pytest.raises(ValueError, match="same columns"):
-        model(**shifted)
+    as_dict = dict(
+        inputs.kwargs, attention_mask={"full_attention": inputs.kwargs["attention_mask"]}
+    )
+    with pytest.raises(ValueError, match=r"2-D \(B, n\) padding mask.*got a dict"):
+        model(**as_dict)
+    two_videos = dict(inputs.kwargs, input_ids=inputs.input_ids.clone())
+    two_videos["input_ids"][0, inputs.video_start + 5] = 7  # the run is cut in two
+    two_videos["input_ids"][0, 0] = VIDEO_TOKEN
+    with pytest.raises(ValueError, match="several runs"):
+        model(**two_videos)
     one_video = dict(inputs.kwargs, pixel_values_videos=inputs.kwargs["pixel_values_videos"][:1])
     with pytest.raises(ValueError, match="1 videos for 2 prompts"):
         model(**one_video)

@@ -158,18 +158,23 @@ class Compressor:
         )
 
     def merge(
-        self, visual: Tensor, text: Tensor, text_attention: Tensor | None = None
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> MergeResult:
         """In-LLM merging at layer K: keep ``config.kept_after_merge(Nv)`` visual tokens.
 
-        visual: (B, Nv, D); text: (B, Nq, D); text_attention: (B, Nq, Nv) or None.
+        visual: (B, Nv, D); text: (B, Nq, D); text_attention: (B, Nq, Nv) or None; text_mask:
+        (B, Nq) bool or None, the text columns that count in each row (right-aligned text).
         """
         count = self.config.kept_after_merge(visual.shape[1])
         if not self.has_merger:
             b, nv, _ = visual.shape
             positions = torch.arange(nv, device=visual.device).expand(b, nv)
             return MergeResult(visual, positions, positions)
-        return self.merger.merge(visual, text, text_attention, count)
+        return self.merger.merge(visual, text, text_attention, count, text_mask=text_mask)
 
 
 def _check_inputs(features: Tensor, attention: Tensor | None) -> None:

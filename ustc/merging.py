@@ -6,6 +6,9 @@ The adapters call these on the visual hidden states entering layer K during pref
     text:           (B, Nq, D) hidden states of the text tokens after them (question + prompt)
     text_attention: (B, Nq, Nv) attention of the text rows to the visual columns at layer K,
                     softmax over the whole causal key set, averaged over heads (Eq. 1)
+    text_mask:      (B, Nq) bool or None: False for the columns of a row whose text is shorter
+                    than another row's (padded batches).  The text is right-aligned: column -1
+                    is every row's last token.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ class MergeResult:
     assignment: Tensor
 
 
-def max_text_attention(text_attention: Tensor) -> Tensor:
+def max_text_attention(text_attention: Tensor, text_mask: Tensor | None = None) -> Tensor:
     """A_qv = A[N'_v:, :N'_v];  A_m = max_{i=1..N_q} A_qv(i, :)   -- Eq. (5)-(6)
 
-    text_attention: (B, Nq, Nv), i.e. A_qv already sliced.  Returns (B, Nv) float32.
+    text_attention: (B, Nq, Nv), i.e. A_qv already sliced; text_mask: (B, Nq) rows that count.
+    Returns (B, Nv) float32.
     """
-    return text_attention.float().amax(dim=1)
+    attention = text_attention.float()
+    if text_mask is not None:
+        attention = attention.masked_fill(~text_mask[:, :, None], float("-inf"))
+    return attention.amax(dim=1)
 
 
 def min_max_normalize(x: Tensor) -> Tensor:
@@ -50,14 +57,18 @@ def min_max_normalize(x: Tensor) -> Tensor:
     return torch.where(span > 0, (x - lo) / span.clamp(min=torch.finfo(x.dtype).tiny), 0.0)
 
 
-def max_text_similarity(visual: Tensor, text: Tensor) -> Tensor:
+def max_text_similarity(visual: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
     """S_m(v_i) = max_{t in T} (v_i . t) / (||v_i|| ||t||)   -- Eq. (8)
 
-    visual: (B, Nv, D); text: (B, Nq, D).  Returns (B, Nv) float32.
+    visual: (B, Nv, D); text: (B, Nq, D); text_mask: (B, Nq) tokens that count.
+    Returns (B, Nv) float32.
     """
     v = torch.nn.functional.normalize(visual.float(), dim=-1)
     t = torch.nn.functional.normalize(text.float(), dim=-1)
-    return torch.bmm(v, t.transpose(1, 2)).amax(dim=-1)
+    similarity = torch.bmm(v, t.transpose(1, 2))
+    if text_mask is not None:
+        similarity = similarity.masked_fill(~text_mask[:, None, :], float("-inf"))
+    return similarity.amax(dim=-1)
 
 
 def decision_score(attention_norm: Tensor, similarity_norm: Tensor, lam: float) -> Tensor:
@@ -92,24 +103,44 @@ def select_and_merge(visual: Tensor, scores: Tensor, count: int) -> MergeResult:
 
 
 class Merger:
-    """Base class: ``scores`` ranks the visual tokens at layer K (higher = kept)."""
+    """Base class: ``scores`` ranks the visual tokens at layer K (higher = kept).
+
+    ``text_mask`` (B, Nq) marks the text columns that count in each row (None: all); the text is
+    right-aligned, so a merger that reads the last token takes column -1.
+    """
 
     #: whether ``scores`` needs the text-to-visual attention of layer K
     uses_attention: ClassVar[bool] = True
 
-    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+    def scores(
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
         raise NotImplementedError
 
     def merge(
-        self, visual: Tensor, text: Tensor, text_attention: Tensor | None, count: int
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        count: int,
+        text_mask: Tensor | None = None,
     ) -> MergeResult:
         """Keep ``count`` visual tokens (Eq. 9 ranking), merge the others into them (Eq. 10)."""
-        _check_merge_inputs(visual, text, text_attention, count)
-        return select_and_merge(visual, self.scores(visual, text, text_attention), count)
+        _check_merge_inputs(visual, text, text_attention, count, text_mask)
+        scores = self.scores(visual, text, text_attention, text_mask)
+        return select_and_merge(visual, scores, count)
 
 
 def _check_merge_inputs(
-    visual: Tensor, text: Tensor, text_attention: Tensor | None, count: int
+    visual: Tensor,
+    text: Tensor,
+    text_attention: Tensor | None,
+    count: int,
+    text_mask: Tensor | None = None,
 ) -> None:
     if visual.dim() != 3 or text.dim() != 3 or visual.shape[0] != text.shape[0]:
         raise ValueError(
@@ -129,6 +160,14 @@ def _check_merge_inputs(
             f"text_attention must be (B, Nq, Nv) = {(visual.shape[0], text.shape[1], visual.shape[1])}, "
             f"got {tuple(text_attention.shape)}"
         )
+    if text_mask is not None:
+        if text_mask.shape != text.shape[:2] or text_mask.dtype != torch.bool:
+            raise ValueError(
+                f"text_mask must be a (B, Nq) = {tuple(text.shape[:2])} bool tensor, got "
+                f"{tuple(text_mask.shape)} {text_mask.dtype}"
+            )
+        if not bool(text_mask[:, -1].all()):
+            raise ValueError("text is right-aligned: text_mask[:, -1] must be True in every row")
 
 
 def _need_attention(text_attention: Tensor | None, name: str) -> Tensor:
@@ -143,7 +182,13 @@ class NoMerger(Merger):
 
     uses_attention = False
 
-    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+    def scores(
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
         return torch.zeros(visual.shape[:2], device=visual.device)
 
 
@@ -151,7 +196,13 @@ class NoMerger(Merger):
 class LastTokenMerger(Merger):
     """FastV / HoliTom criterion: the last token's attention to each visual token at layer K."""
 
-    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+    def scores(
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
         return _need_attention(text_attention, "last-token")[:, -1].float()
 
 
@@ -164,9 +215,15 @@ class TextAwareMerger(Merger):
             raise ValueError(f"lam (lambda) must be in [0, 1], got {lam}")
         self.lam = lam
 
-    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+    def scores(
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
         attention = min_max_normalize(
-            max_text_attention(_need_attention(text_attention, "text-aware"))
+            max_text_attention(_need_attention(text_attention, "text-aware"), text_mask)
         )
-        similarity = min_max_normalize(max_text_similarity(visual, text))
+        similarity = min_max_normalize(max_text_similarity(visual, text, text_mask))
         return decision_score(attention, similarity, self.lam)

@@ -40,7 +40,13 @@ class FastVMerger(Merger):
 
     uses_attention = True
 
-    def scores(self, visual: Tensor, text: Tensor, text_attention: Tensor | None) -> Tensor:
+    def scores(
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
         if text_attention is None:
             raise ValueError(
                 "merger 'fastv' needs the text-to-visual attention of layer K, got None"
@@ -48,8 +54,13 @@ class FastVMerger(Merger):
         return text_attention[:, -1].float()
 
     def merge(
-        self, visual: Tensor, text: Tensor, text_attention: Tensor | None, count: int
+        self,
+        visual: Tensor,
+        text: Tensor,
+        text_attention: Tensor | None,
+        count: int,
+        text_mask: Tensor | None = None,
     ) -> MergeResult:
         """visual (B, Nv, D), text (B, Nq, D), text_attention (B, Nq, Nv): keep ``count``."""
-        _check_merge_inputs(visual, text, text_attention, count)
-        return fastv_prune(visual, self.scores(visual, text, text_attention), count)
+        _check_merge_inputs(visual, text, text_attention, count, text_mask)
+        return fastv_prune(visual, self.scores(visual, text, text_attention, text_mask), count)

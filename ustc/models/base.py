@@ -1,10 +1,20 @@
 """Shared machinery of the model adapters: the ``Handle``, the hooks, the in-LLM merge at layer K.
 
+What every decoder-only Video-LLM shares lives here and in three helper modules
+(``ustc.models.sequence``: kept columns, padding slots, masks and positions;
+``ustc.models.attention``: Eq. (1) and Eq. (5) recomputed from a layer's projections;
+``ustc.models.compat``: what differs between transformers releases).  What a backbone declares
+is a ``Handle`` subclass in a file of its own (see ``docs/adding-a-backbone.md``): where its video
+features and their grid come from (``video_call``, ``video_layout``), which vision layer gives
+the Eq. (1) scores and how they align with the LLM tokens (``vision_hooks``), its positions
+(``decode_positions``) and, where it has them, extra per-token streams (``compress_streams``,
+``merge_streams``).
+
 How a compressed ``generate()`` flows through an attached model (every hook is on the instance,
 removable, and nothing in transformers is patched):
 
 1. ``model.model`` forward pre-hook (prefill with a video): checks the inputs (one video per
-   row, no padding, no images) before anything runs.
+   row, a 2-D padding mask, no images) before anything runs.
 2. ``get_video_features``, wrapped on the instance (``generate()`` of transformers >= 5.2x calls
    it before the first forward, older versions inside it): while it runs, a pre-hook on one
    vision-encoder attention recomputes q and k from the layer's input and reduces them, frame by
@@ -13,7 +23,8 @@ removable, and nothing in transformers is patched):
 3. ``language_model`` forward pre-hook: the model has placed the video features in
    ``inputs_embeds``; they are compressed to ``config.budget(F, P)`` tokens, and
    ``inputs_embeds``, ``attention_mask`` and ``position_ids`` are cut to the kept columns, so the
-   kept tokens keep their original (RoPE / M-RoPE) positions.
+   kept tokens keep their original (RoPE / M-RoPE) positions.  Rows of a padded batch are cut
+   independently and left-padded to the longest (``ustc.models.sequence.packed_columns``).
 4. Decoder-layer pre-hooks on layers >= K: at layer K the visual hidden states are merged to
    ``config.kept_after_merge(M)`` tokens (Eq. 5-10); the position embeddings, position ids and a
    tensor attention mask are cut the same way at every layer >= K.  The KV cache of those layers
@@ -30,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -43,11 +53,27 @@ from torch import Tensor, nn
 from ustc.compressor import CompressionResult, Compressor
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
-from ustc.scoring import mean_received_attention
-
-#: attention probabilities (frames x heads x queries x keys floats) computed at once by the
-#: vision-score reduction: bounds the memory of Eq. (1) at 32-64 frames of 729 tokens
-VISION_BLOCK = 1 << 26
+from ustc.models.attention import text_to_visual_attention
+from ustc.models.compat import (
+    CACHE_NAMES,
+    cache_argument,
+    cache_length,
+    check_cache,
+    describe,
+    version_note,
+)
+from ustc.models.sequence import (
+    batch_rows,
+    default_positions,
+    first_given,
+    gather_columns,
+    next_position_after,
+    packed_columns,
+    padding_mask,
+    shape_groups,
+    slice_mask,
+    take_columns,
+)
 
 _ATTACHED = "_ustc_handle"
 
@@ -90,12 +116,17 @@ class LastRun:
     """The tensors of the last compressed prefill (for analysis and tests).
 
     vision_scores:   (B, F, P) Eq. (1) scores aligned with the LLM's visual tokens, or None when
-                     the scorer needs none.
+                     the scorer needs none (rows of different F, P: None, see ``groups``).
     compression:     the ``CompressionResult`` of the external stage (indices into N = F*P).
+    input_positions: (B, n') columns of the original prompt that entered the LLM; -1 marks a
+                     padding slot (a batch whose rows keep different numbers of tokens is
+                     left-padded to the longest, and padding moves to the left).
+    video_start:     column of the first visual token of the original prompt (row 0).
     merge:           the ``MergeResult`` of layer K (indices into the M kept tokens), or None.
-    input_positions: (B, n') columns of the original prompt that entered the LLM.
-    merged_positions:(B, n'') columns of the original prompt left in layers >= K, or None.
-    video_start:     column of the first visual token of the original prompt.
+    merged_positions:(B, n'') columns of the original prompt left in layers >= K (-1: padding).
+    groups:          (rows, compression, merge) per group of rows whose videos have the same
+                     F x P (one group, all rows, unless the videos of a batch differ in size);
+                     ``compression`` and ``merge`` are the first group's.
     """
 
     frames: int
@@ -106,37 +137,66 @@ class LastRun:
     video_start: int
     merge: MergeResult | None = None
     merged_positions: Tensor | None = None
+    groups: list[Group] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """Rows of a batch compressed together (their videos have the same F x P)."""
+
+    rows: Tensor  # (G,) row indices
+    frames: int
+    tokens_per_frame: int
+    compression: CompressionResult
+    merge: MergeResult | None = None
 
 
 @dataclass
 class VideoLayout:
-    """Where one video per row sits in ``input_ids`` (the same columns in every row).
+    """Where the one video of each prompt row sits in ``input_ids``.
 
-    start:    column of the first of the F*P grid tokens.
-    frames:   F.  tokens_per_frame: P.
-    trailing: placeholder/structural tokens right after the grid that are neither compressed nor
-              text for the merger (LLaVA-OV: the image_newline; Qwen2.5-VL: <|vision_end|>).
+    starts:           (B,) column of each row's first grid token; rows differ with padding or
+                      prompts of different lengths.
+    frames:           F of each row.  tokens_per_frame: P of each row (rows differ only where
+                      the backbone takes videos of different sizes in one batch).
+    trailing:         placeholder/structural tokens right after the grid that are neither
+                      compressed nor text for the merger (LLaVA-OV: the image_newline;
+                      Qwen2.5-VL: <|vision_end|>).
     """
 
-    start: int
-    frames: int
-    tokens_per_frame: int
+    starts: Tensor
+    frames: list[int]
+    tokens_per_frame: list[int]
     trailing: int
 
     @property
-    def end(self) -> int:
-        return self.start + self.frames * self.tokens_per_frame
+    def sizes(self) -> list[int]:
+        """F*P of each row."""
+        return [f * p for f, p in zip(self.frames, self.tokens_per_frame, strict=True)]
 
 
 @dataclass
 class Session:
-    """What the hooks must remember about one KV cache between prefill and decode steps."""
+    """What the hooks must remember about one KV cache between prefill and decode steps.
+
+    Columns are per row: ``keep`` and ``merge_keep`` hold -1 in padding slots.
+    """
 
     keep: Tensor  # (B, n') original columns held by the cache layers < K
     prompt_length: int  # n
     seen: int  # tokens generate() has accounted for, at the original length
-    visual: tuple[int, int, int]  # (start, end, text start) of the visual tokens in the n' sequence
+    visual_starts: Tensor  # (B,) first visual token of each row in the n' sequence
+    visual_counts: list[int]  # M of each row
+    text_starts: Tensor  # (B,) first text token after the video of each row in the n' sequence
+    valid: Tensor  # (B, n') bool: not a padding column
+    groups: list[Tensor]  # rows compressed (and merged) together
+    #: position of each row's next token, per position axis: (B,) or (axes, B)
+    next_position: Tensor | None = None
+    #: (B,) rows of a compressed prompt that were padded on the right, or None: their padding
+    #: moved left, so their next positions continue from their own last token
+    right_padded: Tensor | None = None
     merge_keep: Tensor | None = None  # (B, n'') columns of the n' sequence held by layers >= K
+    merge_pads: bool = False  # merge_keep holds padding slots
 
 
 @dataclass
@@ -162,6 +222,7 @@ class _Forward:
     prefill: dict[str, Any] | None = None  # the prefill's keyword arguments
     phase: str | None = None  # "prefill" or "decode" when layer hooks must act
     session: Session | None = None
+    decode: Session | None = None  # this forward is a decode step of that session
     new_session: bool = False  # this forward is a compressed prefill: remember its cache
     sliced: dict[int, Any] = field(default_factory=dict)
 
@@ -249,6 +310,17 @@ class Handle:
     ) -> Tensor:
         """Position ids of ``length`` new tokens when the caller passed none (manual decoding)."""
         raise NotImplementedError
+
+    def compress_streams(
+        self, kwargs: dict[str, Any], session: Session, groups: list[Group], layout: VideoLayout
+    ) -> None:
+        """Cut the language model's extra per-token inputs (``kwargs``, e.g. Qwen3-VL's DeepStack
+        features) with the selection just made: ``groups`` hold each group's
+        ``CompressionResult``, ``session.keep`` the kept columns.  None by default."""
+
+    def merge_streams(self, session: Session, results: list[MergeResult]) -> None:
+        """Layer K: cut the extra streams as the visual hidden states were merged (one
+        ``MergeResult`` per group of ``session.groups``).  None by default."""
 
     # ------------------------------------------------------------------------ lifecycle
     @property
@@ -375,13 +447,13 @@ class Handle:
                 "images mixed with a video in one call are not supported by ustc: the compressor "
                 "allocates one budget over the frames of a single video; pass the video alone"
             )
-        if session is not None or (cache is not None and _cache_length(cache, 0) > 0):
+        if session is not None or (cache is not None and cache_length(cache, 0) > 0):
             raise ValueError(
                 "a new video on top of a non-empty KV cache is not supported: start a new "
                 "conversation (fresh cache) for each video"
             )
         if cache is not None:
-            _check_cache(cache)
+            check_cache(cache)
         ids = kwargs.get("input_ids")
         if ids is None or ids.dim() != 2:
             raise ValueError(
@@ -389,16 +461,12 @@ class Handle:
                 "inputs_embeds without input_ids is not supported"
             )
         mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError(
-                    f"only a 2-D (B, n) attention_mask is supported, got shape {tuple(mask.shape)}"
-                )
-            if not bool(mask.all()):
-                raise ValueError(
-                    "padded batches (attention_mask with zeros) are not supported: use batch "
-                    "size 1 or prompts of equal length with the video at the same position"
-                )
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != ids.shape):
+            raise ValueError(
+                "attention_mask must be a 2-D (B, n) padding mask like input_ids "
+                f"{tuple(ids.shape)}, got {describe(mask)}"
+                f"{version_note()}"
+            )
         if kwargs.get("pixel_values_videos") is not None:  # fail before the vision tower runs
             video = self.video_call((), kwargs)
             if video.batch != ids.shape[0]:
@@ -406,7 +474,16 @@ class Handle:
                     f"{video.batch} videos for {ids.shape[0]} prompts: exactly one video per "
                     "prompt row is supported"
                 )
-            self.video_layout(kwargs, video)
+            layout = self.video_layout(kwargs, video)
+            if mask is not None:
+                columns = layout.starts[:, None] + torch.arange(max(layout.sizes))
+                inside = columns < (layout.starts + torch.tensor(layout.sizes))[:, None]
+                valid = mask.bool().gather(1, columns.clamp(max=ids.shape[1] - 1).to(mask.device))
+                if not bool((valid | ~inside.to(mask.device)).all()):
+                    raise ValueError(
+                        "attention_mask masks video placeholders: padding must lie outside "
+                        "the video of every row"
+                    )
         self._fwd.prefill = kwargs
 
     def _start_decode(self, kwargs: dict[str, Any], session: Session) -> None:
@@ -417,19 +494,24 @@ class Handle:
         device = ids.device if ids is not None else embeds.device
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            if mask.dim() != 2 or mask.shape[1] != session.seen + length:
+            if (
+                not isinstance(mask, Tensor)
+                or mask.dim() != 2
+                or mask.shape[1] != session.seen + length
+            ):
                 raise ValueError(
                     "decode-step attention_mask must be 2-D and cover the original prompt and "
                     f"every token since: expected (B, {session.seen + length}), got "
-                    f"{tuple(mask.shape)}"
+                    f"{describe(mask)}{version_note()}"
                 )
             n = session.prompt_length
             kwargs["attention_mask"] = torch.cat(
-                [mask[:, :n].gather(1, session.keep.to(mask.device)), mask[:, n:]], dim=1
+                [take_columns(mask[:, :n], session.keep, fill=0), mask[:, n:]], dim=1
             )
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self.decode_positions(session, length, batch, device)
         session.seen += length
+        self._fwd.decode = session
         if session.merge_keep is not None:
             self._fwd.phase = "decode"
             self._fwd.session = session
@@ -438,9 +520,8 @@ class Handle:
     def _add_scores(self, scores: Tensor) -> None:
         self._scores.append(scores)
 
-    def _take_scores(
-        self, video: VideoCall | None, batch: int, frames: int, per_frame: int
-    ) -> Tensor | None:
+    def _take_scores(self, video: VideoCall | None, layout: VideoLayout) -> list[Tensor] | None:
+        """The Eq. (1) scores of each prompt row, (F, P) each, or None if the scorer needs none."""
         if not self.needs_scores:
             return None
         if video is None or video.scores is None:
@@ -449,16 +530,20 @@ class Handle:
                 "video features were not computed by this attached model (precomputed "
                 "mm_encoder_outputs, or encoded before attach); pass pixel_values_videos"
             )
-        scores = video.scores
-        per_video = frames * per_frame
-        if scores.numel() % per_video or batch % (scores.numel() // per_video):
+        sizes = layout.sizes
+        # generate(num_return_sequences=r) repeats each encoded video for r consecutive rows
+        repeat = len(sizes) // video.batch if video.batch and len(sizes) % video.batch == 0 else 0
+        encoded = sizes[::repeat] if repeat else []
+        if not repeat or video.scores.numel() != sum(encoded):
             raise RuntimeError(
-                f"captured {scores.numel()} vision scores for {batch} x {frames} x {per_frame} "
-                "visual tokens: the vision tower ran on inputs other than this video"
+                f"captured {video.scores.numel()} vision scores for videos of {sizes} visual "
+                "tokens: the vision tower ran on inputs other than these videos"
             )
-        scores = scores.reshape(-1, frames, per_frame)
-        # generate(num_return_sequences=...) repeats the encoded videos row by row
-        return scores.repeat_interleave(batch // scores.shape[0], dim=0)
+        per_video = video.scores.split(encoded)
+        return [
+            per_video[row // repeat].reshape(f, p)
+            for row, (f, p) in enumerate(zip(layout.frames, layout.tokens_per_frame, strict=True))
+        ]
 
     # ---------------------------------------------------------------- language model
     def _before_language_model(
@@ -466,16 +551,14 @@ class Handle:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         prefill = self._fwd.prefill
         if prefill is None:
+            if self._fwd.decode is not None:
+                _continue_positions(kwargs, self._fwd.decode)
+                return args, kwargs
             return None
         self._fwd.prefill = None
         # not consumed: generate(use_cache=False) reuses one encoding for every step
         video = self._video
         layout = self.video_layout(prefill, video)
-        if self.merge_active and prefill["input_ids"].shape[1] <= layout.end + layout.trailing:
-            raise ValueError(
-                "in-LLM merging needs text (the question) after the video placeholders; the "
-                "prompt ends with the video"
-            )
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or args:
             raise RuntimeError(
@@ -483,56 +566,104 @@ class Handle:
             )
         cache = cache_argument(kwargs)
         if cache is not None:
-            _check_cache(cache)
+            check_cache(cache)
         b, n, _ = embeds.shape
-        f, p = layout.frames, layout.tokens_per_frame
-        start, end = layout.start, layout.end
-
-        scores = self._take_scores(video, b, f, p)
-        t0 = clock(embeds)
-        features = embeds[:, start:end].reshape(b, f, p, -1)
-        result = self.compressor.compress(features, scores)
-        m = result.indices.shape[1]
         device = embeds.device
-        keep = torch.cat(
-            [
-                torch.arange(start, device=device).expand(b, start),
-                start + result.indices,
-                torch.arange(end, n, device=device).expand(b, n - end),
-            ],
-            dim=1,
+        columns = torch.arange(n, device=device)
+        starts = layout.starts.to(device)
+        ends = starts + torch.tensor(layout.sizes, device=device)
+        mask = kwargs.get("attention_mask")
+        valid = (
+            torch.ones(b, n, dtype=torch.bool, device=device)
+            if mask is None
+            else mask.to(device).bool()
         )
-        kwargs["inputs_embeds"] = torch.cat(
-            [embeds[:, :start], result.tokens.to(embeds.dtype), embeds[:, end:]], dim=1
-        )
-        if m < f * p:  # otherwise the prompt is unchanged and so are its mask and positions
+        if self.merge_active:
+            text = valid & (columns >= (ends + layout.trailing)[:, None])
+            if not bool(text.any(dim=1).all()):
+                raise ValueError(
+                    "in-LLM merging needs text (the question) after the video placeholders; a "
+                    "prompt ends with the video"
+                )
+
+        scores = self._take_scores(video, layout)
+        t0 = clock(embeds)
+        groups: list[Group] = []
+        visual_counts = list(layout.sizes)
+        for rows, (f, p) in shape_groups(layout.frames, layout.tokens_per_frame, device):
+            grid = starts[rows, None] + torch.arange(f * p, device=device)
+            features = take_columns(embeds[rows], grid).reshape(len(rows), f, p, -1)
+            group_scores = None if scores is None else torch.stack([scores[i] for i in rows])
+            groups.append(Group(rows, f, p, self.compressor.compress(features, group_scores)))
+            for row in rows.tolist():
+                visual_counts[row] = groups[-1].compression.indices.shape[1]
+        compressed = visual_counts != layout.sizes
+        if not compressed:  # nothing removed: the prompt passes unchanged
+            keep = columns.expand(b, n)
+        else:
+            kept = valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
+            source = embeds.clone()
+            for group in groups:
+                chosen = starts[group.rows, None] + group.compression.indices
+                kept[group.rows[:, None], chosen] = True
+                source[group.rows[:, None], chosen] = group.compression.tokens.to(embeds.dtype)
+            keep = packed_columns(kept)
+            kwargs["inputs_embeds"] = take_columns(source, keep, fill=0)
             positions = kwargs.get("position_ids")
             if positions is None:
-                positions = torch.arange(n, device=device).expand(b, n)
-            kwargs["position_ids"] = _gather_columns(positions, keep, b)
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                # gapped positions without a mask read as packed sequences to transformers
-                mask = torch.ones(b, n, dtype=torch.long, device=device)
-            kwargs["attention_mask"] = mask.gather(1, keep.to(mask.device))
+                positions = default_positions(mask, b, n, device)
+            kwargs["position_ids"] = gather_columns(positions, keep.clamp(min=0), b)
+            # gapped positions without a mask read as packed sequences to transformers
+            kwargs["attention_mask"] = take_columns(
+                valid.to(mask.dtype if mask is not None else torch.long), keep, fill=0
+            )
         self.stats.compress_seconds += clock(embeds) - t0
 
+        # padding slots (-1) and kept columns before each video precede it in the n' sequence
+        visual_starts = (keep < starts[:, None]).sum(dim=1)
         session = Session(
             keep=keep,
+            valid=take_columns(valid, keep, fill=False),
+            groups=[g.rows for g in groups],
             prompt_length=n,
             seen=n,
-            visual=(start, start + m, start + m + layout.trailing),
+            visual_starts=visual_starts,
+            visual_counts=visual_counts,
+            text_starts=visual_starts
+            + torch.tensor(visual_counts, device=device)
+            + layout.trailing,
+            next_position=next_position_after(
+                first_given(
+                    kwargs.get("position_ids"), lambda: default_positions(mask, b, n, device)
+                ),
+                keep,
+            ),
+            # the sequence is packed (padding moved left) here or at layer K
+            right_padded=(
+                mask[:, -1] == 0 if (compressed or self.merge_active) and mask is not None else None
+            ),
         )
+        self.compress_streams(kwargs, session, groups, layout)
         self._fwd.session = session
         self._fwd.new_session = True
         self._fwd.phase = "prefill" if self.merge_active else None
+        first = groups[0]
         self.stats.prefills += 1
-        self.stats.visual_tokens = f * p
-        self.stats.tokens_in = m
-        self.stats.tokens_after_merge = m
+        self.stats.visual_tokens = max(layout.sizes)
+        self.stats.tokens_in = max(visual_counts)
+        self.stats.tokens_after_merge = max(visual_counts)
         self.stats.sequence_in = keep.shape[1]
         self.stats.sequence_after_merge = keep.shape[1]
-        self.last = LastRun(f, p, scores, result, keep, start)
+        uniform = len(groups) == 1
+        self.last = LastRun(
+            first.frames,
+            first.tokens_per_frame,
+            torch.stack(scores) if scores is not None and uniform else None,
+            first.compression,
+            keep,
+            int(layout.starts[0]),
+            groups=groups,
+        )
         return args, kwargs
 
     def _after_language_model(
@@ -555,9 +686,20 @@ class Handle:
         phase, session = self._fwd.phase, self._fwd.session
         if phase is None or session is None:
             return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, Tensor):
+            raise ValueError(
+                f"decoder layer {index} received no hidden_states tensor{version_note()}"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, Tensor):
+            raise ValueError(
+                f"decoder layer {index} received an attention mask of type "
+                f"{type(mask).__name__}, which cannot be cut to the merged tokens; use sdpa, eager "
+                f"or flash attention{version_note()}"
+            )
         if phase == "prefill":
             if index == self.config.layer:
-                hidden = args[0] if args else kwargs["hidden_states"]
                 hidden = self._merge(module, hidden, kwargs, session)
                 if args:
                     args = (hidden, *args[1:])
@@ -565,32 +707,40 @@ class Handle:
                     kwargs["hidden_states"] = hidden
             keep = session.merge_keep
             assert keep is not None
+            b = keep.shape[0]
+            index_ = keep.clamp(min=0)
+            if kwargs.get("position_embeddings") is None:
+                raise ValueError(
+                    f"decoder layer {index} received no position_embeddings (cos, sin)"
+                    f"{version_note()}"
+                )
             kwargs["position_embeddings"] = self._sliced(
-                kwargs.get("position_embeddings"),
-                lambda pe: tuple(_gather_columns(x, keep, keep.shape[0], dim=-2) for x in pe),
+                kwargs["position_embeddings"],
+                lambda pe: tuple(gather_columns(x, index_, b, dim=-2) for x in pe),
             )
             kwargs["position_ids"] = self._sliced(
-                kwargs.get("position_ids"), lambda pos: _gather_columns(pos, keep, keep.shape[0])
+                kwargs.get("position_ids"), lambda pos: gather_columns(pos, index_, b)
             )
-            kwargs["attention_mask"] = self._sliced(
-                kwargs.get("attention_mask"), lambda mask: _slice_mask(mask, keep, keep)
-            )
+            if mask is not None:
+                kwargs["attention_mask"] = self._sliced(mask, lambda m: slice_mask(m, keep, keep))
+            elif session.merge_pads:
+                kwargs["attention_mask"] = self._sliced(keep, lambda k: padding_mask(k, k.shape[1]))
         else:  # decode: the cache of this layer holds the n'' prefill columns and what followed
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, Tensor):
-                keep = session.merge_keep
-                assert keep is not None
-                n_in = session.keep.shape[1]
-                later = torch.arange(n_in, mask.shape[-1], device=mask.device).expand(
-                    keep.shape[0], -1
-                )
-                columns = torch.cat([keep.to(mask.device), later], dim=1)
+            keep = session.merge_keep
+            assert keep is not None
+            n_in = session.keep.shape[1]
+            width = (
+                mask.shape[-1] if mask is not None else n_in + session.seen - session.prompt_length
+            )
+            later = torch.arange(n_in, width, device=keep.device).expand(keep.shape[0], -1)
+            columns = torch.cat([keep, later], dim=1)
+            if mask is not None:
                 kwargs["attention_mask"] = self._sliced(
-                    mask, lambda m: _slice_mask(m, None, columns)
+                    mask, lambda m: slice_mask(m, None, columns)
                 )
-            elif mask is not None:
-                raise ValueError(
-                    f"unsupported attention mask type {type(mask).__name__} at layer {index}"
+            elif session.merge_pads:
+                kwargs["attention_mask"] = self._sliced(
+                    session, lambda _: padding_mask(columns, hidden.shape[1])
                 )
         return args, kwargs
 
@@ -606,44 +756,69 @@ class Handle:
     def _merge(
         self, layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], session: Session
     ) -> Tensor:
-        """Layer K, prefill: merge the visual hidden states (Eq. 5-10) and cut the sequence."""
-        start, end, text_start = session.visual
+        """Layer K, prefill: merge the visual hidden states (Eq. 5-10) and cut the sequence.
+
+        Rows are merged in the groups they were compressed in (equal M); each row's text is its
+        unpadded tokens after its video, right-aligned, with a mask over the columns another
+        row's longer text needs.
+        """
         t0 = clock(hidden)
-        visual, text = hidden[:, start:end], hidden[:, text_start:]
-        attention = None
-        if self.compressor.merger_needs_attention:
-            cos, sin = kwargs["position_embeddings"]
-            attention = text_to_visual_attention(
-                getattr(layer, self.layer_attention),
-                getattr(layer, self.layer_norm)(hidden),
-                cos,
-                sin,
-                text_start,
-                start,
-                end,
-            )
-        result = self.compressor.merge(visual, text, attention)
-        b, n_in = hidden.shape[:2]
+        b, n_in, _ = hidden.shape
         device = hidden.device
-        session.merge_keep = torch.cat(
-            [
-                torch.arange(start, device=device).expand(b, start),
-                start + result.indices,
-                torch.arange(end, n_in, device=device).expand(b, n_in - end),
-            ],
-            dim=1,
-        )
-        merged = torch.cat(
-            [hidden[:, :start], result.tokens.to(hidden.dtype), hidden[:, end:]], dim=1
-        )
+        columns = torch.arange(n_in, device=device)
+        starts, text_starts = session.visual_starts, session.text_starts
+        ends = starts + torch.tensor(session.visual_counts, device=device)
+        kept = session.valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
+        source = hidden.clone()
+        normed = None
+        if self.compressor.merger_needs_attention:
+            normed = getattr(layer, self.layer_norm)(hidden)
+        results: list[MergeResult] = []
+        for rows in session.groups:
+            m = session.visual_counts[int(rows[0])]
+            visual_columns = starts[rows, None] + torch.arange(m, device=device)
+            # each row's text: its unpadded columns after its video, right-aligned
+            text_columns = packed_columns(
+                session.valid[rows] & (columns >= text_starts[rows, None])
+            )
+            text_mask = text_columns >= 0
+            attention = None
+            if normed is not None:
+                text_start = int(text_starts[rows].min())
+                cos, sin = kwargs["position_embeddings"]
+                attention = text_to_visual_attention(
+                    getattr(layer, self.layer_attention),
+                    normed[rows],
+                    batch_rows(cos, rows),
+                    batch_rows(sin, rows),
+                    text_start,
+                    visual_columns,
+                    session.valid[rows],
+                )
+                attention = take_columns(attention, (text_columns - text_start).clamp(min=-1))
+            result = self.compressor.merge(
+                take_columns(hidden[rows], visual_columns),
+                take_columns(hidden[rows], text_columns),
+                attention,
+                text_mask=None if bool(text_mask.all()) else text_mask,
+            )
+            chosen = starts[rows, None] + result.indices
+            kept[rows[:, None], chosen] = True
+            source[rows[:, None], chosen] = result.tokens.to(hidden.dtype)
+            results.append(result)
+        session.merge_keep = packed_columns(kept)
+        session.merge_pads = bool((session.merge_keep < 0).any())
+        self.merge_streams(session, results)
+        merged = take_columns(source, session.merge_keep, fill=0)
         self.stats.merge_seconds += clock(hidden) - t0
-        kept = result.indices.shape[1]
-        self.stats.tokens_after_merge = kept
+        self.stats.tokens_after_merge = max(r.indices.shape[1] for r in results)
         self.stats.sequence_after_merge = merged.shape[1]
         if self.last is not None:
-            self.last.merge = result
-            self.last.merged_positions = self.last.input_positions.gather(
-                1, session.merge_keep.to(self.last.input_positions.device)
+            for group, result in zip(self.last.groups, results, strict=True):
+                group.merge = result
+            self.last.merge = results[0]
+            self.last.merged_positions = take_columns(
+                self.last.input_positions, session.merge_keep, fill=-1
             )
         return merged
 
@@ -656,159 +831,26 @@ def _bind_layer_hook(method: Callable[..., Any], index: int) -> Callable[..., An
 
 
 # ----------------------------------------------------------------------------- tensor helpers
-def text_to_visual_attention(
-    attention: nn.Module,
-    normed: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    text_start: int,
-    visual_start: int,
-    visual_end: int,
-) -> Tensor:
-    """A_qv = mean_h softmax(Q_h K_h^T / sqrt(d))[text rows, visual columns]   -- Eq. (1), (5)
-
-    Recomputed from the decoder layer's own q/k projections and RoPE for the text rows only, so
-    it works under sdpa/flash attention (which return no weights) in O(N_q * n) memory.  The
-    softmax runs over the whole causal key set of each text row (every earlier token), then the
-    visual columns are taken, as in the attention matrix A of Eq. (5).
-
-    attention: the layer's self-attention (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
-    normed:    (B, n, D) the layer input after its input norm.
-    cos, sin:  (B or 1, n, d) the layer's rotary embeddings.
-    Returns (B, N_q, N_v) float32 with N_q = n - text_start, N_v = visual_end - visual_start.
-    """
-    rope = _rotary_function(attention)
-    b, n, _ = normed.shape
-    head_dim = attention.head_dim
-    q = (
-        attention.q_proj(normed[:, text_start:])
-        .view(b, n - text_start, -1, head_dim)
-        .transpose(1, 2)
-    )
-    k = attention.k_proj(normed).view(b, n, -1, head_dim).transpose(1, 2)
-    q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
-    k = rope(k, k, cos, sin)[1]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query heads
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attention.scaling
-    rows = torch.arange(text_start, n, device=normed.device)
-    causal = torch.arange(n, device=normed.device)[None, :] <= rows[:, None]  # (N_q, n)
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1).mean(dim=1)
-    return probs[:, :, visual_start:visual_end]
-
-
-def _rotary_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The ``apply_rotary_pos_emb`` the attention module's own forward uses."""
-    fn = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if fn is None:
+def _continue_positions(kwargs: dict[str, Any], session: Session) -> None:
+    """A decode step at the language model: rows whose padding moved left continue from their
+    own last token (transformers' bookkeeping counts their padding columns: it gives right
+    padding wrong positions); every other row keeps the positions it was given."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None or session.next_position is None:
+        return
+    length = embeds.shape[1]
+    ours = session.next_position[..., None] + torch.arange(length, device=embeds.device)
+    session.next_position = session.next_position + length
+    positions = kwargs.get("position_ids")
+    if session.right_padded is None:
+        return
+    if positions is None or positions.shape != ours.shape:
         raise ValueError(
-            f"{type(attention).__name__} has no apply_rotary_pos_emb in its module; text-aware "
-            "attention cannot be recomputed for this language model"
+            f"decode-step position_ids of shape {describe(positions)} where {tuple(ours.shape)} "
+            f"was expected{version_note()}"
         )
-    return fn
-
-
-def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:
-    """Eq. (1) for encoders without CLS, over groups of frames so that memory stays bounded.
-
-    q, k: (G, H, L, d) for G independent attention groups (frames or windows).  Returns (G, L).
-    """
-    g, h, length, _ = q.shape
-    step = max(1, VISION_BLOCK // max(1, h * length * length))
-    return torch.cat(
-        [mean_received_attention(q[i : i + step], k[i : i + step]) for i in range(0, g, step)]
-    )
-
-
-def _gather_columns(x: Tensor, keep: Tensor, batch: int, dim: int = -1) -> Tensor:
-    """Columns ``keep`` (B, m) of ``x`` along ``dim``; x is (..., B or 1, n, ...)."""
-    dim = dim % x.dim()
-    batch_dim = dim - 1
-    shape = list(x.shape)
-    shape[batch_dim] = batch
-    x = x.expand(*shape)
-    index_shape = [1] * x.dim()
-    index_shape[batch_dim], index_shape[dim] = batch, keep.shape[1]
-    index = keep.to(x.device).view(index_shape)
-    target = list(x.shape)
-    target[dim] = keep.shape[1]
-    return x.gather(dim, index.expand(*target))
-
-
-def _slice_mask(mask: Any, rows: Tensor | None, columns: Tensor) -> Any:
-    """Cut a layer's attention mask to the kept query rows and key columns.
-
-    4-D (B or 1, 1, q, kv) masks (eager, or sdpa with padding) lose rows and columns; 2-D (B, kv)
-    padding masks (flash attention) lose columns.  ``None`` stays ``None`` (causal by shape).
-    """
-    if not isinstance(mask, Tensor):
-        raise ValueError(
-            f"attention mask of type {type(mask).__name__} is not supported with in-LLM merging "
-            "(flex attention block masks cannot be cut); use sdpa, eager or flash attention"
-        )
-    b = columns.shape[0]
-    if mask.dim() == 2:
-        return _gather_columns(mask, columns, b)
-    if mask.dim() != 4:
-        raise ValueError(f"unexpected attention mask shape {tuple(mask.shape)}")
-    mask = mask.expand(b, *mask.shape[1:])
-    _, h, q, kv = mask.shape
-    if rows is not None:
-        q = rows.shape[1]
-        mask = mask.gather(2, rows.to(mask.device)[:, None, :, None].expand(b, h, q, kv))
-    return mask.gather(
-        3, columns.to(mask.device)[:, None, None, :].expand(b, h, q, columns.shape[1])
-    )
-
-
-def placeholder_span(ids: Tensor, token: int) -> tuple[int, int]:
-    """(first column, count) of the one contiguous run of ``token`` shared by every row."""
-    hits = ids == token
-    counts = hits.sum(dim=1)
-    if int(counts.min()) == 0:
-        raise ValueError(
-            "pixel_values_videos given but input_ids holds no video placeholder tokens"
-        )
-    first = hits.int().argmax(dim=1)
-    count, start = int(counts[0]), int(first[0])
-    same = bool((counts == count).all()) and bool((first == start).all())
-    contiguous = bool(hits[:, start : start + count].all())
-    if not (same and contiguous):
-        raise ValueError(
-            "every prompt row must hold one video as one contiguous run of placeholders at the "
-            "same columns (equal-length prompts); got rows that differ"
-        )
-    return start, count
-
-
-#: the keyword a transformers release passes the KV cache by: ``cache`` from 5.24 on,
-#: ``past_key_values`` before (and still accepted, deprecated, by 5.24)
-CACHE_NAMES = ("cache", "past_key_values")
-
-
-def cache_argument(kwargs: dict[str, Any]) -> Any:
-    """The KV cache among a forward's keyword arguments, whichever name the caller used."""
-    for name in CACHE_NAMES:
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-    return None
-
-
-def _cache_length(cache: Any, layer: int) -> int:
-    try:
-        return int(cache.get_seq_length(layer))
-    except TypeError:
-        return int(cache.get_seq_length())
-
-
-def _check_cache(cache: Any) -> None:
-    from transformers import DynamicCache
-
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"only DynamicCache is supported with token compression, got {type(cache).__name__}: "
-            "layers >= K hold fewer entries than layers < K, which static/offloaded caches "
-            "cannot represent"
-        )
+    rows = session.right_padded.to(positions.device)[:, None]
+    kwargs["position_ids"] = torch.where(rows, ours.to(positions.device), positions)
 
 
 def clock(tensor: Tensor) -> float:

@@ -21,15 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import (
-    Handle,
-    Session,
-    VideoCall,
-    VideoLayout,
-    clock,
-    placeholder_span,
-    vision_received_attention,
-)
+from ustc.models.attention import vision_received_attention
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.sequence import placeholder_runs
 
 
 class LlavaOnevisionHandle(Handle):
@@ -114,7 +108,7 @@ class LlavaOnevisionHandle(Handle):
 
     def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
         ids: Tensor = kwargs["input_ids"]
-        start, count = placeholder_span(ids, self.model.config.video_token_id)
+        starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
         if video is not None and ids.shape[0] % video.batch:
             raise ValueError(
                 f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
@@ -126,16 +120,19 @@ class LlavaOnevisionHandle(Handle):
                 self.model.config.vision_config.image_size
                 // self.model.config.vision_config.patch_size
             )
-            frames = (count - 1) // math.ceil(grid / 2) ** 2
-        if frames < 1 or (count - 1) % frames:
+            frames = (counts[0] - 1) // math.ceil(grid / 2) ** 2
+        if frames < 1 or len(set(counts)) > 1 or (counts[0] - 1) % frames:
             raise ValueError(
-                f"{count} video placeholders do not make F*P + 1 with F = {frames} frames "
-                "(one video per prompt row)"
+                f"video placeholders per prompt row {counts} do not make F*P + 1 with F = "
+                f"{frames} frames (one video per prompt row, the videos of a batch of one size)"
             )
-        return VideoLayout(start, frames, (count - 1) // frames, trailing=1)
+        rows = ids.shape[0]
+        return VideoLayout(starts, [frames] * rows, [(counts[0] - 1) // frames] * rows, trailing=1)
 
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device
     ) -> Tensor:
-        positions = torch.arange(session.seen, session.seen + length, device=device)
-        return positions.expand(batch, length)
+        steps = torch.arange(length, device=device)
+        if session.next_position is None:
+            return (session.seen + steps).expand(batch, length)
+        return session.next_position.to(device)[:, None] + steps  # 1-D positions: (B,)

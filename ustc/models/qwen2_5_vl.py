@@ -22,15 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import (
-    Handle,
-    Session,
-    VideoCall,
-    VideoLayout,
-    clock,
-    placeholder_span,
-    vision_received_attention,
-)
+from ustc.models.attention import vision_received_attention
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.sequence import placeholder_runs
 
 
 class Qwen2_5_VLHandle(Handle):
@@ -107,18 +101,13 @@ class Qwen2_5_VLHandle(Handle):
         rows = ids.shape[0]
         if grid is None and video is not None:  # generate() passed it to the encoder only
             grid = video.grid
-            # generate(num_return_sequences=r) repeats the prompts after encoding the videos
-            if grid is not None and grid.shape[0] and rows % grid.shape[0] == 0:
-                rows = grid.shape[0]
+        if grid is not None and grid.dim() == 2 and 0 < grid.shape[0] < rows:
+            if rows % grid.shape[0] == 0:  # generate(num_return_sequences=r) repeats the prompts
+                grid = grid.repeat_interleave(rows // grid.shape[0], dim=0)
         if grid is None or grid.dim() != 2 or grid.shape[0] != rows:
             raise ValueError(
                 "video_grid_thw must be (B, 3) with one video per prompt row, got "
-                f"{None if grid is None else tuple(grid.shape)} for {ids.shape[0]} prompts"
-            )
-        if not bool((grid == grid[0]).all()):
-            raise ValueError(
-                "all videos of a batch must have the same grid (t, h, w) so that the prompts "
-                f"have equal lengths; got {grid.tolist()}"
+                f"{None if grid is None else tuple(grid.shape)} for {rows} prompts"
             )
         if kwargs.get("mm_token_type_ids") is None:
             raise ValueError(
@@ -126,18 +115,22 @@ class Qwen2_5_VLHandle(Handle):
                 "M-RoPE positions of the video; without them transformers silently uses 1-D "
                 "positions"
             )
-        t, h, w = (int(x) for x in grid[0])
         merge = self.model.config.vision_config.spatial_merge_size
-        per_frame = (h // merge) * (w // merge)
-        start, count = placeholder_span(ids, self.model.config.video_token_id)
-        if count != t * per_frame:
-            raise ValueError(
-                f"{count} video placeholders for a grid of {t} x {h // merge} x {w // merge} tokens"
-            )
-        end = start + count
+        starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
+        frames, per_frame = [], []
+        for (t, h, w), count in zip(grid.tolist(), counts, strict=True):
+            if count != t * (h // merge) * (w // merge):
+                raise ValueError(
+                    f"{count} video placeholders for a grid of {t} x {h // merge} x {w // merge} "
+                    "tokens"
+                )
+            frames.append(t)
+            per_frame.append((h // merge) * (w // merge))
+        ends = starts + torch.tensor(counts, device=starts.device)
         vision_end = getattr(self.model.config, "vision_end_token_id", None)
-        trailing = int(end < ids.shape[1] and bool((ids[:, end] == vision_end).all()))
-        return VideoLayout(start, t, per_frame, trailing)
+        after = ids.gather(1, ends.clamp(max=ids.shape[1] - 1)[:, None])[:, 0]
+        trailing = int(bool((ends < ids.shape[1]).all()) and bool((after == vision_end).all()))
+        return VideoLayout(starts, frames, per_frame, trailing)
 
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device

@@ -1,0 +1,56 @@
+"""What differs between transformers releases, read from the arguments themselves (never from
+version numbers), and the errors that name the installed release when a form is unknown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
+
+
+#: the transformers releases the adapters are tested with (README, CI)
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+
+
+def version_note() -> str:
+    import transformers
+
+    low, high = TESTED_TRANSFORMERS
+    return (
+        f" (transformers {transformers.__version__}; ustc's adapters are tested with "
+        f"{low} to {high}: a form this release passes that ustc does not know, please report it)"
+    )
+
+
+#: the keyword a transformers release passes the KV cache by: ``cache`` from 5.24 on,
+#: ``past_key_values`` before (and still accepted, deprecated, by 5.24)
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's keyword arguments, whichever name the caller used."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_length(cache: Any, layer: int) -> int:
+    try:
+        return int(cache.get_seq_length(layer))
+    except TypeError:
+        return int(cache.get_seq_length())
+
+
+def check_cache(cache: Any) -> None:
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"only DynamicCache is supported with token compression, got {type(cache).__name__}: "
+            "layers >= K hold fewer entries than layers < K, which static/offloaded caches "
+            "cannot represent"
+        )
