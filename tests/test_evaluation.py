@@ -27,7 +27,7 @@ from ustc.evaluation import (  # noqa: E402
     build_benchmarks,
     parse_lmms_results,
 )
-from ustc.lmms_eval_plugin import config_from_model_args, config_to_model_args  # noqa: E402
+from ustc.lmms_eval import config_from_model_args, config_to_model_args  # noqa: E402
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 

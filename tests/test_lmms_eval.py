@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -436,13 +437,19 @@ def test_plugin_answers_lmms_eval_requests(compression: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _script(name: str) -> str:
-    """A console script of this Python's environment (``lmms-eval``, ``accelerate``)."""
-    path = Path(sys.executable).parent / name
-    found = str(path) if path.is_file() else shutil.which(name)
-    if found is None:
+def _command(name: str) -> list[str]:
+    """A console script (``lmms-eval``, ``accelerate``) run by this Python, also from a venv that
+    sees the packages of another environment (CI's second transformers)."""
+    from importlib.metadata import entry_points
+
+    script = Path(sys.executable).parent / name
+    if script.is_file():
+        return [str(script)]
+    found = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
+    if not found:
         pytest.skip(f"the {name} command is not installed")
-    return found
+    module, attr = found[0].value.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {attr}; sys.exit({attr}())"]
 
 
 def _expected_input_tokens(question: str, frames: int, per_frame: int, budget: int) -> int:
@@ -521,13 +528,13 @@ def _run_toy(toy_run: dict, launcher: list[str], out: str, batch_size: int = 1) 
     }
 
 
-def _check_toy_run(run: dict, ranks: int) -> None:
+def _check_toy_run(run: dict, ranks: int, batch_size: int) -> None:
     """Every document scored once, with the compression settings applied to each."""
     docs = [json.loads(x) for x in (TOY_TASK / "questions.jsonl").read_text().splitlines()]
     assert run["returncode"] == 0, run["log"][-4000:]
     assert run["results"]["n-samples"]["ustc_toy"]["effective"] == len(docs)
     accuracy = run["results"]["results"]["ustc_toy"]["accuracy,none"]
-    scored = [s for s in run["samples"]]
+    scored = run["samples"]
     assert sorted(s["doc_id"] for s in scored) == list(range(len(docs)))  # each exactly once
     assert accuracy == pytest.approx(np.mean([s["accuracy"] for s in scored]))
     utils_path = str(TOY_TASK)
@@ -543,28 +550,29 @@ def _check_toy_run(run: dict, ranks: int) -> None:
         assert sample["token_counts"] == [
             {"input_tokens": _expected_input_tokens(question, 4, 16, 16), "output_tokens": 3}
         ]
-    # one prefill per document over all ranks (lmms-eval's rank padding never ran the model)
-    batches = [line for line in run["log"].splitlines() if "visual tokens 64 -> 16" in line]
-    assert len(batches) == len(docs), "\n".join(batches)
-    assert all("-> 8 after layer 1" in line for line in batches)  # merged at K = 1, R = 50 %
-    assert {f"rank {r}:" for r in range(ranks)} == {
-        f"rank {line.split(' rank ')[1].split(':')[0]}:" for line in batches
-    }
+    # each document reached the model once over all ranks, in batches of at most batch_size
+    # (lmms-eval's rank padding never ran it), and every batch was compressed as configured
+    batches = [line for line in run["log"].splitlines() if "llava_onevision_ustc rank" in line]
+    sizes = [int(re.search(r"batch of (\d+)", line).group(1)) for line in batches]
+    assert sum(sizes) == len(docs) and max(sizes) == batch_size, "\n".join(batches)
+    # 4 frames x 16 tokens -> 16 entering the LLM -> 8 after the merge at K = 1 (R = 50 %)
+    assert all("visual tokens 64 -> 16 entering the LLM -> 8 after layer 1" in x for x in batches)
+    assert {int(re.search(r"rank (\d+):", line).group(1)) for line in batches} == set(range(ranks))
 
 
 @lmms
 def test_the_lmms_eval_command_line_in_one_process(toy_run: dict) -> None:
-    _check_toy_run(_run_toy(toy_run, [_script("lmms-eval")], "one"), ranks=1)
+    _check_toy_run(_run_toy(toy_run, _command("lmms-eval"), "one"), ranks=1, batch_size=1)
 
 
 @lmms
 def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: dict) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2``: on a machine without CUDA the two
-    processes join a gloo group; each evaluates its shard and rank 0 writes the results once.
+    """``accelerate launch --multi_gpu --num_processes 2``, batch size 2: on a machine without CUDA
+    the two processes join a gloo group; each evaluates its shard (3 and 2 of the 5 questions, in
+    left-padded batches) and rank 0 writes the results once.
     (``--cpu`` makes accelerate 1.x use its single-process launcher whatever --num_processes
     says; see docs/lmms-eval.md.)"""
-    launcher = [
-        _script("accelerate"),
+    launcher = _command("accelerate") + [
         "launch",
         "--multi_gpu",
         "--num_processes",
@@ -580,4 +588,33 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
         "-m",
         "lmms_eval",
     ]
-    _check_toy_run(_run_toy(toy_run, launcher, "two"), ranks=2)
+    run = _run_toy(toy_run, launcher, "two", batch_size=2)
+    _check_toy_run(run, ranks=2, batch_size=2)
+
+
+@lmms
+@pytest.mark.parametrize("backbone", ["llava_onevision_ustc", "qwen2_5_vl_ustc"])
+def test_batches_answer_as_one_prompt_at_a_time(backbone: str) -> None:
+    """batch_size 3 on prompts of different lengths (LEFT-padded, one video each): the same
+    answers and token counts as batch_size 1, in request order."""
+    from models_helpers import tiny_llava_onevision, tiny_qwen2_5_vl
+
+    torch.set_num_threads(1)
+    build = tiny_llava_onevision if backbone == "llava_onevision_ustc" else tiny_qwen2_5_vl
+    docs = _toy_docs()
+    docs[2] = {**docs[0], "question": "what is the ball ?"}
+    answers = {}
+    for batch_size in (1, 3):
+        lm = BACKBONES[backbone].create_from_arg_string(
+            f"retention=0.25,merger=text-aware,layer=1,max_frames_num=4,batch_size={batch_size}",
+            {"model": build(layers=3), "tokenizer": tiny_tokenizer(), "pretrained": None},
+        )
+        if backbone == "qwen2_5_vl_ustc":
+            lm.processor.min_pixels, lm.processor.max_pixels = 32 * 32, 32 * 32
+        lm.task_dict = {"toy": {"test": docs}}
+        answers[batch_size] = lm.generate_until(_generate_requests(docs))
+        assert lm.handle.stats.prefills == (3 if batch_size == 1 else 1)
+    assert [r.text for r in answers[3]] == [r.text for r in answers[1]]
+    assert [r.token_counts for r in answers[3]] == [r.token_counts for r in answers[1]]
+    lengths = {r.token_counts.input_tokens for r in answers[1]}
+    assert len(lengths) == 3  # three prompt lengths: the batch was padded

@@ -468,6 +468,8 @@ def _auto_processor(pretrained: str) -> Any:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(pretrained)
+        if getattr(processor, "video_processor", None) is None:
+            raise ValueError(f"it built a {type(processor).__name__} without a video processor")
     except Exception as exc:
         warnings.warn(
             f"AutoProcessor.from_pretrained({pretrained!r}) failed ({exc}); laying "
@@ -475,7 +477,7 @@ def _auto_processor(pretrained: str) -> Any:
             stacklevel=3,
         )
         return None
-    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.padding_side = "left"  # batches are left-padded by the plugin anyway
     return processor
 
 
