@@ -593,18 +593,24 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
 
 
 @lmms
-@pytest.mark.parametrize("backbone", ["llava_onevision_ustc", "qwen2_5_vl_ustc"])
-def test_batches_answer_as_one_prompt_at_a_time(backbone: str) -> None:
-    """batch_size 3 on prompts of different lengths (LEFT-padded, one video each): the same
-    answers and token counts as batch_size 1, in request order."""
+@pytest.mark.parametrize(
+    ("backbone", "calls"),
+    # the 3-frame clip: LLaVA-OV gets 3 frames instead of 4, a second generate() call; Qwen2.5-VL
+    # repeats its last frame to a whole temporal pair, the same (2, 8, 8) grid as the others
+    [("llava_onevision_ustc", 2), ("qwen2_5_vl_ustc", 1)],
+)
+def test_batches_answer_as_one_prompt_at_a_time(backbone: str, calls: int) -> None:
+    """batch_size 4 on prompts of different lengths (LEFT-padded, one video each) and a shorter
+    clip: the same answers and token counts as batch_size 1, in request order."""
     from models_helpers import tiny_llava_onevision, tiny_qwen2_5_vl
 
     torch.set_num_threads(1)
     build = tiny_llava_onevision if backbone == "llava_onevision_ustc" else tiny_qwen2_5_vl
     docs = _toy_docs()
     docs[2] = {**docs[0], "question": "what is the ball ?"}
+    docs[3] = {**docs[1], "video": docs[1]["video"][:3]}
     answers = {}
-    for batch_size in (1, 3):
+    for batch_size in (1, 4):
         lm = BACKBONES[backbone].create_from_arg_string(
             f"retention=0.25,merger=text-aware,layer=1,max_frames_num=4,batch_size={batch_size}",
             {"model": build(layers=3), "tokenizer": tiny_tokenizer(), "pretrained": None},
@@ -613,8 +619,8 @@ def test_batches_answer_as_one_prompt_at_a_time(backbone: str) -> None:
             lm.processor.min_pixels, lm.processor.max_pixels = 32 * 32, 32 * 32
         lm.task_dict = {"toy": {"test": docs}}
         answers[batch_size] = lm.generate_until(_generate_requests(docs))
-        assert lm.handle.stats.prefills == (3 if batch_size == 1 else 1)
-    assert [r.text for r in answers[3]] == [r.text for r in answers[1]]
-    assert [r.token_counts for r in answers[3]] == [r.token_counts for r in answers[1]]
-    lengths = {r.token_counts.input_tokens for r in answers[1]}
+        assert lm.handle.stats.prefills == (len(docs) if batch_size == 1 else calls)
+    assert [r.text for r in answers[4]] == [r.text for r in answers[1]]
+    assert [r.token_counts for r in answers[4]] == [r.token_counts for r in answers[1]]
+    lengths = {r.token_counts.input_tokens for r in answers[1][:3]}
     assert len(lengths) == 3  # three prompt lengths: the batch was padded

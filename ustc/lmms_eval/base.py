@@ -390,7 +390,7 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
         return results
 
     def _generate(self, requests: list[Any]) -> tuple[list[str], list[tuple[int, int]]]:
-        """One ``generate()`` call (or one per frame count, which pixel tensors cannot mix)."""
+        """One ``generate()`` call per video layout among ``requests`` (usually one)."""
         gen = dict(requests[0].args[1] or {})
         until = gen.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -409,11 +409,16 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
             items.append(self._inputs(context, self._visuals(doc_to_visual, doc_id, task, split)))
-        # pixel tensors of different shapes (e.g. F) cannot share a batch: one call per shape
+        # videos of different layouts (F frames; Qwen's grid) share no batch: pixel tensors of
+        # other shapes cannot be stacked, and a batch reports one token count per video
         shapes: dict[tuple, list[int]] = {}
         for j, item in enumerate(items):
             key = tuple(
-                tuple(v.shape[1:])
+                (
+                    k,
+                    tuple(v.shape[1:]),
+                    None if v.is_floating_point() else tuple(v.flatten().tolist()),
+                )
                 for k, v in item.items()
                 if isinstance(v, torch.Tensor) and k not in SEQUENCE_INPUTS
             )
