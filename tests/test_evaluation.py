@@ -1,4 +1,4 @@
-"""Tests of ustc/evaluation.py and ustc/lmms_eval_plugin.py.
+"""Tests of ustc/evaluation.py (the lmms-eval models: tests/test_lmms_eval.py).
 
 The lmms-eval tests need lmms-eval importable (it is an optional extra; see docs/ablations.md for
 an install that keeps this torch) and are skipped otherwise.  They go through lmms-eval's own
@@ -11,7 +11,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,7 +27,7 @@ from ustc.evaluation import (  # noqa: E402
     build_benchmarks,
     parse_lmms_results,
 )
-from ustc.lmms_eval_plugin import config_from_model_args, config_to_model_args  # noqa: E402
+from ustc.lmms_eval import config_from_model_args, config_to_model_args  # noqa: E402
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 
@@ -192,193 +191,6 @@ def test_lab_benchmark_runs_a_reduced_split(tmp_path: Path) -> None:
     spec = bench.flops_spec()
     assert spec.num_layers == bench.llm_layers()
     assert spec.visual_tokens == result.tokens["visual_in"]
-
-
-# --------------------------------------------------------------------------------------------
-# lmms-eval plugin
-# --------------------------------------------------------------------------------------------
-
-lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")
-
-
-def _entry_point_dist(tmp_path: Path) -> Path:
-    """A dist-info holding the entry points pyproject.toml declares, as pip would install it."""
-    tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    group = project["entry-points"]["lmms_eval.models"]
-    dist = tmp_path / "ustc_plugin_test-0.0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: ustc-plugin-test\nVersion: 0.0.0\n"
-    )
-    lines = ["[lmms_eval.models]"] + [f"{k} = {v}" for k, v in group.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return tmp_path
-
-
-def _tiny_tokenizer() -> object:
-    from models_helpers import VOCAB
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [
-        "[UNK]",
-        "<|im_start|>",
-        "<|im_end|>",
-        "user",
-        "assistant",
-        "what",
-        "colour",
-        "is",
-        "the",
-        "ball",
-        "?",
-        "red",
-        "blue",
-        "green",
-    ]
-    words += [f"w{i}" for i in range(len(words), 90)] + ["<image>", "<video>"]
-    words += [f"x{i}" for i in range(len(words), VOCAB)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", "removed"), pre_tokenizers.WhitespaceSplit()]
-    )
-    # the chat markers are special tokens, as in Qwen2's tokenizer: never glued to a word
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-
-
-@lmms
-def test_plugin_registers_through_the_lmms_eval_entry_point(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from lmms_eval.api.model import lmms as lmms_base
-    from lmms_eval.models.registry_v2 import ModelRegistryV2
-
-    monkeypatch.syspath_prepend(str(_entry_point_dist(tmp_path)))
-    registry = ModelRegistryV2()
-    registry.load_entrypoint_manifests()  # lmms-eval's own loader, group lmms_eval.models
-    cls = registry.get_model_class("llava_onevision_ustc")
-    assert issubclass(cls, lmms_base) and cls.__name__ == "LlavaOneVisionUSTC"
-    assert registry.get_model_class("ustc") is cls
-    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
-        cls.create_from_arg_string("pretrained=never/loaded,scorer=nope")
-    with pytest.raises(ValueError, match=r"unknown model_args \['colour'\]"):
-        cls.create_from_arg_string("pretrained=never/loaded,colour=red")
-
-
-def _request(kind: str, args: tuple) -> object:
-    from lmms_eval.api.instance import Instance
-
-    return Instance(
-        request_type=kind,
-        arguments=args,
-        idx=0,
-        metadata={"task": "toy", "doc_id": 0, "repeats": 1},
-    )
-
-
-@lmms
-@pytest.mark.parametrize(
-    "compression", ["retention=1,merger=none", "retention=0.25,merger=text-aware,layer=1"]
-)
-def test_plugin_answers_lmms_eval_requests(compression: str) -> None:
-    from models_helpers import tiny_llava_onevision
-
-    from ustc.lmms_eval_plugin import LlavaOneVisionUSTC
-    from ustc.models import attach
-
-    torch.set_num_threads(1)
-    model, tokenizer = tiny_llava_onevision(layers=3), _tiny_tokenizer()
-    lm = LlavaOneVisionUSTC.create_from_arg_string(
-        compression + ",max_frames_num=4", {"model": model, "tokenizer": tokenizer}
-    )
-    rng = np.random.default_rng(0)
-    doc = {"video": rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8), "answer": " red ball"}
-    lm.task_dict = {"toy": {"test": {0: doc}}}
-    context = "what colour is the ball ?"
-
-    ((loglik, greedy),) = lm.loglikelihood(
-        [
-            _request(
-                "loglikelihood",
-                (context, lambda d: d["answer"], lambda d: [d["video"]], 0, "toy", "test"),
-            )
-        ]
-    )
-    (text,) = lm.generate_until(
-        [
-            _request(
-                "generate_until",
-                (
-                    context,
-                    {"max_new_tokens": 3, "until": ["\n\n"]},
-                    lambda d: [d["video"]],
-                    0,
-                    "toy",
-                    "test",
-                ),
-            )
-        ]
-    )
-
-    # reference: the processor's layout written out by hand, run on the model directly
-    frames = doc["video"][np.linspace(0, 5, 4).round().astype(int)]
-    pixels = ((torch.tensor(frames, dtype=torch.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
-    vocab = tokenizer.get_vocab()
-    head = [vocab[w] for w in ("<|im_start|>", "user")]
-    tail = [
-        vocab[w]
-        for w in (
-            "what",
-            "colour",
-            "is",
-            "the",
-            "ball",
-            "?",
-            "<|im_end|>",
-            "<|im_start|>",
-            "assistant",
-        )
-    ]
-    answer = [vocab["red"], vocab["ball"]]
-    video = [91] * (4 * 16 + 1)  # F * P + one image_newline, P = (ceil(7 / 2))^2
-    ids = torch.tensor([head + video + tail + answer])
-    config, _ = config_from_model_args(dict(kv.split("=") for kv in compression.split(",")))
-    if lm.handle is not None:
-        lm.handle.remove()
-    handle = None if config.is_identity else attach(model, config)
-    with torch.no_grad():
-        logits = (
-            model(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None]
-            )
-            .logits[0]
-            .float()
-        )
-        generated = model.generate(
-            input_ids=ids[:, :-2],
-            attention_mask=torch.ones_like(ids[:, :-2]),
-            pixel_values_videos=pixels[None],
-            max_new_tokens=3,
-            do_sample=False,
-        )
-    steps = logits[-3:-1].log_softmax(-1)
-    expected = float(steps[0, answer[0]] + steps[1, answer[1]])
-    assert loglik == pytest.approx(expected, abs=1e-4)
-    assert greedy == bool((steps.argmax(-1) == torch.tensor(answer)).all())
-    assert text == tokenizer.decode(generated[0, ids.shape[1] - 2 :], skip_special_tokens=True)
-    if handle is not None:
-        # the compression really ran: 4 frames x ceil(0.25 * 16) tokens entered the LLM
-        assert handle.stats.tokens_in == config.budget(4, 16) == 16
-        assert handle.stats.tokens_after_merge == 8
-        assert logits.shape[0] < ids.shape[1]  # the LLM saw the shorter sequence
-        handle.remove()
-    else:
-        assert logits.shape[0] == ids.shape[1]
 
 
 def test_a_table_runs_on_the_lab_path(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ Registered benchmarks:
 
 ``lab``       the laboratory benchmark of :mod:`ustc.lab` (CPU, about a minute, the default).
 ``lmms-eval`` MVBench, EgoSchema, MLVU, LongVideoBench and VideoMME through upstream lmms-eval
-              with the ``llava_onevision_ustc`` model of :mod:`ustc.lmms_eval_plugin`.
+              with the ``llava_onevision_ustc`` model of :mod:`ustc.lmms_eval`.
 ``mvbench``, ``egoschema``, ``mlvu``, ``longvideobench``, ``videomme``: one of those five.
 
 A new benchmark is a subclass registered with ``@BENCHMARKS.register("name")`` (or an entry
@@ -446,7 +446,7 @@ class LmmsEvalBenchmark(Benchmark):
 
     def model_args(self, config: CompressionConfig) -> str:
         """``--model_args`` for lmms-eval: checkpoint, sampling and every config value."""
-        from ustc.lmms_eval_plugin import config_to_model_args
+        from ustc.lmms_eval import config_to_model_args
 
         return (
             f"pretrained={self.model},max_frames_num={self.frames},device={self.device},"
