@@ -13,6 +13,8 @@ model class                                            adapter
 ``LlavaOnevisionForConditionalGeneration``             ``LlavaOnevisionHandle`` (LLaVA-OneVision,
                                                        LLaVA-Video)
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
+``Qwen3VLForConditionalGeneration``,                   ``Qwen3VLHandle`` (DeepStack levels follow
+``Qwen3VLMoeForConditionalGeneration``                 the compression and the merge)
 =====================================================  ==========================================
 """
 
@@ -26,11 +28,14 @@ from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
+from ustc.models.qwen3_vl import Qwen3VLHandle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionHandle,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
+    "Qwen3VLForConditionalGeneration": Qwen3VLHandle,
+    "Qwen3VLMoeForConditionalGeneration": Qwen3VLHandle,
 }
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "LastRun",
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
+    "Qwen3VLHandle",
     "adapter_for",
     "attach",
 ]
