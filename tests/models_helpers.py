@@ -17,6 +17,10 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -294,6 +298,75 @@ def tiny_qwen3_vl(
     return model
 
 
+def tiny_qwen3_5(
+    attn: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    moe: bool = False,
+) -> Qwen3_5ForConditionalGeneration | Qwen3_5MoeForConditionalGeneration:
+    """Qwen3.5 (``moe=True``: Qwen3.5-MoE): the Qwen3-VL vision tower without DeepStack (2
+    blocks), a hybrid LLM of 4 layers: Gated DeltaNet (linear attention, recurrent state) at 0
+    and 2, full attention (KV cache) at 1 and 3, as the released 3:1 pattern in small."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "layer_types": ["linear_attention", "full_attention"] * 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+            "rope_theta": 1e6,
+            "partial_rotary_factor": 1.0,
+        },
+    }
+    if moe:
+        text.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        )
+    config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+            "in_channels": 3,
+        },
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    cls = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
+    model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def qwen3_video_inputs(
     model: Qwen3VLForConditionalGeneration,
     frames: int = 4,
@@ -447,7 +520,14 @@ def reference_logits(model, inputs: VideoInputs, sequences, last, config, deepst
                 ~causal, torch.finfo(x.dtype).min
             )
             cos, sin = lm.rotary_emb(x, positions)
-            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+            # a recurrent (linear-attention) layer takes a 2-D padding mask or none
+            recurrent = getattr(lm.config, "layer_types", [None] * (j + 1))[j] == "linear_attention"
+            x = layer(
+                x,
+                attention_mask=None if recurrent else mask,
+                position_embeddings=(cos, sin),
+                position_ids=None,
+            )
             if j < len(levels):
                 x = x.clone()
                 for i in range(b):

@@ -15,6 +15,8 @@ model class                                            adapter
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
 ``Qwen3VLForConditionalGeneration``,                   ``Qwen3VLHandle`` (DeepStack levels follow
 ``Qwen3VLMoeForConditionalGeneration``                 the compression and the merge)
+``Qwen3_5ForConditionalGeneration``,                   ``Qwen3_5Handle`` (hybrid LLM: K must be
+``Qwen3_5MoeForConditionalGeneration``                 a full-attention layer)
 =====================================================  ==========================================
 """
 
@@ -28,7 +30,7 @@ from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
-from ustc.models.qwen3_vl import Qwen3VLHandle
+from ustc.models.qwen3_vl import Qwen3_5Handle, Qwen3VLHandle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
@@ -36,6 +38,8 @@ ADAPTERS: dict[str, type[Handle]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
     "Qwen3VLForConditionalGeneration": Qwen3VLHandle,
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLHandle,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5Handle,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5Handle,
 }
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
     "Qwen3VLHandle",
+    "Qwen3_5Handle",
     "adapter_for",
     "attach",
 ]

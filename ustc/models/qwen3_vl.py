@@ -22,6 +22,10 @@ contiguous), so no permutation is undone.  Three differences matter to ustc:
   ``CompressionResult``'s assignment), and merged at layer K with the ``MergeResult``'s when
   K falls among those layers.
 
+Qwen3.5 (``Qwen3_5Handle``) has the same video path without DeepStack in front of a hybrid LLM
+(Gated DeltaNet layers with a recurrent state, and full-attention layers): the merge at layer K
+must be at a full-attention layer.
+
 Eq. (1) scores come from the last vision block: q and k are recomputed from its input with its
 own rotary embedding, the attention each patch receives is reduced inside each frame pair, and
 averaged over the 2 x 2 patches the merger joins.
@@ -158,7 +162,7 @@ class Qwen3VLHandle(Handle):
 
     # ----------------------------------------------------------------------- DeepStack
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        levels = len(self.model.config.vision_config.deepstack_visual_indexes)
+        levels = len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", ()))
         layers = self.decoder_layers()
         return [
             layers[index].register_forward_hook(self._deepstack_hook(index))
@@ -176,10 +180,9 @@ class Qwen3VLHandle(Handle):
         """Take the DeepStack levels away from the language model and compress each one with
         the selection and cluster means of the main visual tokens."""
         self._stack = None
-        levels = kwargs.get("deepstack_visual_embeds")
-        positions = kwargs.get("visual_pos_masks")
-        kwargs["deepstack_visual_embeds"] = None
-        kwargs["visual_pos_masks"] = None
+        # the language model's own loop would index the uncut prompt's visual positions
+        levels = kwargs.pop("deepstack_visual_embeds", None)
+        positions = kwargs.pop("visual_pos_masks", None)
         if not levels:
             return
         t0 = clock(levels[0])
@@ -259,6 +262,30 @@ class Qwen3VLHandle(Handle):
             return (added, *output[1:]) if isinstance(output, tuple) else added
 
         return hook
+
+
+class Qwen3_5Handle(Qwen3VLHandle):
+    """Adapter for ``Qwen3_5ForConditionalGeneration`` (and its MoE twin): the Qwen3-VL video
+    path (timestamps, M-RoPE, no DeepStack) in front of a hybrid LLM whose ``linear_attention``
+    layers (Gated DeltaNet) keep a recurrent state instead of a per-token KV cache.
+
+    Tokens removed before the LLM never enter that state, and layers >= K, recurrent ones
+    included, run on the merged sequence; only the ``full_attention`` layers hold a KV cache to
+    count.  The merge at layer K reads layer K's attention (Eq. 5, or the last token's), so K
+    must be a full-attention layer: a recurrent layer has no attention map to read.
+    """
+
+    def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
+        types = list(model.config.text_config.layer_types)
+        if config.merger != "none" and config.layer < len(types):
+            if types[config.layer] != "full_attention":
+                allowed = [i for i, kind in enumerate(types) if kind == "full_attention"]
+                raise ValueError(
+                    f"layer K={config.layer} is a {types[config.layer]} layer of this Qwen3.5 "
+                    "model, which has no attention for the in-LLM merge to read; K must be a "
+                    f"full-attention layer {allowed} or {len(types)} (no merge)"
+                )
+        super().__init__(model, config, vision_layer)
 
 
 def _row_major(groups: list[Tensor], rows: list[Tensor], batch: int) -> Tensor:

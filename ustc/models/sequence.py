@@ -169,7 +169,5 @@ def placeholder_columns(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
             "exactly one video per prompt row is supported"
         )
     width = int(counts.max())
-    columns = marked_columns(hits, width)
-    return columns.masked_fill(torch.arange(width, device=ids.device) >= counts[:, None], -1), (
-        counts.tolist()
-    )
+    past_count = torch.arange(width, device=ids.device) >= counts[:, None]
+    return marked_columns(hits, width).masked_fill(past_count, -1), counts.tolist()
