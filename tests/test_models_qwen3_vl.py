@@ -451,3 +451,15 @@ def test_unsupported_inputs_raise_clear_errors():
         with torch.no_grad():
             model(**inputs.kwargs)
     handle.remove()
+
+
+def test_placeholder_columns_collect_each_rows_runs():
+    from ustc.models.sequence import column_mask, placeholder_columns
+
+    ids = torch.tensor([[1, 9, 9, 2, 9, 3], [9, 4, 9, 9, 9, 5]])
+    columns, counts = placeholder_columns(ids, 9)
+    assert counts == [3, 4]
+    assert columns.tolist() == [[1, 2, 4, -1], [0, 2, 3, 4]]
+    assert torch.equal(column_mask(columns, ids.shape[1]), ids == 9)
+    with pytest.raises(ValueError, match="holds no video placeholder"):
+        placeholder_columns(torch.tensor([[1, 9], [1, 2]]), 9)

@@ -302,10 +302,11 @@ def _check_means(
     tokens: Tensor, x: Tensor, assignment: Tensor, indices: Tensor, stage: str
 ) -> None:
     """The DeepStack levels follow a stage only if its tokens are the means of its groups:
-    tokens == group_mean(x, assignment, indices), up to the rounding of a sum's order."""
+    tokens == group_mean(x, assignment, indices), up to rounding (CUDA's index_add sums in no
+    fixed order: float32 sums of long groups, then one rounding to a 16-bit dtype)."""
     expected = group_mean(x, assignment, indices)
     eps = torch.finfo(tokens.dtype).eps
-    bound = 4 * eps * (1.0 + x.detach().abs().amax().float())
+    bound = (2 * eps + 1e-4) * (1.0 + x.detach().abs().amax().float())
     if not bool(((tokens.float() - expected.float()).abs() <= bound).all()):
         raise ValueError(
             f"the {stage} stage produced visual tokens that are not the means of its groups "
