@@ -17,6 +17,14 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -34,10 +42,19 @@ class VideoInputs:
     frames: int  # F: frames of features (Qwen2.5-VL: temporal patch pairs)
     tokens_per_frame: int  # P: visual tokens per frame entering the LLM when nothing is pruned
     video_start: int  # position of the first video placeholder in input_ids
+    #: (F*P,) column of each visual token when the video is several runs (Qwen3-VL: one per
+    #: frame, timestamps between); None: F*P columns from video_start
+    columns: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
         return self.kwargs["input_ids"]
+
+    def video_columns(self) -> torch.Tensor:
+        """(F*P,) column of each visual token in input_ids (the same in every row)."""
+        if self.columns is not None:
+            return self.columns
+        return self.video_start + torch.arange(self.frames * self.tokens_per_frame)
 
 
 def tiny_llava_onevision(
@@ -218,6 +235,179 @@ def qwen_video_inputs(
     return VideoInputs(kwargs, t, per_frame, prefix + 1)
 
 
+def tiny_qwen3_vl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    vision_depth: int = 3,
+    deepstack: tuple[int, ...] = (0, 1),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    moe: bool = False,
+) -> Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration:
+    """Qwen3-VL (``moe=True``: Qwen3-VL-MoE, 4 experts, 2 per token): a ``vision_depth``-block
+    vision tower (patch 4, 2 x 2 merger, no windows) whose blocks ``deepstack`` feed DeepStack
+    levels 0, 1, ... (added after decoder layers 0, 1, ...), a Qwen3 LLM (q/k head norms,
+    interleaved M-RoPE)."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+            "rope_theta": 1e6,
+        },
+    }
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": list(deepstack),
+            "in_channels": 3,
+        },
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_qwen3_5(
+    attn: str = "sdpa",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    moe: bool = False,
+) -> Qwen3_5ForConditionalGeneration | Qwen3_5MoeForConditionalGeneration:
+    """Qwen3.5 (``moe=True``: Qwen3.5-MoE): the Qwen3-VL vision tower without DeepStack (2
+    blocks), a hybrid LLM of 4 layers: Gated DeltaNet (linear attention, recurrent state) at 0
+    and 2, full attention (KV cache) at 1 and 3, as the released 3:1 pattern in small."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "layer_types": ["linear_attention", "full_attention"] * 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+            "rope_theta": 1e6,
+            "partial_rotary_factor": 1.0,
+        },
+    }
+    if moe:
+        text.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        )
+    config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+            "in_channels": 3,
+        },
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    cls = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
+    model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def qwen3_video_inputs(
+    model: Qwen3VLForConditionalGeneration,
+    frames: int = 4,
+    height: int = 32,
+    width: int = 32,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    seed: int = 1,
+) -> VideoInputs:
+    """Laid out as the Qwen3-VL processor does: per frame pair a timestamp (text; 2 tokens,
+    3 from the third pair on, as "<0.5 seconds>" and "<10.5 seconds>" differ), then
+    <|vision_start|>, h*w/4 placeholders, <|vision_end|>; ``mm_token_type_ids`` marks the
+    placeholders with 2.  Patches as in ``qwen_video_inputs``."""
+    vision = model.config.vision_config
+    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
+    t, h, w = frames // tp, height // p, width // p
+    per_frame = h * w // merge**2
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for i in range(t):
+        parts += [
+            torch.randint(*TEXT_IDS, (batch, 2 if i < 2 else 3), generator=g),
+            torch.full((batch, 1), model.config.vision_start_token_id),
+            torch.full((batch, per_frame), VIDEO_TOKEN),
+            torch.full((batch, 1), model.config.vision_end_token_id),
+        ]
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
+    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
+    }
+    columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
+
+
 # ------------------------------------------------------------------------ slow references
 def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     """(B, F, P, D) video tokens after projector/pooling (merger), from the model's own
@@ -260,64 +450,87 @@ def reference_group_mean(x: torch.Tensor, assignment: torch.Tensor, count: int) 
     return out
 
 
-def reference_logits(model, inputs: VideoInputs, sequences: torch.Tensor, last, config):
+def reference_logits(model, inputs: VideoInputs, sequences, last, config, deepstack=None):
     """Logits of every generation step, recomputed WITHOUT a KV cache and without any hook.
 
     The LLM is run layer by layer on the compressed sequence (prompt + generated tokens) with an
     explicit causal mask and the original positions of every kept token; at layer K the visual
     hidden states are replaced by the means of the groups the attached merger chose.  ``last`` is
-    the handle's ``LastRun``; its compression tokens are used as the LLM input.  Returns
-    (B, T, V) for the T generated tokens (step t predicts token t).
+    the handle's ``LastRun``; its compression tokens are used as the LLM input.  ``deepstack``
+    (Qwen3-VL): per level l, (B, M, D) features added to the visual hidden states after layer l,
+    merged at layer K with the merger's groups like the hidden states.  Returns (B, T, V) for the
+    T generated tokens (step t predicts token t).
     """
     lm = model.model.language_model
     ids = inputs.input_ids
     b, n = ids.shape
     t = sequences.shape[1] - n
-    f, p = inputs.frames, inputs.tokens_per_frame
-    start, end = inputs.video_start, inputs.video_start + f * p
+    video = inputs.video_columns()
     fed = sequences[:, : n + t - 1]  # the last token is generated but never fed back
-    m = last.compression.indices.shape[1]
+    chosen = video[last.compression.indices]  # (B, M) columns of the kept visual tokens
+    levels = list(deepstack or [])
     with torch.no_grad():
         embeds = lm.embed_tokens(fed)
         if "video_grid_thw" not in inputs.kwargs:  # LLaVA-OV: image_newline after the video
-            embeds[:, end] = model.model.image_newline.to(embeds.dtype)
-        x = torch.cat(
-            [embeds[:, :start], last.compression.tokens.to(embeds.dtype), embeds[:, end:]], dim=1
+            embeds[:, video[-1] + 1] = model.model.image_newline.to(embeds.dtype)
+        other = torch.ones(n + t - 1, dtype=torch.bool)
+        other[video] = False
+        columns = torch.stack(
+            [torch.cat([other.nonzero()[:, 0], chosen[i]]).sort().values for i in range(b)]
         )
-        columns = torch.cat(
-            [
-                torch.arange(start).expand(b, start),
-                start + last.compression.indices,
-                torch.arange(end, n + t - 1).expand(b, n + t - 1 - end),
-            ],
-            dim=1,
-        )
+        for i in range(b):
+            embeds[i, chosen[i]] = last.compression.tokens[i].to(embeds.dtype)
+        x = torch.stack([embeds[i, columns[i]] for i in range(b)])
+        # visual[i]: positions of row i's visual tokens in the sequence x
+        visual = torch.stack([torch.isin(columns[i], chosen[i]).nonzero()[:, 0] for i in range(b)])
         positions = original_positions(model, inputs, n + t - 1)
         positions = torch.stack([positions[..., i, :][..., columns[i]] for i in range(b)], dim=-2)
         merging = config.merger != "none" and config.layer < len(lm.layers)
         for j, layer in enumerate(lm.layers):
             if merging and j == config.layer:
-                merged = reference_group_mean(
-                    x[:, start : start + m], last.merge.assignment, last.merge.indices.shape[1]
-                )
-                keep = torch.cat(
+                count = last.merge.indices.shape[1]
+                states = torch.stack([x[i, visual[i]] for i in range(b)])
+                merged = reference_group_mean(states, last.merge.assignment, count)
+                kept = visual.gather(1, last.merge.indices)
+                others = torch.ones(b, x.shape[1], dtype=torch.bool)
+                others[torch.arange(b)[:, None], visual] = False
+                keep = torch.stack(
                     [
-                        torch.arange(start).expand(b, start),
-                        start + last.merge.indices,
-                        torch.arange(start + m, x.shape[1]).expand(b, x.shape[1] - start - m),
-                    ],
-                    dim=1,
+                        torch.cat([others[i].nonzero()[:, 0], kept[i]]).sort().values
+                        for i in range(b)
+                    ]
                 )
-                x = torch.cat([x[:, :start], merged, x[:, start + m :]], dim=1)
+                x = x.clone()
+                for i in range(b):
+                    x[i, kept[i]] = merged[i]
+                x = torch.stack([x[i, keep[i]] for i in range(b)])
                 positions = torch.stack(
                     [positions[..., i, :][..., keep[i]] for i in range(b)], dim=-2
                 )
+                visual = torch.stack(
+                    [torch.isin(keep[i], kept[i]).nonzero()[:, 0] for i in range(b)]
+                )
+                levels = levels[:j] + [
+                    reference_group_mean(level, last.merge.assignment, count)
+                    for level in levels[j:]
+                ]
             length = x.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool).tril()
             mask = torch.zeros(1, 1, length, length, dtype=x.dtype).masked_fill(
                 ~causal, torch.finfo(x.dtype).min
             )
             cos, sin = lm.rotary_emb(x, positions)
-            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+            # a recurrent (linear-attention) layer takes a 2-D padding mask or none
+            recurrent = getattr(lm.config, "layer_types", [None] * (j + 1))[j] == "linear_attention"
+            x = layer(
+                x,
+                attention_mask=None if recurrent else mask,
+                position_embeddings=(cos, sin),
+                position_ids=None,
+            )
+            if j < len(levels):
+                x = x.clone()
+                for i in range(b):
+                    x[i, visual[i]] = x[i, visual[i]] + levels[j][i].to(x.dtype)
         logits = model.lm_head(lm.norm(x))
     return logits[:, -t:]

@@ -322,6 +322,7 @@ def test_builtin_specs_match_public_sizes():
         "llava-onevision-0.5b",
         "llava-video-7b",
         "qwen2.5-vl-7b",
+        "qwen3-vl-8b",
     }
     with pytest.raises(ValueError, match="built-in models"):
         ModelSpec.builtin("llava-13b")
@@ -592,3 +593,53 @@ def test_command_rejects_bad_values_with_a_message(capsys):
             ]
         )
     assert "K=30 is beyond the 24 decoder layers" in capsys.readouterr().err
+
+
+def test_qwen3_vl_8b_spec_is_its_public_text_config_and_counts_with_head_dim_128():
+    from transformers import Qwen3VLConfig
+
+    public = Qwen3VLConfig(
+        text_config=dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+        )
+    )
+    spec = MODEL_SPECS["qwen3-vl-8b"]
+    assert (
+        ModelSpec.from_config(public, name="qwen3-vl-8b", frames=16, tokens_per_frame=196) == spec
+    )
+    assert (spec.attention_dim, spec.kv_dim, spec.visual_tokens) == (4096, 1024, 3136)
+    n = spec.visual_tokens + 60
+    d, m, kv = 4096, 12288, 1024
+    # one Qwen3 layer: q, o (d x d), k, v (d x 1024), QK^T and AV, a 3-matrix SwiGLU
+    prefill = 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m
+    assert exact_layer(n, spec, generated=0)[0] == prefill
+
+
+def test_exact_count_matches_measurement_on_a_qwen3_vl_language_model():
+    """head_dim (32) differs from hidden / heads (16) and q/k are normalised per head, as in
+    Qwen3-VL: the count still equals what fvcore and FlopCounterMode measure."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        text_config=dict(**TINY_TEXT, head_dim=32),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2),
+    )
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    lm = Qwen3VLForConditionalGeneration(config).eval().model.language_model
+    spec = ModelSpec.from_config(config, frames=4, tokens_per_frame=24)
+    assert spec.head_dim == 32 and spec.attention_dim == 128
+    schedule = TokenSchedule.from_config(VANILLA, spec, text_tokens=6)
+    expected = exact(spec, schedule, GENERATED).total
+    embeds = torch.randn(1, schedule.tokens[0], spec.hidden_size)
+    fv, tc = _measure(FullRun(lm, GENERATED), embeds)
+    _assert_close(fv, expected, "fvcore")
+    _assert_close(tc, expected, "FlopCounterMode")

@@ -13,9 +13,11 @@ import torch
 from models_helpers import (
     VideoInputs,
     llava_video_inputs,
+    qwen3_video_inputs,
     qwen_video_inputs,
     tiny_llava_onevision,
     tiny_qwen2_5_vl,
+    tiny_qwen3_vl,
 )
 
 from ustc import CompressionConfig
@@ -74,9 +76,18 @@ def qwen_rows(model):
     ]
 
 
+def qwen3_rows(model):
+    return [
+        qwen3_video_inputs(model, prefix=3, suffix=9, seed=1),
+        qwen3_video_inputs(model, prefix=6, suffix=4, seed=2, height=48, width=32),
+        qwen3_video_inputs(model, prefix=5, suffix=6, seed=3, frames=6),
+    ]
+
+
 BACKBONES = {
     "llava-onevision": (tiny_llava_onevision, llava_rows),
     "qwen2.5-vl": (tiny_qwen2_5_vl, qwen_rows),
+    "qwen3-vl": (tiny_qwen3_vl, qwen3_rows),
 }
 
 
@@ -116,7 +127,7 @@ def test_each_row_of_a_padded_batch_equals_its_prompt_alone(backbone, attn, conf
         kept = last.input_positions[i]
         assert held(kept) == entering
         budget = config.budget(row.frames, row.tokens_per_frame)
-        video = row.video_start + torch.arange(row.frames * row.tokens_per_frame)
+        video = row.video_columns()
         shift = n - row.input_ids.shape[1] if side == "left" else 0
         assert int(torch.isin(kept, video + shift).sum()) == budget
         if config.merger != "none":

@@ -259,6 +259,24 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     # The paper gives no FLOPs for Qwen2.5-VL; its sampling is dynamic.  Default: 32 frames at
     # 448 x 448 -> 16 temporal patches of 16 x 16 merged tokens.
     "qwen2.5-vl-7b": ModelSpec("qwen2.5-vl-7b", **_QWEN2_7B, frames=16, tokens_per_frame=256),
+    # Qwen3-VL-8B: its LLM is Qwen3-8B (text_config of the public Qwen/Qwen3-VL-8B-Instruct
+    # config, written from knowledge of it, not downloaded here): 36 layers, hidden 4096, FFN
+    # 12288, 32 query / 8 KV heads of 128, vocab 151936.  Its per-head q/k norms and the
+    # DeepStack additions (3 levels x N x d adds) are not multiply-adds of note.  Sampling is
+    # dynamic; default: 32 frames at 448 x 448 -> 16 frame pairs of 14 x 14 merged tokens
+    # (patch 16, 2 x 2 merger).
+    "qwen3-vl-8b": ModelSpec(
+        "qwen3-vl-8b",
+        num_layers=36,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        frames=16,
+        tokens_per_frame=196,
+    ),
 }
 
 

@@ -13,6 +13,10 @@ model class                                            adapter
 ``LlavaOnevisionForConditionalGeneration``             ``LlavaOnevisionHandle`` (LLaVA-OneVision,
                                                        LLaVA-Video)
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
+``Qwen3VLForConditionalGeneration``,                   ``Qwen3VLHandle`` (DeepStack levels follow
+``Qwen3VLMoeForConditionalGeneration``                 the compression and the merge)
+``Qwen3_5ForConditionalGeneration``,                   ``Qwen3_5Handle`` (hybrid LLM: K must be
+``Qwen3_5MoeForConditionalGeneration``                 a full-attention layer)
 =====================================================  ==========================================
 """
 
@@ -26,11 +30,16 @@ from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
+from ustc.models.qwen3_vl import Qwen3_5Handle, Qwen3VLHandle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionHandle,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
+    "Qwen3VLForConditionalGeneration": Qwen3VLHandle,
+    "Qwen3VLMoeForConditionalGeneration": Qwen3VLHandle,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5Handle,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5Handle,
 }
 
 __all__ = [
@@ -40,6 +49,8 @@ __all__ = [
     "LastRun",
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
+    "Qwen3VLHandle",
+    "Qwen3_5Handle",
     "adapter_for",
     "attach",
 ]

@@ -33,7 +33,8 @@ def text_to_visual_attention(
     softmax runs over the whole causal key set of each text row (every earlier token that is not
     padding), then the visual columns are taken, as in the attention matrix A of Eq. (5).
 
-    attention:      the layer's self-attention (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
+    attention:      the layer's self-attention (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``;
+                    ``q_norm``, ``k_norm`` where the model has them).
     normed:         (B, n, D) the layer input after its input norm.
     cos, sin:       (B or 1, n, d) the layer's rotary embeddings.
     text_start:     first text row (rows of a padded batch may start later: mask them after).
@@ -44,12 +45,11 @@ def text_to_visual_attention(
     rope = _rotary_function(attention)
     b, n, _ = normed.shape
     head_dim = attention.head_dim
-    q = (
-        attention.q_proj(normed[:, text_start:])
-        .view(b, n - text_start, -1, head_dim)
-        .transpose(1, 2)
-    )
-    k = attention.k_proj(normed).view(b, n, -1, head_dim).transpose(1, 2)
+    q = attention.q_proj(normed[:, text_start:]).view(b, n - text_start, -1, head_dim)
+    k = attention.k_proj(normed).view(b, n, -1, head_dim)
+    # Qwen3 (and Qwen3-VL) normalise each head's q and k before RoPE
+    q = _head_norm(attention, "q_norm", q).transpose(1, 2)
+    k = _head_norm(attention, "k_norm", k).transpose(1, 2)
     q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
     k = rope(k, k, cos, sin)[1]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query heads
@@ -61,6 +61,11 @@ def text_to_visual_attention(
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
     index = visual_columns.to(normed.device)[:, None, :].expand(b, n - text_start, -1)
     return probs.gather(2, index)
+
+
+def _head_norm(attention: nn.Module, name: str, x: Tensor) -> Tensor:
+    norm = getattr(attention, name, None)
+    return x if norm is None else norm(x)
 
 
 def _rotary_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:

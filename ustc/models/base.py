@@ -7,8 +7,9 @@ What every decoder-only Video-LLM shares lives here and in three helper modules
 is a ``Handle`` subclass in a file of its own (see ``docs/adding-a-backbone.md``): where its video
 features and their grid come from (``video_call``, ``video_layout``), which vision layer gives
 the Eq. (1) scores and how they align with the LLM tokens (``vision_hooks``), its positions
-(``decode_positions``) and, where it has them, extra per-token streams (``compress_streams``,
-``merge_streams``).
+(``decode_positions``) and, where it has them, extra per-token streams (``stream_hooks``,
+``compress_streams``, ``merge_streams``); a video laid out in several runs of placeholders gives
+their columns (``VideoLayout.columns``).
 
 How a compressed ``generate()`` flows through an attached model (every hook is on the instance,
 removable, and nothing in transformers is patched):
@@ -64,9 +65,11 @@ from ustc.models.compat import (
 )
 from ustc.models.sequence import (
     batch_rows,
+    column_mask,
     default_positions,
     first_given,
     gather_columns,
+    marked_columns,
     next_position_after,
     packed_columns,
     padding_mask,
@@ -162,17 +165,30 @@ class VideoLayout:
     trailing:         placeholder/structural tokens right after the grid that are neither
                       compressed nor text for the merger (LLaVA-OV: the image_newline;
                       Qwen2.5-VL: <|vision_end|>).
+    columns:          (B, max F*P) column of each visual token in feature order, -1 past a
+                      row's F*P, for a video laid out in several runs (Qwen3-VL: one run per
+                      frame, timestamp text between); None: one run of F*P columns from
+                      ``starts``.  Tokens between the runs stay, and are not text for the merger.
     """
 
     starts: Tensor
     frames: list[int]
     tokens_per_frame: list[int]
     trailing: int
+    columns: Tensor | None = None
 
     @property
     def sizes(self) -> list[int]:
         """F*P of each row."""
         return [f * p for f, p in zip(self.frames, self.tokens_per_frame, strict=True)]
+
+    def grid_columns(self) -> Tensor:
+        """(B, max F*P) column of each visual token of each row, -1 past the row's F*P."""
+        if self.columns is not None:
+            return self.columns
+        sizes = torch.tensor(self.sizes, device=self.starts.device)
+        offsets = torch.arange(int(sizes.max()), device=self.starts.device)
+        return torch.where(offsets < sizes[:, None], self.starts[:, None] + offsets, -1)
 
 
 @dataclass
@@ -185,7 +201,8 @@ class Session:
     keep: Tensor  # (B, n') original columns held by the cache layers < K
     prompt_length: int  # n
     seen: int  # tokens generate() has accounted for, at the original length
-    visual_starts: Tensor  # (B,) first visual token of each row in the n' sequence
+    #: (B, max M) columns of each row's visual tokens in the n' sequence, in order; -1 past M
+    visual_columns: Tensor
     visual_counts: list[int]  # M of each row
     text_starts: Tensor  # (B,) first text token after the video of each row in the n' sequence
     valid: Tensor  # (B, n') bool: not a padding column
@@ -311,16 +328,32 @@ class Handle:
         """Position ids of ``length`` new tokens when the caller passed none (manual decoding)."""
         raise NotImplementedError
 
+    def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Install what applies the extra per-token streams (Qwen3-VL: DeepStack post-hooks on
+        the first decoder layers); removed by ``remove()``.  None by default."""
+        return []
+
     def compress_streams(
-        self, kwargs: dict[str, Any], session: Session, groups: list[Group], layout: VideoLayout
+        self,
+        kwargs: dict[str, Any],
+        session: Session,
+        groups: list[Group],
+        layout: VideoLayout,
+        features: list[Tensor],
     ) -> None:
         """Cut the language model's extra per-token inputs (``kwargs``, e.g. Qwen3-VL's DeepStack
         features) with the selection just made: ``groups`` hold each group's
-        ``CompressionResult``, ``session.keep`` the kept columns.  None by default."""
+        ``CompressionResult``, ``features`` each group's (G, F*P, D) visual tokens it was
+        computed from, ``layout.grid_columns()`` their columns in the prompt,
+        ``session.visual_columns`` where the kept ones now sit.  None by default."""
 
-    def merge_streams(self, session: Session, results: list[MergeResult]) -> None:
+    def merge_streams(
+        self, session: Session, results: list[MergeResult], visual: list[Tensor]
+    ) -> None:
         """Layer K: cut the extra streams as the visual hidden states were merged (one
-        ``MergeResult`` per group of ``session.groups``).  None by default."""
+        ``MergeResult`` per group of ``session.groups``, computed from that group's (G, M, D)
+        ``visual`` hidden states; ``session.merge_keep`` holds the columns left).  None by
+        default."""
 
     # ------------------------------------------------------------------------ lifecycle
     @property
@@ -367,6 +400,7 @@ class Handle:
         self._hooks.append(lm.register_forward_hook(self._after_language_model, with_kwargs=True))
         if self.needs_scores:
             self._hooks.extend(self.vision_hooks())
+        self._hooks.extend(self.stream_hooks())
         if self.merge_active:
             for index, layer in enumerate(self.decoder_layers()):
                 if index >= self.config.layer:
@@ -476,10 +510,9 @@ class Handle:
                 )
             layout = self.video_layout(kwargs, video)
             if mask is not None:
-                columns = layout.starts[:, None] + torch.arange(max(layout.sizes))
-                inside = columns < (layout.starts + torch.tensor(layout.sizes))[:, None]
-                valid = mask.bool().gather(1, columns.clamp(max=ids.shape[1] - 1).to(mask.device))
-                if not bool((valid | ~inside.to(mask.device)).all()):
+                columns = layout.grid_columns().to(mask.device)
+                valid = mask.bool().gather(1, columns.clamp(min=0))
+                if not bool((valid | (columns < 0)).all()):
                     raise ValueError(
                         "attention_mask masks video placeholders: padding must lie outside "
                         "the video of every row"
@@ -570,8 +603,8 @@ class Handle:
         b, n, _ = embeds.shape
         device = embeds.device
         columns = torch.arange(n, device=device)
-        starts = layout.starts.to(device)
-        ends = starts + torch.tensor(layout.sizes, device=device)
+        video_columns = layout.grid_columns().to(device)
+        in_video = column_mask(video_columns, n)
         mask = kwargs.get("attention_mask")
         valid = (
             torch.ones(b, n, dtype=torch.bool, device=device)
@@ -579,7 +612,7 @@ class Handle:
             else mask.to(device).bool()
         )
         if self.merge_active:
-            text = valid & (columns >= (ends + layout.trailing)[:, None])
+            text = valid & (columns > (video_columns.amax(dim=1) + layout.trailing)[:, None])
             if not bool(text.any(dim=1).all()):
                 raise ValueError(
                     "in-LLM merging needs text (the question) after the video placeholders; a "
@@ -589,22 +622,25 @@ class Handle:
         scores = self._take_scores(video, layout)
         t0 = clock(embeds)
         groups: list[Group] = []
+        group_features: list[Tensor] = []
         visual_counts = list(layout.sizes)
         for rows, (f, p) in shape_groups(layout.frames, layout.tokens_per_frame, device):
-            grid = starts[rows, None] + torch.arange(f * p, device=device)
+            grid = video_columns[rows, : f * p]
             features = take_columns(embeds[rows], grid).reshape(len(rows), f, p, -1)
             group_scores = None if scores is None else torch.stack([scores[i] for i in rows])
             groups.append(Group(rows, f, p, self.compressor.compress(features, group_scores)))
+            group_features.append(features.reshape(len(rows), f * p, -1))
             for row in rows.tolist():
                 visual_counts[row] = groups[-1].compression.indices.shape[1]
         compressed = visual_counts != layout.sizes
         if not compressed:  # nothing removed: the prompt passes unchanged
             keep = columns.expand(b, n)
         else:
-            kept = valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
+            kept = valid & ~in_video
             source = embeds.clone()
             for group in groups:
-                chosen = starts[group.rows, None] + group.compression.indices
+                grid = video_columns[group.rows, : group.frames * group.tokens_per_frame]
+                chosen = grid.gather(1, group.compression.indices)
                 kept[group.rows[:, None], chosen] = True
                 source[group.rows[:, None], chosen] = group.compression.tokens.to(embeds.dtype)
             keep = packed_columns(kept)
@@ -619,19 +655,19 @@ class Handle:
             )
         self.stats.compress_seconds += clock(embeds) - t0
 
-        # padding slots (-1) and kept columns before each video precede it in the n' sequence
-        visual_starts = (keep < starts[:, None]).sum(dim=1)
+        counts = torch.tensor(visual_counts, device=device)
+        visual_columns = marked_columns(
+            take_columns(in_video, keep, fill=False), max(visual_counts)
+        ).masked_fill(torch.arange(max(visual_counts), device=device) >= counts[:, None], -1)
         session = Session(
             keep=keep,
             valid=take_columns(valid, keep, fill=False),
             groups=[g.rows for g in groups],
             prompt_length=n,
             seen=n,
-            visual_starts=visual_starts,
+            visual_columns=visual_columns,
             visual_counts=visual_counts,
-            text_starts=visual_starts
-            + torch.tensor(visual_counts, device=device)
-            + layout.trailing,
+            text_starts=visual_columns.gather(1, (counts - 1)[:, None])[:, 0] + 1 + layout.trailing,
             next_position=next_position_after(
                 first_given(
                     kwargs.get("position_ids"), lambda: default_positions(mask, b, n, device)
@@ -643,7 +679,7 @@ class Handle:
                 mask[:, -1] == 0 if (compressed or self.merge_active) and mask is not None else None
             ),
         )
-        self.compress_streams(kwargs, session, groups, layout)
+        self.compress_streams(kwargs, session, groups, layout, group_features)
         self._fwd.session = session
         self._fwd.new_session = True
         self._fwd.phase = "prefill" if self.merge_active else None
@@ -766,17 +802,17 @@ class Handle:
         b, n_in, _ = hidden.shape
         device = hidden.device
         columns = torch.arange(n_in, device=device)
-        starts, text_starts = session.visual_starts, session.text_starts
-        ends = starts + torch.tensor(session.visual_counts, device=device)
-        kept = session.valid & ~((columns >= starts[:, None]) & (columns < ends[:, None]))
+        text_starts, visual = session.text_starts, session.visual_columns
+        kept = session.valid & ~column_mask(visual, n_in)
         source = hidden.clone()
         normed = None
         if self.compressor.merger_needs_attention:
             normed = getattr(layer, self.layer_norm)(hidden)
         results: list[MergeResult] = []
+        visuals: list[Tensor] = []
         for rows in session.groups:
             m = session.visual_counts[int(rows[0])]
-            visual_columns = starts[rows, None] + torch.arange(m, device=device)
+            visual_columns = visual[rows, :m]
             # each row's text: its unpadded columns after its video, right-aligned
             text_columns = packed_columns(
                 session.valid[rows] & (columns >= text_starts[rows, None])
@@ -796,19 +832,20 @@ class Handle:
                     session.valid[rows],
                 )
                 attention = take_columns(attention, (text_columns - text_start).clamp(min=-1))
+            visuals.append(take_columns(hidden[rows], visual_columns))
             result = self.compressor.merge(
-                take_columns(hidden[rows], visual_columns),
+                visuals[-1],
                 take_columns(hidden[rows], text_columns),
                 attention,
                 text_mask=None if bool(text_mask.all()) else text_mask,
             )
-            chosen = starts[rows, None] + result.indices
+            chosen = visual_columns.gather(1, result.indices)
             kept[rows[:, None], chosen] = True
             source[rows[:, None], chosen] = result.tokens.to(hidden.dtype)
             results.append(result)
         session.merge_keep = packed_columns(kept)
         session.merge_pads = bool((session.merge_keep < 0).any())
-        self.merge_streams(session, results)
+        self.merge_streams(session, results, visuals)
         merged = take_columns(source, session.merge_keep, fill=0)
         self.stats.merge_seconds += clock(hidden) - t0
         self.stats.tokens_after_merge = max(r.indices.shape[1] for r in results)

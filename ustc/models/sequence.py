@@ -141,3 +141,33 @@ def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
             "a row holds several runs (one video per prompt row is supported)"
         )
     return starts, counts.tolist()
+
+
+def column_mask(columns: Tensor, n: int) -> Tensor:
+    """(B, n) bool: True at the ``columns`` (B, m) of each row; -1 entries mark nothing."""
+    marks = torch.zeros(columns.shape[0], n + 1, dtype=torch.bool, device=columns.device)
+    marks.scatter_(1, columns.masked_fill(columns < 0, n), True)
+    return marks[:, :n]
+
+
+def marked_columns(marked: Tensor, count: int) -> Tensor:
+    """(B, count) the first ``count`` columns of each row where ``marked`` (B, n) is True, in
+    order (a row with fewer marks continues with unmarked columns: callers take its own count)."""
+    # a stable sort puts each row's marked columns first, in order
+    order = torch.sort((~marked).to(torch.uint8), dim=1, stable=True).indices
+    return order[:, : min(count, marked.shape[1])]
+
+
+def placeholder_columns(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
+    """Each row's columns of ``token`` wherever they lie (a video in several runs, e.g. one per
+    frame with timestamp text between): (B, max count) in order, -1 past a row's count; counts."""
+    hits = ids == token
+    counts = hits.sum(dim=1)
+    if int(counts.min()) == 0:
+        raise ValueError(
+            "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
+            "exactly one video per prompt row is supported"
+        )
+    width = int(counts.max())
+    past_count = torch.arange(width, device=ids.device) >= counts[:, None]
+    return marked_columns(hits, width).masked_fill(past_count, -1), counts.tolist()
