@@ -17,6 +17,8 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -34,6 +36,7 @@ class VideoInputs:
     frames: int  # F: frames of features (Qwen2.5-VL: temporal patch pairs)
     tokens_per_frame: int  # P: visual tokens per frame entering the LLM when nothing is pruned
     video_start: int  # position of the first video placeholder in input_ids
+    newline: bool = False  # one image_newline placeholder follows the F*P tokens (LLaVA-OV)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -101,11 +104,16 @@ def llava_video_inputs(
     seed: int = 1,
 ) -> VideoInputs:
     """``input_ids`` = prefix text, F*P + 1 video placeholders (one image_newline per video),
-    suffix text."""
+    suffix text.  LLaVA-NeXT-Video (a ``vision_resampler`` pooling by ``spatial_pool_stride``):
+    F*P placeholders, no newline."""
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    per_frame = math.ceil(grid / 2) ** 2
-    placeholders = frames * per_frame + 1
+    newline = not hasattr(model.model, "vision_resampler")
+    if newline:
+        per_frame = math.ceil(grid / 2) ** 2
+    else:
+        per_frame = (grid // model.config.spatial_pool_stride) ** 2
+    placeholders = frames * per_frame + int(newline)
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat(
         [
@@ -121,7 +129,7 @@ def llava_video_inputs(
         "attention_mask": torch.ones_like(ids),
         "pixel_values_videos": pixels.to(model.dtype),
     }
-    return VideoInputs(kwargs, frames, per_frame, prefix)
+    return VideoInputs(kwargs, frames, per_frame, prefix, newline)
 
 
 def tiny_qwen2_5_vl(
@@ -173,6 +181,61 @@ def tiny_qwen2_5_vl(
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_qwen2_vl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    vision_depth: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL: a 2-block vision tower (every block attends over a whole frame pair), patch 4,
+    2 x 2 merger, Qwen2 LLM with M-RoPE; inputs from ``qwen_video_inputs``."""
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1e6,
+            },
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -231,6 +294,8 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
             feats = torch.cat(list(out.pooler_output), dim=0)
         else:
             feats = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output
+            if isinstance(feats, (tuple, list)):  # one (F, P, D) per video (some releases)
+                feats = torch.stack(list(feats))
     return feats.reshape(b, -1, feats.shape[-1])[:, : f * p].reshape(b, f, p, -1)
 
 
@@ -279,7 +344,7 @@ def reference_logits(model, inputs: VideoInputs, sequences: torch.Tensor, last, 
     m = last.compression.indices.shape[1]
     with torch.no_grad():
         embeds = lm.embed_tokens(fed)
-        if "video_grid_thw" not in inputs.kwargs:  # LLaVA-OV: image_newline after the video
+        if inputs.newline:  # LLaVA-OV: image_newline after the video
             embeds[:, end] = model.model.image_newline.to(embeds.dtype)
         x = torch.cat(
             [embeds[:, :start], last.compression.tokens.to(embeds.dtype), embeds[:, end:]], dim=1

@@ -16,6 +16,7 @@ from models_helpers import (
     qwen_video_inputs,
     tiny_llava_onevision,
     tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
 )
 
 from ustc import CompressionConfig
@@ -75,6 +76,7 @@ def qwen_rows(model):
 BACKBONES = {
     "llava-onevision": (tiny_llava_onevision, llava_rows),
     "qwen2.5-vl": (tiny_qwen2_5_vl, qwen_rows),
+    "qwen2-vl": (tiny_qwen2_vl, qwen_rows),
 }
 
 

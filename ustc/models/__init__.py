@@ -13,6 +13,7 @@ model class                                            adapter
 ``LlavaOnevisionForConditionalGeneration``             ``LlavaOnevisionHandle`` (LLaVA-OneVision,
                                                        LLaVA-Video)
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
+``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
 =====================================================  ==========================================
 """
 
@@ -26,11 +27,13 @@ from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
+from ustc.models.qwen2_vl import Qwen2VLHandle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionHandle,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
+    "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
 }
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "LastRun",
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
+    "Qwen2VLHandle",
     "adapter_for",
     "attach",
 ]
