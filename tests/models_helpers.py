@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -130,6 +132,60 @@ def llava_video_inputs(
         "pixel_values_videos": pixels.to(model.dtype),
     }
     return VideoInputs(kwargs, frames, per_frame, prefix, newline)
+
+
+def tiny_llava_next_video(
+    attn: str = "sdpa",
+    layers: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_layers: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LlavaNextVideoForConditionalGeneration:
+    """LLaVA-NeXT-Video: CLIP (CLS token) ``vision_layers`` layers, features of layer -2 without
+    the CLS row, average pooling stride 2 (8 x 8 patches -> 4 x 4 = 16 tokens per frame; the real
+    model: 24 x 24 -> 12 x 12 = 144), Llama LLM.  Inputs from ``llava_video_inputs``."""
+    torch.manual_seed(seed)
+    config = LlavaNextVideoConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "projection_dim": 32,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = LlavaNextVideoForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def tiny_qwen2_5_vl(

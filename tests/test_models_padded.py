@@ -14,6 +14,7 @@ from models_helpers import (
     VideoInputs,
     llava_video_inputs,
     qwen_video_inputs,
+    tiny_llava_next_video,
     tiny_llava_onevision,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
@@ -77,6 +78,7 @@ BACKBONES = {
     "llava-onevision": (tiny_llava_onevision, llava_rows),
     "qwen2.5-vl": (tiny_qwen2_5_vl, qwen_rows),
     "qwen2-vl": (tiny_qwen2_vl, qwen_rows),
+    "llava-next-video": (tiny_llava_next_video, llava_rows),
 }
 
 

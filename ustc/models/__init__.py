@@ -14,6 +14,7 @@ model class                                            adapter
                                                        LLaVA-Video)
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
 ``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
+``LlavaNextVideoForConditionalGeneration``             ``LlavaNextVideoHandle``
 =====================================================  ==========================================
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.llava_next_video import LlavaNextVideoHandle
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
 from ustc.models.qwen2_vl import Qwen2VLHandle
@@ -34,6 +36,7 @@ ADAPTERS: dict[str, type[Handle]] = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionHandle,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
     "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextVideoHandle,
 }
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "CompressionStats",
     "Handle",
     "LastRun",
+    "LlavaNextVideoHandle",
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
     "Qwen2VLHandle",
