@@ -259,6 +259,38 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     # The paper gives no FLOPs for Qwen2.5-VL; its sampling is dynamic.  Default: 32 frames at
     # 448 x 448 -> 16 temporal patches of 16 x 16 merged tokens.
     "qwen2.5-vl-7b": ModelSpec("qwen2.5-vl-7b", **_QWEN2_7B, frames=16, tokens_per_frame=256),
+    # Sizes below are written from the public config.json of each checkpoint as we know it (no
+    # network here to re-read them); the sampling is the checkpoints' usual video setting.
+    # Qwen/Qwen2-VL-7B-Instruct: the Qwen2-7B LLM; frames as Qwen2.5-VL (16 temporal patches of
+    # 16 x 16 merged tokens at 448 x 448).
+    "qwen2-vl-7b": ModelSpec("qwen2-vl-7b", **_QWEN2_7B, frames=16, tokens_per_frame=256),
+    # llava-hf/LLaVA-NeXT-Video-7B-hf: Vicuna-7B (Llama 2, multi-head attention, vocab 32000 +
+    # the added image/video/pad tokens); CLIP-L/336 24 x 24 patches pooled by 2 -> 12 x 12.
+    "llava-next-video-7b": ModelSpec(
+        "llava-next-video-7b",
+        num_layers=32,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_heads=32,
+        num_kv_heads=32,
+        vocab_size=32064,
+        frames=32,
+        tokens_per_frame=144,
+    ),
+    # OpenGVLab/InternVL3_5-8B: the Qwen3-8B LLM; InternViT 448 px / 14 = 32 x 32 patches, pixel
+    # shuffle 0.5 -> 16 x 16 = 256 tokens per frame.  (No ustc adapter yet: docs/models.md.)
+    "internvl3.5-8b": ModelSpec(
+        "internvl3.5-8b",
+        num_layers=36,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        frames=32,
+        tokens_per_frame=256,
+    ),
 }
 
 
