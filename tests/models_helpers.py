@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
@@ -337,6 +339,92 @@ def qwen_video_inputs(
     return VideoInputs(kwargs, t, per_frame, prefix + 1)
 
 
+def tiny_internvl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> InternVLForConditionalGeneration:
+    """InternVL: InternViT (CLS token) ``vision_layers`` layers, pixel shuffle 0.5 (8 x 8 patches
+    -> 4 x 4 = 16 tokens per frame; the real model: 32 x 32 -> 256), Qwen2 LLM (InternVL3).
+    Inputs from ``internvl_video_inputs``."""
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": [image_size, image_size],
+            "patch_size": [patch_size, patch_size],
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = InternVLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+#: InternVL's <img> and </img> around the video's <IMG_CONTEXT> tokens
+IMG_START, IMG_END = 92, 93
+
+
+def internvl_video_inputs(
+    model: InternVLForConditionalGeneration,
+    frames: int = 4,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    seed: int = 1,
+) -> VideoInputs:
+    """``input_ids`` = prefix text, <img>, F*P <IMG_CONTEXT> (the frames' tokens as one run),
+    </img>, suffix text; ``pixel_values`` (B*F, C, H, W): the frames as images."""
+    vision = model.config.vision_config
+    size, patch = vision.image_size[0], vision.patch_size[0]
+    per_frame = int(size // patch * model.config.downsample_ratio) ** 2
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
+            torch.full((batch, 1), IMG_START),
+            torch.full((batch, frames * per_frame), IMAGE_TOKEN),
+            torch.full((batch, 1), IMG_END),
+            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(batch * frames, 3, size, size, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels.to(model.dtype),
+    }
+    return VideoInputs(kwargs, frames, per_frame, prefix + 1)
+
+
 # ------------------------------------------------------------------------ slow references
 def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     """(B, F, P, D) video tokens after projector/pooling (merger), from the model's own
@@ -345,7 +433,9 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     f, p = inputs.frames, inputs.tokens_per_frame
     kw = inputs.kwargs
     with torch.no_grad():
-        if "video_grid_thw" in kw:
+        if "pixel_values" in kw:  # InternVL: the frames as images, (B*F, P, D)
+            feats = model.model.get_image_features(kw["pixel_values"]).pooler_output
+        elif "video_grid_thw" in kw:
             out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
             feats = torch.cat(list(out.pooler_output), dim=0)
         else:

@@ -278,7 +278,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         tokens_per_frame=144,
     ),
     # OpenGVLab/InternVL3_5-8B: the Qwen3-8B LLM; InternViT 448 px / 14 = 32 x 32 patches, pixel
-    # shuffle 0.5 -> 16 x 16 = 256 tokens per frame.  (No ustc adapter yet: docs/models.md.)
+    # shuffle 0.5 -> 16 x 16 = 256 tokens per frame.
     "internvl3.5-8b": ModelSpec(
         "internvl3.5-8b",
         num_layers=36,

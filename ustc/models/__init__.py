@@ -15,6 +15,7 @@ model class                                            adapter
 ``Qwen2_5_VLForConditionalGeneration``                 ``Qwen2_5_VLHandle``
 ``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
 ``LlavaNextVideoForConditionalGeneration``             ``LlavaNextVideoHandle``
+``InternVLForConditionalGeneration``                   ``InternVLHandle``
 =====================================================  ==========================================
 """
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.internvl import InternVLHandle
 from ustc.models.llava_next_video import LlavaNextVideoHandle
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
@@ -37,12 +39,14 @@ ADAPTERS: dict[str, type[Handle]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLHandle,
     "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
     "LlavaNextVideoForConditionalGeneration": LlavaNextVideoHandle,
+    "InternVLForConditionalGeneration": InternVLHandle,
 }
 
 __all__ = [
     "ADAPTERS",
     "CompressionStats",
     "Handle",
+    "InternVLHandle",
     "LastRun",
     "LlavaNextVideoHandle",
     "LlavaOnevisionHandle",
