@@ -44,12 +44,14 @@ def text_to_visual_attention(
     rope = _rotary_function(attention)
     b, n, _ = normed.shape
     head_dim = attention.head_dim
-    q = (
-        attention.q_proj(normed[:, text_start:])
-        .view(b, n - text_start, -1, head_dim)
-        .transpose(1, 2)
-    )
-    k = attention.k_proj(normed).view(b, n, -1, head_dim).transpose(1, 2)
+    # per-head q/k norms before RoPE where the layer has them (Qwen3: InternVL3.5, Qwen3-VL)
+    identity = nn.Identity()
+    q_norm = getattr(attention, "q_norm", identity)
+    k_norm = getattr(attention, "k_norm", identity)
+    q = q_norm(
+        attention.q_proj(normed[:, text_start:]).view(b, n - text_start, -1, head_dim)
+    ).transpose(1, 2)
+    k = k_norm(attention.k_proj(normed).view(b, n, -1, head_dim)).transpose(1, 2)
     q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
     k = rope(k, k, cos, sin)[1]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query heads
