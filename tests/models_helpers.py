@@ -347,9 +347,11 @@ def tiny_internvl(
     vision_layers: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    text: str = "qwen2",
 ) -> InternVLForConditionalGeneration:
     """InternVL: InternViT (CLS token) ``vision_layers`` layers, pixel shuffle 0.5 (8 x 8 patches
-    -> 4 x 4 = 16 tokens per frame; the real model: 32 x 32 -> 256), Qwen2 LLM (InternVL3).
+    -> 4 x 4 = 16 tokens per frame; the real model: 32 x 32 -> 256), a Qwen2 LLM (InternVL3) or,
+    with ``text="qwen3"``, a Qwen3 LLM with per-head q/k norms (InternVL3.5).
     Inputs from ``internvl_video_inputs``."""
     torch.manual_seed(seed)
     config = InternVLConfig(
@@ -362,13 +364,14 @@ def tiny_internvl(
             "patch_size": [patch_size, patch_size],
         },
         text_config={
-            "model_type": "qwen2",
+            "model_type": text,
             "vocab_size": VOCAB,
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
+            "head_dim": 16,
             "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,

@@ -92,16 +92,17 @@ def test_token_counts_come_from_the_kv_cache(attn):
 
 
 @pytest.mark.parametrize(
-    "attn,merger,batch",
+    "attn,merger,batch,text",
     [
-        ("sdpa", "text-aware", 1),
-        ("eager", "text-aware", 2),
-        ("sdpa", "last-token", 2),
-        ("eager", "none", 1),
+        ("sdpa", "text-aware", 1, "qwen2"),
+        ("eager", "text-aware", 2, "qwen2"),
+        ("sdpa", "last-token", 2, "qwen2"),
+        ("eager", "none", 1, "qwen2"),
+        ("sdpa", "text-aware", 2, "qwen3"),
     ],
 )
-def test_every_decode_step_matches_a_no_cache_recompute(attn, merger, batch):
-    model = tiny_internvl(attn=attn, layers=3)
+def test_every_decode_step_matches_a_no_cache_recompute(attn, merger, batch, text):
+    model = tiny_internvl(attn=attn, layers=3, text=text)
     inputs = internvl_video_inputs(model, batch=batch)
     config = ON.replace(merger=merger)
     handle = attach(model, config)
@@ -162,9 +163,10 @@ def test_vision_scores_equal_eager_attention_maps_through_the_pixel_shuffle():
     torch.testing.assert_close(handle.last.compression.tokens, want.tokens)
 
 
-def test_text_attention_and_merge_at_layer_k_match_eager_weights():
+@pytest.mark.parametrize("text", ["qwen2", "qwen3"], ids=["internvl3", "internvl3.5"])
+def test_text_attention_and_merge_at_layer_k_match_eager_weights(text):
     k = 1
-    model = tiny_internvl(attn="eager", layers=3)
+    model = tiny_internvl(attn="eager", layers=3, text=text)
     inputs = internvl_video_inputs(model, batch=2)
     captured = {}
 
