@@ -13,10 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
     Qwen3_5MoeConfig,
@@ -45,6 +51,7 @@ class VideoInputs:
     #: (F*P,) column of each visual token when the video is several runs (Qwen3-VL: one per
     #: frame, timestamps between); None: F*P columns from video_start
     columns: torch.Tensor | None = None
+    newline: bool = False  # one image_newline placeholder follows the F*P tokens (LLaVA-OV)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -118,11 +125,16 @@ def llava_video_inputs(
     seed: int = 1,
 ) -> VideoInputs:
     """``input_ids`` = prefix text, F*P + 1 video placeholders (one image_newline per video),
-    suffix text."""
+    suffix text.  LLaVA-NeXT-Video (a ``vision_resampler`` pooling by ``spatial_pool_stride``):
+    F*P placeholders, no newline."""
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    per_frame = math.ceil(grid / 2) ** 2
-    placeholders = frames * per_frame + 1
+    newline = not hasattr(model.model, "vision_resampler")
+    if newline:
+        per_frame = math.ceil(grid / 2) ** 2
+    else:
+        per_frame = (grid // model.config.spatial_pool_stride) ** 2
+    placeholders = frames * per_frame + int(newline)
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat(
         [
@@ -138,7 +150,61 @@ def llava_video_inputs(
         "attention_mask": torch.ones_like(ids),
         "pixel_values_videos": pixels.to(model.dtype),
     }
-    return VideoInputs(kwargs, frames, per_frame, prefix)
+    return VideoInputs(kwargs, frames, per_frame, prefix, newline=newline)
+
+
+def tiny_llava_next_video(
+    attn: str = "sdpa",
+    layers: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_layers: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LlavaNextVideoForConditionalGeneration:
+    """LLaVA-NeXT-Video: CLIP (CLS token) ``vision_layers`` layers, features of layer -2 without
+    the CLS row, average pooling stride 2 (8 x 8 patches -> 4 x 4 = 16 tokens per frame; the real
+    model: 24 x 24 -> 12 x 12 = 144), Llama LLM.  Inputs from ``llava_video_inputs``."""
+    torch.manual_seed(seed)
+    config = LlavaNextVideoConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "projection_dim": 32,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = LlavaNextVideoForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def tiny_qwen2_5_vl(
@@ -190,6 +256,61 @@ def tiny_qwen2_5_vl(
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_qwen2_vl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    vision_depth: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL: a 2-block vision tower (every block attends over a whole frame pair), patch 4,
+    2 x 2 merger, Qwen2 LLM with M-RoPE; inputs from ``qwen_video_inputs``."""
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1e6,
+            },
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=92,
+        vision_end_token_id=93,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -292,6 +413,58 @@ def tiny_qwen3_vl(
     config.vision_config._attn_implementation = attn
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
     model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_internvl(
+    attn: str = "sdpa",
+    layers: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    text: str = "qwen2",
+) -> InternVLForConditionalGeneration:
+    """InternVL: InternViT (CLS token) ``vision_layers`` layers, pixel shuffle 0.5 (8 x 8 patches
+    -> 4 x 4 = 16 tokens per frame; the real model: 32 x 32 -> 256), a Qwen2 LLM (InternVL3) or,
+    with ``text="qwen3"``, a Qwen3 LLM with per-head q/k norms (InternVL3.5).
+    Inputs from ``internvl_video_inputs``."""
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": [image_size, image_size],
+            "patch_size": [patch_size, patch_size],
+        },
+        text_config={
+            "model_type": text,
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = InternVLForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -408,6 +581,43 @@ def qwen3_video_inputs(
     return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
 
 
+#: InternVL's <img> and </img> around the video's <IMG_CONTEXT> tokens
+IMG_START, IMG_END = 92, 93
+
+
+def internvl_video_inputs(
+    model: InternVLForConditionalGeneration,
+    frames: int = 4,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    seed: int = 1,
+) -> VideoInputs:
+    """``input_ids`` = prefix text, <img>, F*P <IMG_CONTEXT> (the frames' tokens as one run),
+    </img>, suffix text; ``pixel_values`` (B*F, C, H, W): the frames as images."""
+    vision = model.config.vision_config
+    size, patch = vision.image_size[0], vision.patch_size[0]
+    per_frame = int(size // patch * model.config.downsample_ratio) ** 2
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
+            torch.full((batch, 1), IMG_START),
+            torch.full((batch, frames * per_frame), IMAGE_TOKEN),
+            torch.full((batch, 1), IMG_END),
+            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(batch * frames, 3, size, size, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels.to(model.dtype),
+    }
+    return VideoInputs(kwargs, frames, per_frame, prefix + 1)
+
+
 # ------------------------------------------------------------------------ slow references
 def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     """(B, F, P, D) video tokens after projector/pooling (merger), from the model's own
@@ -416,11 +626,15 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     f, p = inputs.frames, inputs.tokens_per_frame
     kw = inputs.kwargs
     with torch.no_grad():
-        if "video_grid_thw" in kw:
+        if "pixel_values" in kw:  # InternVL: the frames as images, (B*F, P, D)
+            feats = model.model.get_image_features(kw["pixel_values"]).pooler_output
+        elif "video_grid_thw" in kw:
             out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
             feats = torch.cat(list(out.pooler_output), dim=0)
         else:
             feats = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output
+            if isinstance(feats, (tuple, list)):  # one (F, P, D) per video (some releases)
+                feats = torch.stack(list(feats))
     return feats.reshape(b, -1, feats.shape[-1])[:, : f * p].reshape(b, f, p, -1)
 
 
@@ -471,7 +685,7 @@ def reference_logits(model, inputs: VideoInputs, sequences, last, config, deepst
     levels = list(deepstack or [])
     with torch.no_grad():
         embeds = lm.embed_tokens(fed)
-        if "video_grid_thw" not in inputs.kwargs:  # LLaVA-OV: image_newline after the video
+        if inputs.newline:  # LLaVA-OV: image_newline after the video
             embeds[:, video[-1] + 1] = model.model.image_newline.to(embeds.dtype)
         other = torch.ones(n + t - 1, dtype=torch.bool)
         other[video] = False

@@ -249,3 +249,16 @@ def test_the_readme_and_ci_state_the_tested_transformers_range():
     assert f"transformers {low} (the" in models and f"({high} when this was written" in models
     # CI's second pass installs exactly the oldest release named there
     assert "TESTED_TRANSFORMERS[0]" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_registered_backbone_is_named_in_the_readme_and_the_models_table():
+    from ustc.models import ADAPTERS
+
+    readme = (ROOT / "README.md").read_text()
+    section = (ROOT / "docs" / "models.md").read_text().split("## Supported models")[1]
+    first_cells = [row.split("|")[1] for row in section.splitlines() if row.startswith("| `")]
+    for name in ADAPTERS:
+        assert f"`{name}`" in readme, f"README.md does not name {name}"
+        assert any(f"`{name}`" in cell for cell in first_cells), (
+            f"docs/models.md's table has no row for {name}"
+        )

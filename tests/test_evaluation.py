@@ -73,6 +73,12 @@ def test_flops_spec_of_known_checkpoints() -> None:
     assert (spec.name, spec.num_layers, spec.frames) == ("llava-onevision-0.5b", 24, 32)
     spec = LmmsEvalBenchmark(model="lmms-lab/LLaVA-Video-7B-Qwen2", frames=64).flops_spec()
     assert (spec.name, spec.frames, spec.tokens_per_frame) == ("llava-video-7b", 64, 169)
+    for checkpoint, name in [
+        ("Qwen/Qwen2-VL-7B-Instruct", "qwen2-vl-7b"),
+        ("llava-hf/LLaVA-NeXT-Video-7B-hf", "llava-next-video-7b"),
+        ("OpenGVLab/InternVL3_5-8B", "internvl3.5-8b"),
+    ]:
+        assert LmmsEvalBenchmark(model=checkpoint).flops_spec().name == name
     assert LmmsEvalBenchmark(model="someone/unknown-model").flops_spec() is None
 
 

@@ -317,12 +317,36 @@ def test_builtin_specs_match_public_sizes():
     assert (small.num_kv_heads, small.head_dim) == (2, 64)
     video = MODEL_SPECS["llava-video-7b"]
     assert (video.frames, video.tokens_per_frame, video.visual_tokens) == (64, 169, 10816)
+    qwen2 = MODEL_SPECS["qwen2-vl-7b"]
+    assert (qwen2.num_layers, qwen2.hidden_size, qwen2.num_kv_heads) == (28, 3584, 4)
+    assert (qwen2.frames, qwen2.tokens_per_frame) == (16, 256)
+    next_video = MODEL_SPECS["llava-next-video-7b"]
+    assert (next_video.num_layers, next_video.hidden_size, next_video.intermediate_size) == (
+        32,
+        4096,
+        11008,
+    )
+    assert (next_video.num_kv_heads, next_video.head_dim, next_video.tokens_per_frame) == (
+        32,
+        128,
+        144,
+    )
+    internvl = MODEL_SPECS["internvl3.5-8b"]
+    assert (internvl.num_layers, internvl.hidden_size, internvl.intermediate_size) == (
+        36,
+        4096,
+        12288,
+    )
+    assert (internvl.num_kv_heads, internvl.kv_dim, internvl.tokens_per_frame) == (8, 1024, 256)
     assert set(MODEL_SPECS) == {
         "llava-onevision-7b",
         "llava-onevision-0.5b",
         "llava-video-7b",
         "qwen2.5-vl-7b",
         "qwen3-vl-8b",
+        "qwen2-vl-7b",
+        "llava-next-video-7b",
+        "internvl3.5-8b",
     }
     with pytest.raises(ValueError, match="built-in models"):
         ModelSpec.builtin("llava-13b")

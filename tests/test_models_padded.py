@@ -12,11 +12,15 @@ import pytest
 import torch
 from models_helpers import (
     VideoInputs,
+    internvl_video_inputs,
     llava_video_inputs,
     qwen3_video_inputs,
     qwen_video_inputs,
+    tiny_internvl,
+    tiny_llava_next_video,
     tiny_llava_onevision,
     tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
     tiny_qwen3_vl,
 )
 
@@ -43,8 +47,10 @@ def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": torch.cat([pad(r.input_ids, 0) for r in rows]),
         "attention_mask": torch.cat([pad(r.kwargs["attention_mask"], 0) for r in rows]),
-        "pixel_values_videos": torch.cat([r.kwargs["pixel_values_videos"] for r in rows]),
     }
+    for key in ("pixel_values_videos", "pixel_values"):  # InternVL: the frames as images
+        if key in rows[0].kwargs:
+            batch[key] = torch.cat([r.kwargs[key] for r in rows])
     if "video_grid_thw" in rows[0].kwargs:
         batch["video_grid_thw"] = torch.cat([r.kwargs["video_grid_thw"] for r in rows])
         batch["mm_token_type_ids"] = torch.cat(
@@ -68,6 +74,14 @@ def llava_rows(model):
     ]
 
 
+def internvl_rows(model):
+    return [
+        internvl_video_inputs(model, prefix=3, suffix=9, seed=1),
+        internvl_video_inputs(model, prefix=6, suffix=4, seed=2),
+        internvl_video_inputs(model, prefix=5, suffix=6, seed=3),
+    ]
+
+
 def qwen_rows(model):
     return [
         qwen_video_inputs(model, prefix=3, suffix=9, seed=1),
@@ -88,6 +102,9 @@ BACKBONES = {
     "llava-onevision": (tiny_llava_onevision, llava_rows),
     "qwen2.5-vl": (tiny_qwen2_5_vl, qwen_rows),
     "qwen3-vl": (tiny_qwen3_vl, qwen3_rows),
+    "qwen2-vl": (tiny_qwen2_vl, qwen_rows),
+    "llava-next-video": (tiny_llava_next_video, llava_rows),
+    "internvl": (tiny_internvl, internvl_rows),
 }
 
 

@@ -334,6 +334,10 @@ _CHECKPOINT_SPECS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("onevision", "7b"), "llava-onevision-7b"),
     (("llava-video", "7b"), "llava-video-7b"),
     (("qwen2.5-vl", "7b"), "qwen2.5-vl-7b"),
+    (("qwen2-vl", "7b"), "qwen2-vl-7b"),
+    (("llava-next-video", "7b"), "llava-next-video-7b"),
+    (("internvl3-5", "8b"), "internvl3.5-8b"),
+    (("internvl3.5", "8b"), "internvl3.5-8b"),
 )
 
 

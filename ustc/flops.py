@@ -238,6 +238,17 @@ _QWEN2_7B = dict(
     num_kv_heads=4,
     vocab_size=152064,
 )
+# Qwen3-8B (the LLM of Qwen3-VL-8B and InternVL3.5-8B; public config, written from knowledge of
+# it, not downloaded here): head_dim 128 is not hidden / heads
+_QWEN3_8B = dict(
+    num_layers=36,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+)
 
 #: Built-in specs (public configs; sampling from Section 4.1 of the paper).
 MODEL_SPECS: dict[str, ModelSpec] = {
@@ -259,24 +270,32 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     # The paper gives no FLOPs for Qwen2.5-VL; its sampling is dynamic.  Default: 32 frames at
     # 448 x 448 -> 16 temporal patches of 16 x 16 merged tokens.
     "qwen2.5-vl-7b": ModelSpec("qwen2.5-vl-7b", **_QWEN2_7B, frames=16, tokens_per_frame=256),
-    # Qwen3-VL-8B: its LLM is Qwen3-8B (text_config of the public Qwen/Qwen3-VL-8B-Instruct
-    # config, written from knowledge of it, not downloaded here): 36 layers, hidden 4096, FFN
-    # 12288, 32 query / 8 KV heads of 128, vocab 151936.  Its per-head q/k norms and the
-    # DeepStack additions (3 levels x N x d adds) are not multiply-adds of note.  Sampling is
-    # dynamic; default: 32 frames at 448 x 448 -> 16 frame pairs of 14 x 14 merged tokens
-    # (patch 16, 2 x 2 merger).
-    "qwen3-vl-8b": ModelSpec(
-        "qwen3-vl-8b",
-        num_layers=36,
+    # Sizes below are written from the public config.json of each checkpoint as we know it (no
+    # network here to re-read them); the sampling is the checkpoints' usual video setting.
+    # Qwen/Qwen2-VL-7B-Instruct: the Qwen2-7B LLM; frames as Qwen2.5-VL (16 temporal patches of
+    # 16 x 16 merged tokens at 448 x 448).
+    "qwen2-vl-7b": ModelSpec("qwen2-vl-7b", **_QWEN2_7B, frames=16, tokens_per_frame=256),
+    # llava-hf/LLaVA-NeXT-Video-7B-hf: Vicuna-7B (Llama 2, multi-head attention, vocab 32000 +
+    # the added image/video/pad tokens); CLIP-L/336 24 x 24 patches pooled by 2 -> 12 x 12.
+    "llava-next-video-7b": ModelSpec(
+        "llava-next-video-7b",
+        num_layers=32,
         hidden_size=4096,
-        intermediate_size=12288,
+        intermediate_size=11008,
         num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        frames=16,
-        tokens_per_frame=196,
+        num_kv_heads=32,
+        vocab_size=32064,
+        frames=32,
+        tokens_per_frame=144,
     ),
+    # OpenGVLab/InternVL3_5-8B: the Qwen3-8B LLM; InternViT 448 px / 14 = 32 x 32 patches, pixel
+    # shuffle 0.5 -> 16 x 16 = 256 tokens per frame.
+    "internvl3.5-8b": ModelSpec("internvl3.5-8b", **_QWEN3_8B, frames=32, tokens_per_frame=256),
+    # Qwen/Qwen3-VL-8B-Instruct: the Qwen3-8B LLM.  Its per-head q/k norms and the DeepStack
+    # additions (3 levels x N x d adds) are not multiply-adds of note.  Sampling is dynamic;
+    # default: 32 frames at 448 x 448 -> 16 frame pairs of 14 x 14 merged tokens (patch 16, 2 x 2
+    # merger).
+    "qwen3-vl-8b": ModelSpec("qwen3-vl-8b", **_QWEN3_8B, frames=16, tokens_per_frame=196),
 }
 
 

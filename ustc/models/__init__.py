@@ -17,6 +17,9 @@ model class                                            adapter
 ``Qwen3VLMoeForConditionalGeneration``                 the compression and the merge)
 ``Qwen3_5ForConditionalGeneration``,                   ``Qwen3_5Handle`` (hybrid LLM: K must be
 ``Qwen3_5MoeForConditionalGeneration``                 a full-attention layer)
+``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
+``LlavaNextVideoForConditionalGeneration``             ``LlavaNextVideoHandle``
+``InternVLForConditionalGeneration``                   ``InternVLHandle``
 =====================================================  ==========================================
 """
 
@@ -28,8 +31,11 @@ from torch import nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.internvl import InternVLHandle
+from ustc.models.llava_next_video import LlavaNextVideoHandle
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
+from ustc.models.qwen2_vl import Qwen2VLHandle
 from ustc.models.qwen3_vl import Qwen3_5Handle, Qwen3VLHandle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
@@ -40,17 +46,23 @@ ADAPTERS: dict[str, type[Handle]] = {
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLHandle,
     "Qwen3_5ForConditionalGeneration": Qwen3_5Handle,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5Handle,
+    "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextVideoHandle,
+    "InternVLForConditionalGeneration": InternVLHandle,
 }
 
 __all__ = [
     "ADAPTERS",
     "CompressionStats",
     "Handle",
+    "InternVLHandle",
     "LastRun",
+    "LlavaNextVideoHandle",
     "LlavaOnevisionHandle",
     "Qwen2_5_VLHandle",
     "Qwen3VLHandle",
     "Qwen3_5Handle",
+    "Qwen2VLHandle",
     "adapter_for",
     "attach",
 ]

@@ -258,6 +258,12 @@ class Handle:
     #: the decoder-layer attribute names used by the merge at layer K
     layer_attention = "self_attn"
     layer_norm = "input_layernorm"
+    #: how the video reaches the model: the base model's encoder method, the forward argument
+    #: holding its pixels and the key of its output in ``mm_encoder_outputs`` (a backbone with no
+    #: video path of its own, such as InternVL, takes the frames as images)
+    video_method = "get_video_features"
+    video_argument = "pixel_values_videos"
+    video_output = "video"
 
     def __init__(self, model: nn.Module, config: CompressionConfig) -> None:
         if not isinstance(config, CompressionConfig):
@@ -417,8 +423,9 @@ class Handle:
         inspects to route its arguments.
         """
         missing = object()
-        previous = base.__dict__.get("get_video_features", missing)
-        original = base.get_video_features
+        name = self.video_method
+        previous = base.__dict__.get(name, missing)
+        original = getattr(base, name)
 
         @functools.wraps(original)
         def get_video_features(*args: Any, **kwargs: Any) -> Any:
@@ -436,13 +443,13 @@ class Handle:
             self._video = video
             return output
 
-        base.get_video_features = get_video_features
+        setattr(base, name, get_video_features)
 
         def restore() -> None:
             if previous is missing:
-                base.__dict__.pop("get_video_features", None)
+                base.__dict__.pop(name, None)
             else:
-                base.get_video_features = previous
+                setattr(base, name, previous)
 
         self._restore.append(restore)
 
@@ -462,10 +469,10 @@ class Handle:
         cache = cache_argument(kwargs)
         session = self._sessions.get(cache) if cache is not None else None
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values_videos") is not None:
+        if kwargs.get(self.video_argument) is not None:
             self._video = None  # encoded inside this forward
             self._start_prefill(kwargs, cache, session)
-        elif encoded.get("video") is not None:
+        elif encoded.get(self.video_output) is not None:
             self._start_prefill(kwargs, cache, session)
         elif session is not None:
             self._start_decode(kwargs, session)
@@ -476,7 +483,9 @@ class Handle:
 
     def _start_prefill(self, kwargs: dict[str, Any], cache: Any, session: Session | None) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values") is not None or encoded.get("image") is not None:
+        if self.video_output != "image" and (
+            kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+        ):
             raise ValueError(
                 "images mixed with a video in one call are not supported by ustc: the compressor "
                 "allocates one budget over the frames of a single video; pass the video alone"
@@ -501,7 +510,7 @@ class Handle:
                 f"{tuple(ids.shape)}, got {describe(mask)}"
                 f"{version_note()}"
             )
-        if kwargs.get("pixel_values_videos") is not None:  # fail before the vision tower runs
+        if kwargs.get(self.video_argument) is not None:  # fail before the vision tower runs
             video = self.video_call((), kwargs)
             if video.batch != ids.shape[0]:
                 raise ValueError(
@@ -561,7 +570,7 @@ class Handle:
             raise ValueError(
                 f"scorer {self.config.scorer!r} needs the vision attention of Eq. (1), but the "
                 "video features were not computed by this attached model (precomputed "
-                "mm_encoder_outputs, or encoded before attach); pass pixel_values_videos"
+                f"mm_encoder_outputs, or encoded before attach); pass {self.video_argument}"
             )
         sizes = layout.sizes
         # generate(num_return_sequences=r) repeats each encoded video for r consecutive rows

@@ -79,12 +79,16 @@ class Qwen2_5_VLHandle(Handle):
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         q, k = rope(qkv[0], qkv[1], cos, sin)  # (S, H, d), window-permuted order
         scores = _segment_received_attention(q, k, cu_seqlens)  # (S,)
-        unit = self.base_model().visual.spatial_merge_unit
+        unit = self.base_model().visual.spatial_merge_size ** 2
         merged = scores.view(-1, unit).mean(dim=-1)  # one score per 2 x 2 merger group
-        assert self._window_index is not None
-        merged = merged[torch.argsort(self._window_index.to(merged.device))]
-        self._add_scores(merged)
+        self._add_scores(self._token_order(merged))
         self.stats.score_seconds += clock(hidden) - t0
+
+    def _token_order(self, merged: Tensor) -> Tensor:
+        """Merged-group scores in the order of the model's features: un-permuted exactly as the
+        model un-permutes its merger output, with ``argsort(window_index)``."""
+        assert self._window_index is not None
+        return merged[torch.argsort(self._window_index.to(merged.device))]
 
     def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
         grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
@@ -111,9 +115,9 @@ class Qwen2_5_VLHandle(Handle):
             )
         if kwargs.get("mm_token_type_ids") is None:
             raise ValueError(
-                "Qwen2.5-VL needs mm_token_type_ids (returned by the processor) to build the "
-                "M-RoPE positions of the video; without them transformers silently uses 1-D "
-                "positions"
+                f"{type(self.model).__name__} needs mm_token_type_ids (returned by the processor) "
+                "to build the M-RoPE positions of the video; without them transformers silently "
+                "uses 1-D positions"
             )
         merge = self.model.config.vision_config.spatial_merge_size
         starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
