@@ -592,30 +592,37 @@ def internvl_video_inputs(
     prefix: int = 5,
     suffix: int = 7,
     seed: int = 1,
+    per_frame_runs: bool = False,
 ) -> VideoInputs:
     """``input_ids`` = prefix text, <img>, F*P <IMG_CONTEXT> (the frames' tokens as one run),
-    </img>, suffix text; ``pixel_values`` (B*F, C, H, W): the frames as images."""
+    </img>, suffix text; with ``per_frame_runs`` the processor's layout instead: per frame a
+    'Frame{i}:' label (2 text tokens), <img>, P <IMG_CONTEXT>, </img>.  ``pixel_values``
+    (B*F, C, H, W): the frames as images."""
     vision = model.config.vision_config
     size, patch = vision.image_size[0], vision.patch_size[0]
     per_frame = int(size // patch * model.config.downsample_ratio) ** 2
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat(
-        [
-            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
+    runs = [(frames * per_frame, [])] if not per_frame_runs else [(per_frame, [2])] * frames
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for count, label in runs:
+        parts += [torch.randint(*TEXT_IDS, (batch, n), generator=g) for n in label]
+        parts += [
             torch.full((batch, 1), IMG_START),
-            torch.full((batch, frames * per_frame), IMAGE_TOKEN),
+            torch.full((batch, count), IMAGE_TOKEN),
             torch.full((batch, 1), IMG_END),
-            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
-        ],
-        dim=1,
-    )
+        ]
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
     pixels = torch.randn(batch * frames, 3, size, size, generator=g)
     kwargs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "pixel_values": pixels.to(model.dtype),
     }
-    return VideoInputs(kwargs, frames, per_frame, prefix + 1)
+    columns = (ids[0] == IMAGE_TOKEN).nonzero()[:, 0]
+    return VideoInputs(
+        kwargs, frames, per_frame, int(columns[0]), columns if per_frame_runs else None
+    )
 
 
 # ------------------------------------------------------------------------ slow references

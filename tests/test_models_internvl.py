@@ -11,7 +11,6 @@ the blocks.
 import pytest
 import torch
 from models_helpers import (
-    IMAGE_TOKEN,
     internvl_video_inputs,
     reference_logits,
     tiny_internvl,
@@ -221,13 +220,33 @@ def test_unsupported_inputs_raise_clear_errors():
         attach(model, ON)
     model.config.vision_feature_select_strategy = "default"
     handle = attach(model, ON)
-    # the processor's layout: one 'Frame{i}: <img>...</img>' run per frame
-    per_frame = dict(inputs.kwargs, input_ids=inputs.input_ids.clone())
-    per_frame["input_ids"][:, inputs.video_start + 16] = 7
-    per_frame["input_ids"][:, 0] = IMAGE_TOKEN
-    with pytest.raises(ValueError, match="several runs of <IMG_CONTEXT>"):
-        model(**per_frame)
+    short = dict(inputs.kwargs, input_ids=inputs.input_ids.clone())
+    short["input_ids"][1, inputs.video_start + 16] = 7  # one row's video lost a token
+    with pytest.raises(ValueError, match=r"image placeholders per prompt row \[32, 31\]"):
+        model(**short)
     three = dict(inputs.kwargs, pixel_values=inputs.kwargs["pixel_values"][:3])
     with pytest.raises(ValueError, match="3 frames in pixel_values for prompts of 2 frames"):
         model(**three)
     handle.remove()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_processors_per_frame_layout_compresses_one_video(attn):
+    # 'Frame{i}: <img>' + P <IMG_CONTEXT> + '</img>' per frame: the labels and image tags between
+    # the frames stay in the sequence, and every decode step equals the no-cache recompute
+    model = tiny_internvl(attn=attn, layers=3)
+    inputs = internvl_video_inputs(model, frames=4, batch=2, per_frame_runs=True)
+    config = ON.replace(merger="text-aware")
+    handle = attach(model, config)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs.kwargs, max_new_tokens=4, return_dict_in_generate=True, output_logits=True
+        )
+    handle.remove()
+    budget = config.budget(inputs.frames, inputs.tokens_per_frame)
+    assert handle.stats.tokens_in == budget
+    # all text tokens (labels and tags between the frames too) entered the LLM
+    n = inputs.input_ids.shape[1]
+    assert handle.stats.sequence_in == n - inputs.frames * inputs.tokens_per_frame + budget
+    expected = reference_logits(model, inputs, out.sequences, handle.last, config)
+    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)

@@ -10,10 +10,11 @@ tokens per frame), then projected.  The LLM is Qwen2.5 (InternVL3) or Qwen3 (Int
 1-D RoPE.
 
 Prompt: the processor writes one ``Frame{i}: <img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>`` run per
-frame, joined by newlines -- F runs with text between them.  ustc compresses one contiguous run
-of visual tokens per prompt row, so with this adapter a video's F*P ``<IMG_CONTEXT>`` tokens must
-be one run (``<img>`` + F*256 ``<IMG_CONTEXT>`` + ``</img>``); the per-frame layout fails with a
-``ValueError`` that says so.  Every prefill with ``pixel_values`` is read as one video per row.
+frame, joined by newlines -- F runs with text between them; one run of F*256 ``<IMG_CONTEXT>``
+works too.  The row's visual columns are collected wherever they lie
+(``ustc.models.sequence.placeholder_columns``, as for Qwen3-VL's timestamps); the text between
+the frames stays and is not question text for the merger.  Every prefill with ``pixel_values`` is
+read as one video per row.
 
 Eq. (1): InternViT has a CLS token, so the score is the CLS row of the head-averaged attention
 (``ustc.scoring.cls_attention``) of the layer whose output is the selected feature layer, with q
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from ustc.config import CompressionConfig
 from ustc.models.base import VideoCall, VideoLayout, clock
 from ustc.models.llava_onevision import LlavaOnevisionHandle
-from ustc.models.sequence import placeholder_runs
+from ustc.models.sequence import placeholder_columns
 from ustc.scoring import cls_attention
 
 
@@ -128,6 +129,16 @@ class InternVLHandle(LlavaOnevisionHandle):
 
     def _count_videos(self, call: FramesCall, ids: Tensor) -> int:
         """Set ``call.batch`` from the prompt: B = images / F, F = image tokens per row / P."""
+        frames = self._frames(ids)
+        if call.images % frames:
+            raise ValueError(
+                f"{call.images} frames in pixel_values for prompts of {frames} frames each"
+            )
+        call.batch = call.images // frames
+        return frames
+
+    def _frames(self, ids: Tensor) -> int:
+        """F from the prompt: every row holds F*P image placeholders (in one run or several)."""
         per_frame = self._tokens_per_frame()
         counts = (ids == self.model.config.image_token_id).sum(dim=1).tolist()
         frames = counts[0] // per_frame
@@ -136,35 +147,21 @@ class InternVLHandle(LlavaOnevisionHandle):
                 f"image placeholders per prompt row {counts} are not F*P with P = {per_frame} "
                 "tokens per frame (one video per prompt row, the videos of a batch of one size)"
             )
-        if call.images % frames:
-            raise ValueError(
-                f"{call.images} frames in pixel_values for prompts of {frames} frames each"
-            )
-        call.batch = call.images // frames
         return frames
 
     def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
         ids: Tensor = kwargs["input_ids"]
-        token = self.model.config.image_token_id
-        hits = ids == token
-        columns = torch.arange(ids.shape[1], device=ids.device)
-        first = hits.int().argmax(dim=1)
-        last = torch.where(hits, columns, -1).amax(dim=1)
-        inside = (columns >= first[:, None]) & (columns <= last[:, None])
-        if bool(hits.any(dim=1).all()) and not torch.equal(inside, hits):
-            raise ValueError(
-                "InternVL: a prompt row holds its frames as several runs of <IMG_CONTEXT> tokens "
-                "(the processor's 'Frame{i}: <img>...</img>' layout); ustc compresses one video "
-                "as one run: write '<img>' + F*P <IMG_CONTEXT> + '</img>' for the whole video"
-            )
-        starts, counts = placeholder_runs(ids, token)
+        columns, _ = placeholder_columns(ids, self.model.config.image_token_id)
         if isinstance(video, FramesCall):
             frames = self._count_videos(video, ids)
         else:  # features precomputed elsewhere
-            frames = counts[0] // self._tokens_per_frame()
+            frames = self._frames(ids)
         if video is not None and video.batch and ids.shape[0] % video.batch:
             raise ValueError(
                 f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
             )
+        per_frame = self._tokens_per_frame()
         rows = ids.shape[0]
-        return VideoLayout(starts, [frames] * rows, [self._tokens_per_frame()] * rows, trailing=0)
+        return VideoLayout(
+            columns[:, 0], [frames] * rows, [per_frame] * rows, trailing=0, columns=columns
+        )
