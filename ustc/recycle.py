@@ -295,7 +295,7 @@ def dpc_knn(
         x, m = features.index_select(0, pick), mask.index_select(0, pick)
         n = features.shape[1]
         # one Gram matrix serves both passes when it is small enough to keep
-        d2 = pool_distances(x, m) if len(dense) * n * n <= GRAM_CACHE_ENTRIES else None
+        d2 = pool_distances(x, m) if n * n <= GRAM_CACHE_ENTRIES else None
         rho = knn_log_density(x, m, k, d2, convention)
         log_rho[pick], delta[pick] = rho, peak_distance(x, m, rho, d2, convention)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
