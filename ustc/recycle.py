@@ -69,7 +69,8 @@ class _Distances:
     row blocks of the Gram matrix, slices of ``d2`` when it is given."""
 
     def __init__(self, features: Tensor, mask: Tensor, d2: Tensor | None) -> None:
-        self.features, self.mask, self.d2 = features, mask, d2
+        # measured in float32: one conversion here, not one per block (bf16 inputs)
+        self.features, self.mask, self.d2 = features.float(), mask, d2
         self.xc = centered(features, mask)
         self.rounding = gram_rounding(squared_norms(self.xc), mask)
         self.positions = torch.arange(features.shape[1], device=features.device)
@@ -241,13 +242,14 @@ def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
         if center_pos.numel() == 0 or members.numel() == 0:
             continue
         center_x = xc[v, center_pos].unsqueeze(0)
+        x = features[v].float()  # one conversion per video, not per block
         for block in row_blocks(members.numel(), center_pos.numel()):
             rows = members[block]
             # (C, r): the centers as the rows of the product, the faster orientation on the CPU
             gram = squared_distances(center_x, xc[v, rows].unsqueeze(0))[0].T
             allowed = torch.ones_like(gram, dtype=torch.bool)
             _, position = exact_nearest_rows(
-                features[v],
+                x,
                 xc[v],
                 rows,
                 center_pos,

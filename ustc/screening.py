@@ -125,7 +125,7 @@ def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Te
         members = mask[v].nonzero().squeeze(1)
         result = None
         if members.numel() > k:
-            result = _screen_pool(Sketch.of(xc[v]), features[v], rounding[v], members, k)
+            result = _screen_pool(Sketch.of(xc[v]), features[v].float(), rounding[v], members, k)
         if result is not None:
             log_rho = torch.full((n,), float("-inf"))
             delta = torch.zeros(n)
