@@ -34,7 +34,10 @@ decide:
    farthest member) take their full row.
 
 The result is the dense computation's (``recycle.knn_log_density``, ``recycle.peak_distance``)
-up to the float32 rounding of the same distances.  How much exact work is left depends on the
+bit for bit: both centre the pool (``ops.centered``), choose on rounded distances and measure
+the decisive ones from the differences (``ops.measure_candidates``); the cells' bounds are
+widened by the rounding so that they never rule out a token the choice needs.  How much exact
+work is left depends on the
 data, never the result: on features without structure every cell is within reach of every
 token, and ``screen`` returns None (the dense path runs) once the exact pairs pass
 ``MAX_EXACT_SHARE`` of the dense ones.  ``screening_applies`` keeps the dense path wherever
