@@ -48,3 +48,53 @@ def reference_dpc(x, members, n_clusters, k):
     for i in members:
         owner[i] = i if i in centers else min(centers, key=lambda c: (dist(x[i], x[c]), c))
     return rho, delta, sorted(centers), owner
+
+
+def reference_log_dpc(x, members, n_clusters, k, convention="paper"):
+    """Eq. (3)-(4) in float64 with log rho, from a float64 distance matrix of the differences.
+
+    convention "tcformer" (the peers' DPC-KNN): d / sqrt(D), the token itself among its k
+    nearest (distance 0), the densest token's delta the largest distance of the whole pool.
+    Ties: lower index denser, lower center nearer.  Returns log_rho, delta, centers, owner.
+    """
+    xs = x.double()
+    diff = xs[:, None, :] - xs[None, :, :]
+    d2 = diff.square().sum(-1)
+    if convention == "tcformer":
+        d2 = d2 / x.shape[-1]
+    d2 = d2.tolist()
+    log_rho, delta = {}, {}
+    for i in members:
+        if convention == "tcformer":
+            near = sorted(d2[i][j] for j in members)[:k]  # itself included, at 0
+        else:
+            near = sorted(d2[i][j] for j in members if j != i)[:k]
+        log_rho[i] = -sum(near) / len(near) if near else 0.0
+
+    def denser(j, i):
+        return log_rho[j] > log_rho[i] or (log_rho[j] == log_rho[i] and j < i)
+
+    diameter = max((d2[a][b] for a in members for b in members), default=0.0)
+    for i in members:
+        higher = [d2[i][j] for j in members if denser(j, i)]
+        others = [d2[i][j] for j in members if j != i]
+        if higher:
+            delta[i] = math.sqrt(min(higher))
+        elif convention == "tcformer":
+            delta[i] = math.sqrt(diameter)
+        else:
+            delta[i] = math.sqrt(max(others)) if others else 0.0
+
+    def log_gamma(i):
+        return log_rho[i] + math.log(delta[i]) if delta[i] > 0 else -math.inf
+
+    centers = sorted(members, key=lambda i: (-log_gamma(i), i))[: min(n_clusters, len(members))]
+    owner = {}
+    for i in members:
+        if i in centers:
+            owner[i] = i
+        elif centers:
+            owner[i] = min(centers, key=lambda c: (d2[i][c], c))
+        else:
+            owner[i] = -1
+    return log_rho, delta, sorted(centers), owner

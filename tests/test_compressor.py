@@ -134,6 +134,8 @@ def test_cluster_only_needs_no_attention():
         (torch.randn(1, 2, 2, 3), torch.full((1, 2, 2), float("inf")), "attention scores"),
         (torch.ones(1, 2, 2, 3, dtype=torch.long), None, "floating point"),
         (torch.randn(1, 2, 2, 3), None, "needs per-token attention"),
+        (torch.randn(1, 2, 2, 3, device="meta"), None, "'meta' device"),
+        (torch.randn(1, 2, 2, 3), [[[1.0, 1.0], [1.0, 1.0]]], "attention must be a .* tensor"),
     ],
 )
 def test_bad_inputs(features, attention, message):

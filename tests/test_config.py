@@ -35,6 +35,17 @@ def test_budget_rule_reproduces_the_papers_token_counts():
         ("recycler", "kmeans", "known recyclers: dpc, none"),
         ("merger", "fastv2", "unknown merger"),
         ("params", {"alpha": 1}, "taken by none of the selected strategies"),
+        # a config field given again through params would run while the field says otherwise
+        ("params", {"tau": 0.1}, "'tau' are fields of CompressionConfig"),
+        ("params", {"k": 7, "convention": "tcformer"}, "'k' are fields of CompressionConfig"),
+        ("params", None, "params must be a dict"),
+        # bool is an int to Python; it passed the number checks
+        ("retention", True, r"retention must be in \(0, 1\], got True"),
+        ("tau", True, "tau must be in .*got True"),
+        ("cluster_ratio", False, "cluster_ratio must be in .*got False"),
+        ("keep_ratio", True, "keep_ratio must be in .*got True"),
+        ("lam", True, "lam must be in .*got True"),
+        ("k", True, "k must be an integer"),
     ],
 )
 def test_bad_values_raise_clear_errors(field, value, message):
@@ -83,3 +94,9 @@ def test_table5_rows_realise_their_marks():
 
 def test_ours_preset():
     assert ours(0.05).merger == "text-aware" and ours(0.05, merging=False).merger == "none"
+
+
+def test_strategy_parameters_that_are_no_fields_pass_through_params():
+    config = CompressionConfig(params={"convention": "tcformer"})
+    assert config.strategy_values()["convention"] == "tcformer"
+    assert Compressor(config).recycler.convention == "tcformer"

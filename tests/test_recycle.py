@@ -6,10 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import reference_dpc
+from reference import reference_dpc, reference_log_dpc
 
 import ustc.ops
 import ustc.recycle
+from ustc import CompressionConfig, Compressor
 from ustc.recycle import (
     DPCKNNRecycler,
     NoRecycler,
@@ -61,9 +62,11 @@ def test_no_full_pairwise_matrix_for_large_n(monkeypatch):
     """256 frames x 196 tokens: every pairwise block stays within PAIRWISE_BLOCK entries."""
     shapes = []
 
-    def spy(a, b):  # records the block and returns cheap distances: only the shapes matter here
+    real = ustc.recycle.squared_distances
+
+    def spy(a, b):  # records the block's shape
         shapes.append((a.shape[1], b.shape[1]))
-        return torch.ones(a.shape[0], a.shape[1], b.shape[1])
+        return real(a, b)
 
     monkeypatch.setattr("ustc.recycle.squared_distances", spy)
     n = 16_500
@@ -133,3 +136,159 @@ def test_squared_norms_are_the_plain_sums_bit_for_bit():
         assert torch.equal(ustc.ops.squared_norms(x), x.square().sum(-1))
     half = torch.randn(2, 600, 16, generator=g).bfloat16()
     assert torch.equal(ustc.ops.squared_norms(half), half.float().square().sum(-1))
+
+
+def far_cluster(n, dim, seed, noise=0.01, norm=28.0, groups=1):
+    """Tight groups (noise ``noise``) around points of norm ~``norm``: the float32 Gram form
+    ||a||^2 + ||b||^2 - 2 a.b loses most digits of their distances."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(groups, dim, generator=g)
+    centres = norm * centres / centres.norm(dim=1, keepdim=True)
+    spread = torch.randn(groups, dim, generator=g) * 0.05  # groups a little apart
+    labels = torch.arange(n) % groups
+    return (centres[labels] + spread[labels] + noise * torch.randn(n, dim, generator=g))[None]
+
+
+def check_against_float64(x, mask, n_clusters, k, convention="paper"):
+    members = mask[0].nonzero().flatten().tolist()
+    log_rho, delta, centers, owner = reference_log_dpc(x[0], members, n_clusters, k, convention)
+    got_rho = knn_log_density(x, mask, k, convention=convention)
+    got_delta = peak_distance(x, mask, got_rho, convention=convention)
+    for i in members:
+        assert math.isclose(float(got_rho[0, i]), log_rho[i], rel_tol=1e-5, abs_tol=1e-12), i
+        assert math.isclose(float(got_delta[0, i]), delta[i], rel_tol=1e-5, abs_tol=1e-9), i
+    # the density order is the float64 one (no two densities here within float32 rounding)
+    want = sorted(members, key=lambda i: (-log_rho[i], i))
+    assert sorted(members, key=lambda i: (-float(got_rho[0, i]), i)) == want
+    out = dpc_knn(x, mask, torch.tensor([n_clusters]), k, convention)
+    assert out.centers[0].nonzero().flatten().tolist() == centers
+    assert {i: int(out.owner[0, i]) for i in members} == owner
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_tight_clusters_far_from_the_origin_match_float64(groups):
+    """Noise 0.01 around points of norm 28: the uncentred float32 Gram form lost ~3 % of log rho
+    and picked other centers; now the density order, centers and owners are float64's."""
+    x = far_cluster(60, 32, seed=groups, groups=groups)
+    mask = torch.ones(1, 60, dtype=torch.bool)
+    mask[0, ::7] = False
+    check_against_float64(x, mask, n_clusters=6, k=5)
+
+
+def test_exact_duplicates_get_equal_densities_and_the_lower_index_is_denser():
+    base = far_cluster(12, 16, seed=4)[0]
+    x = torch.cat([base, base[[3, 7, 3]]])[None]  # 12 and 14 duplicate 3, 13 duplicates 7
+    mask = torch.ones(1, 15, dtype=torch.bool)
+    log_rho = knn_log_density(x, mask, 4)
+    assert log_rho[0, 3] == log_rho[0, 12] == log_rho[0, 14]
+    assert log_rho[0, 7] == log_rho[0, 13]
+    delta = peak_distance(x, mask, log_rho)
+    # the later copies have the first as their nearest denser token, at distance 0
+    assert delta[0, 12] == 0 and delta[0, 14] == 0 and delta[0, 13] == 0
+    assert delta[0, 3] > 0 and delta[0, 7] > 0
+    check_against_float64(x, mask, n_clusters=5, k=4)
+
+
+def test_zero_cluster_share_drops_the_recycle_pool():
+    """cluster_ratio 0 with a full retention pool: no centers, so the recycle pool is dropped
+    (as with recycler none), not merged into output token 0."""
+    x = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    a = torch.tensor([[[9.0, 1, 1, 1], [1, 1, 1, 1]]])
+    config = CompressionConfig(retention=0.5, tau=1.0, cluster_ratio=0.0, merger="none")
+    out = Compressor(config).compress(x, a)
+    dropped = Compressor(config.replace(recycler="none")).compress(x, a)
+    assert out.assignment.tolist() == dropped.assignment.tolist()
+    assert (out.assignment == -1).sum() == 4 and not out.merged.any()
+    assert torch.equal(out.tokens, dropped.tokens)
+
+
+def test_a_video_without_centers_drops_its_pool_inside_a_batch():
+    x = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    out = dpc_knn(x, mask, torch.tensor([2, 0]), k=2)
+    assert out.centers[1].sum() == 0 and (out.owner[1] == -1).all()
+    assert out.centers[0].sum() == 2 and (out.owner[0] >= 0).all()
+    alone = dpc_knn(x[:1], mask[:1], torch.tensor([2]), k=2)
+    assert torch.equal(alone.owner[0], out.owner[0])
+
+
+def test_uncertified_rows_fall_back_to_float64(monkeypatch):
+    """A rounding bound so wide that no row is certified sends every row through the float64
+    path; the result is the same."""
+    x = far_cluster(40, 24, seed=5, groups=2)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    want = dpc_knn(x, mask, torch.tensor([5]), 3)
+    monkeypatch.setattr(ustc.ops, "GRAM_ROUNDING", 1e3)
+    calls = []
+    real = ustc.ops._gram64
+    monkeypatch.setattr(ustc.ops, "_gram64", lambda *a: calls.append(1) or real(*a))
+    got = dpc_knn(x, mask, torch.tensor([5]), 3)
+    assert calls, "the float64 fallback did not run"
+    assert torch.equal(want.centers, got.centers) and torch.equal(want.owner, got.owner)
+
+
+# --- the peers' DPC-KNN (convention="tcformer") ---------------------------------------------
+
+
+def test_tcformer_convention_on_a_hand_checked_input():
+    """Tokens on a line at 0, 4, 5, 6, 12 (D = 4, so d' = d / 2), k = 2: the k nearest are the
+    token itself (0) and its nearest other, log rho = -(0 + (d/2)^2) / 2 = -d^2 / 8:
+      t0: d 4 -> -2;  t1, t2, t3: d 1 -> -0.125;  t4: d 6 -> -4.5.
+    Densest t1 (tie with t2, t3: lower index).  delta (d / 2): t1 gets the pool's largest
+    distance d(t0, t4) = 12 -> 6 (its own row's largest would be 8 -> 4); t2 -> t1: 0.5;
+    t3 -> t2: 0.5; t0 -> t1: 2; t4 -> t3: 3.
+    log gamma = log rho + log delta: t1 1.667, t2 = t3 -0.818, t0 -1.307, t4 -3.401; three
+    centers t1, t2, t3 (t2 before t3 by index); t0 joins t1 (4 < 5), t4 joins t3 (6).
+    The paper reading (two nearest others, no scaling): log rho t0 -(16 + 25) / 2 = -20.5,
+    t1 -(1 + 4) / 2 = -2.5, t2 -(1 + 1) / 2 = -1, t3 -2.5, t4 -(36 + 49) / 2 = -42.5: the
+    densest is t2, whose delta is its own row's largest distance, 7."""
+    x = torch.zeros(1, 5, 4)
+    x[0, :, 0] = torch.tensor([0.0, 4, 5, 6, 12])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    log_rho = knn_log_density(x, mask, 2, convention="tcformer")
+    assert log_rho.tolist() == [[-2.0, -0.125, -0.125, -0.125, -4.5]]
+    delta = peak_distance(x, mask, log_rho, convention="tcformer")
+    assert delta.tolist() == [[2.0, 6.0, 0.5, 0.5, 3.0]]
+    out = DPCKNNRecycler(k=2, convention="tcformer").recycle(x, mask, torch.tensor([3]), None)
+    assert out.centers[0].nonzero().flatten().tolist() == [1, 2, 3]
+    assert out.owner.tolist() == [[1, 1, 2, 3, 3]]
+    paper = knn_log_density(x, mask, 2)
+    assert paper.tolist() == [[-20.5, -2.5, -1.0, -2.5, -42.5]]
+    assert peak_distance(x, mask, paper).tolist() == [[4.0, 1.0, 7.0, 1.0, 6.0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 16),
+    k=st.integers(1, 6),
+    n_clusters=st.integers(0, 18),
+    seed=st.integers(0, 10_000),
+    far=st.booleans(),
+)
+def test_both_conventions_match_the_float64_reference(n, k, n_clusters, seed, far):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(1, n, 6, generator=g)
+    if far:
+        x = x * 0.03 + 20.0 * torch.randn(6, generator=g)
+    mask = torch.rand(1, n, generator=g) < 0.8
+    for convention in ("paper", "tcformer"):
+        members = mask[0].nonzero().flatten().tolist()
+        log_rho, delta, centers, owner = reference_log_dpc(x[0], members, n_clusters, k, convention)
+        got_rho = knn_log_density(x, mask, k, convention=convention)
+        got_delta = peak_distance(x, mask, got_rho, convention=convention)
+        for i in members:
+            assert math.isclose(float(got_rho[0, i]), log_rho[i], rel_tol=1e-5, abs_tol=1e-9)
+            assert math.isclose(float(got_delta[0, i]), delta[i], rel_tol=1e-5, abs_tol=1e-7)
+        out = dpc_knn(x, mask, torch.tensor([n_clusters]), k, convention)
+        assert out.centers[0].nonzero().flatten().tolist() == centers
+        assert {i: int(out.owner[0, i]) for i in members} == owner
+
+
+def test_convention_is_a_registered_parameter_and_checked():
+    from ustc.registry import RECYCLERS
+
+    assert {p.name: p.default for p in RECYCLERS.params("dpc")} == {"k": 5, "convention": "paper"}
+    config = CompressionConfig(params={"convention": "tcformer"})
+    assert Compressor(config).recycler.convention == "tcformer"
+    with pytest.raises(ValueError, match="convention must be one of 'paper', 'tcformer'"):
+        DPCKNNRecycler(convention="holitom")

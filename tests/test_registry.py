@@ -18,8 +18,11 @@ def test_builtin_names():
 
 def test_build_and_params():
     assert RECYCLERS.build("dpc", k=7).k == 7
-    assert [(p.name, p.annotation, p.default) for p in RECYCLERS.params("dpc")] == [("k", int, 5)]
-    with pytest.raises(ValueError, match="takes no parameter 'tau'; it takes: k"):
+    assert [(p.name, p.annotation, p.default) for p in RECYCLERS.params("dpc")] == [
+        ("k", int, 5),
+        ("convention", str, "paper"),
+    ]
+    with pytest.raises(ValueError, match="takes no parameter 'tau'; it takes: convention, k"):
         RECYCLERS.build("dpc", tau=0.5)
     with pytest.raises(ValueError, match="unknown pool 'fifo'; known pools: greedy"):
         POOLS.get("fifo")

@@ -5,6 +5,7 @@ import torch
 
 import ustc.ops
 import ustc.screening as screening
+from ustc import CompressionConfig, Compressor
 from ustc.recycle import dpc_knn, knn_log_density, peak_distance
 from ustc.screening import cells, screen, screening_applies, sketch_basis
 
@@ -150,3 +151,42 @@ def test_sketch_basis_is_orthonormal_and_captures_the_scenes():
     torch.testing.assert_close(basis.T @ basis, torch.eye(32), atol=1e-5, rtol=0)
     captured = (x @ basis).square().sum() / x.square().sum()
     assert captured > 0.85  # the scene share of the energy is 1 / (1 + 0.3^2) = 0.92
+
+
+def test_screen_and_dense_give_the_same_bits_far_from_the_origin(small_pools):
+    """Both paths choose on rounded distances of the centred features and measure the decisive
+    ones from the differences: the same log rho and delta, bit for bit, even for scenes offset
+    far from the origin, where the rounded distances of the two paths differ."""
+    x = clustered(n_clusters=8, per_cluster=40, seed=9, noise=0.05) + 30.0
+    mask = torch.ones(1, x.shape[1], dtype=torch.bool)
+    mask[0, ::11] = False
+    got = screen(x, mask, 5)
+    assert got is not None
+    want = dense(x, mask, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def objects_per_scene(frames, tokens, dim, objects, noise, seed):
+    """A video of one scene: every token one of ``objects`` object vectors plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    scene = torch.randn(objects, dim, generator=g)
+    layout = torch.randint(0, objects, (tokens,), generator=g)
+    x = scene[layout].expand(frames, tokens, dim)
+    return (x + noise * torch.randn(frames, tokens, dim, generator=g)).unsqueeze(0)
+
+
+def test_a_videos_result_does_not_depend_on_its_batch():
+    """Issue 16's reproducer: video A (12 objects, noise 0.05) screens, video B (randn) does not;
+    A's tokens must be the same alone and next to B (screening was declined for the whole batch,
+    and the dense path picked 3 of 64 centers differently)."""
+    a = objects_per_scene(16, 196, 1024, objects=12, noise=0.05, seed=0)
+    b = torch.randn(1, 16, 196, 1024, generator=torch.Generator().manual_seed(1))
+    config = CompressionConfig(cluster_ratio=1.0, merger="none")
+    mask = torch.ones(1, 16 * 196, dtype=torch.bool)
+    assert screening_applies(a.reshape(1, -1, 1024), mask, 5)
+    assert screen(torch.cat([a, b]).reshape(2, -1, 1024), mask.expand(2, -1), 5) is None
+    alone = Compressor(config).compress(a)
+    batch = Compressor(config).compress(torch.cat([a, b]))
+    assert torch.equal(alone.indices[0], batch.indices[0])
+    assert torch.equal(alone.assignment[0], batch.assignment[0])
+    assert torch.equal(alone.tokens[0], batch.tokens[0])

@@ -178,6 +178,11 @@ class Compressor:
 
 
 def _check_inputs(features: Tensor, attention: Tensor | None) -> None:
+    if isinstance(features, Tensor) and features.device.type == "meta":
+        raise ValueError(
+            "features are on the 'meta' device (shapes without data): load the model's weights "
+            "(or move the features to a real device) before compressing"
+        )
     if not isinstance(features, Tensor) or features.dim() != 4:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a (B, F, P, D) tensor, got {shape}")
@@ -190,6 +195,10 @@ def _check_inputs(features: Tensor, attention: Tensor | None) -> None:
     if not _all_finite(features):
         raise ValueError("features contain NaN or infinite values")
     if attention is not None:
+        if not isinstance(attention, Tensor):
+            raise ValueError(
+                f"attention must be a (B, F, P) tensor or None, got {type(attention).__name__}"
+            )
         if tuple(attention.shape) != tuple(features.shape[:3]):
             raise ValueError(
                 f"attention must be (B, F, P) = {tuple(features.shape[:3])}, "

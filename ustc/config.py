@@ -56,13 +56,18 @@ def merge_keep(visual_tokens: int, keep_ratio: float) -> int:
     return max(1, min(visual_tokens, _ceil(keep_ratio * visual_tokens)))
 
 
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python, but True is no ratio
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0) or math.isnan(value):
+    if not _is_number(value) or not (0.0 < value <= 1.0) or math.isnan(value):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if not isinstance(value, (int, float)) or math.isnan(value) or not (lo <= value <= hi):
+    if not _is_number(value) or math.isnan(value) or not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
 
 
@@ -114,6 +119,17 @@ class CompressionConfig:
             raise ValueError(f"k (DPC-KNN neighbours) must be >= 1, got {self.k}")
         if self.layer < 0:
             raise ValueError(f"layer (K) must be >= 0, got {self.layer}")
+        if not isinstance(self.params, dict):
+            raise ValueError(
+                f"params must be a dict of strategy parameters (or left out), "
+                f"got {type(self.params).__name__}"
+            )
+        own = sorted(set(self.params) & {f.name for f in fields(self)})
+        if own:
+            raise ValueError(
+                f"params {', '.join(map(repr, own))} are fields of CompressionConfig: set them "
+                f"as such (CompressionConfig({own[0]}=...)), not through params"
+            )
         from ustc import strategies  # noqa: F401  (registers the built-in strategies)
         from ustc.registry import REGISTRIES
 

@@ -176,3 +176,210 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
         - 2.0 * torch.bmm(a, b.transpose(1, 2))
     )
     return d2.clamp_(min=0.0)
+
+
+#: float32 rounding of a Gram-matrix squared distance ``||a||^2 + ||b||^2 - 2 a.b``, relative to
+#: ``||a||^2 + ||b||^2``: about 60 ulp, several times what a float32 product of width 4096 loses
+#: in practice (a typical bound, like ``screening.SLACK``, not a worst-case one)
+GRAM_ROUNDING = 2.0**-18
+#: columns measured beyond the ones asked for, so that rounding rarely leaves a row uncertified
+CANDIDATE_MARGIN = 3
+
+
+def centered(x: Tensor, mask: Tensor) -> Tensor:
+    """x (B, N, D) in float32 less the mean of each video's ``mask`` rows (B, N).
+
+    A shift changes no distance, but the rounding of ``||a||^2 + ||b||^2 - 2 a.b`` grows with the
+    norms: tokens 0.01 apart at norm 28 lose most of their distance's digits, centred they keep
+    them.  Used to choose neighbours; the distances that decide are measured by
+    ``difference_distances``.
+    """
+    x = x.float()
+    weights = mask.to(x.dtype).unsqueeze(1)  # (B, 1, N)
+    mean = torch.bmm(weights, x) / weights.sum(-1, keepdim=True).clamp(min=1.0)
+    return x - mean
+
+
+def gram_rounding(sq: Tensor, mask: Tensor) -> Tensor:
+    """(B, N) bound on the rounding of every Gram squared distance of row i to a ``mask`` column,
+    from the squared norms ``sq`` (B, N) of the (centred) features: ``GRAM_ROUNDING`` times
+    ``||x_i||^2 + max_j ||x_j||^2``."""
+    largest = sq.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
+    return GRAM_ROUNDING * (sq + largest)
+
+
+def difference_distances(x: Tensor, rows: Tensor, index: Tensor) -> Tensor:
+    """||x_i - x_j||^2 for i = rows[r], j = index[r, c], from the differences: a difference of
+    close float32 values is exact (Sterbenz), and torch's cascade sum of the squares loses a few
+    ulp at most, so the value is exact to float32 within a few ulp whatever the norms (the Gram
+    form loses ~eps * ||x||^2), and a pair gets the same bits wherever it is measured (exact
+    duplicates get equal distances).  x (N, D) one video's features; rows (R,) long; index
+    (R, C) long.  Returns (R, C) float32."""
+    x = x.float()
+    out = torch.empty(index.shape, device=x.device)
+    step = max(1, PAIRWISE_BLOCK // max(1, index.shape[1] * x.shape[1]))
+    buffer = torch.empty(0, device=x.device)  # reused: a fresh block per step costs page faults
+    for start in range(0, rows.numel(), step):
+        r = slice(start, start + step)
+        at = index[r]
+        b = torch.index_select(x, 0, at.reshape(-1), out=buffer.resize_(at.numel(), x.shape[1]))
+        b = b.view(*at.shape, -1).sub_(x.index_select(0, rows[r]).unsqueeze(1)).square_()
+        out[r] = b.sum(-1)
+    return out
+
+
+def exact_nearest(
+    x: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    gram: Tensor,
+    allowed: Tensor,
+    count: int,
+    rounding: Tensor,
+    largest: bool = False,
+    measure: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``count`` nearest (``largest``: farthest) allowed columns of each row, chosen on rounded
+    squared distances and measured by ``difference_distances`` (``measure_candidates``).
+
+    x (N, D) one video's features; rows (R,) their positions; cols (C,) the positions of the
+    columns of ``gram`` (R, C), squared distances within ``rounding`` (R,) of the true ones;
+    allowed (R, C) bool.  Returns what ``measure_candidates`` returns.
+    """
+    fill = float("-inf") if largest else float("inf")
+    c = min(count + CANDIDATE_MARGIN, gram.shape[1])
+    top, at = gram.masked_fill(~allowed, fill).topk(c, dim=1, largest=largest)
+    position = cols[at].masked_fill_(~allowed.gather(1, at), -1)
+    return measure_candidates(
+        x, rows, top, position, allowed.sum(1), count, rounding, largest, measure
+    )
+
+
+def measure_candidates(
+    x: Tensor,
+    rows: Tensor,
+    top: Tensor,
+    position: Tensor,
+    n_allowed: Tensor,
+    count: int,
+    rounding: Tensor,
+    largest: bool = False,
+    measure: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``count`` nearest (farthest) of each row's candidates, measured.
+
+    top (R, c): the c >= count best rounded squared distances of each row, ascending (``largest``:
+    descending), within ``rounding`` (R,) of the true ones; position (R, c): their columns' token
+    positions, -1 past the ``n_allowed`` (R,) columns the row may take.  Where the rounded values
+    separate the count-th candidate from the next by more than twice the rounding, the first
+    ``count`` are the right ones and only they are measured.  Elsewhere all c are measured and
+    the row is certified when no column outside them can beat its count-th measured one: every
+    such column has a rounded distance at least (at most) the c-th, so a true one beyond it less
+    (plus) the rounding.  Equal measured distances order by position (the lower first).
+    measure False: where the choice is sure, the rounded values are returned (for a caller that
+    needs only the positions).
+
+    Returns values (R, count) float32, ascending (descending), +inf (-inf) past the allowed
+    columns; positions (R, count) long, -1 there; certified (R,) bool.
+    """
+    n_rows, c = top.shape
+    fill = float("-inf") if largest else float("inf")
+    sure = torch.ones(n_rows, dtype=torch.bool, device=top.device)
+    if c > count:
+        gap = top[:, count - 1] - top[:, count] if largest else top[:, count] - top[:, count - 1]
+        sure = (position[:, count] < 0) | (gap > 2.0 * rounding)
+    values, first = top[:, :count].float(), position[:, :count].clone()
+    if measure:
+        measured = difference_distances(x, rows, first.clamp(min=0))
+        measured = measured.masked_fill_(first < 0, fill)
+        values, order = torch.sort(measured, dim=1, descending=largest)
+        first = first.gather(1, order)
+    if values.shape[1] < count:  # fewer columns than asked for
+        pad = count - values.shape[1]
+        values = torch.cat([values, values.new_full((n_rows, pad), fill)], 1)
+        first = torch.cat([first, first.new_full((n_rows, pad), -1)], 1)
+    certified = sure.clone()
+    if bool(sure.all()):
+        return values, first, certified
+    redo = (~sure).nonzero().squeeze(1)
+    at, edge = position[redo], top[redo, -1]
+    measured = difference_distances(x, rows[redo], at.clamp(min=0)).masked_fill_(at < 0, fill)
+    # by value, equal values by position: a stable sort by value after one by position
+    by_position = torch.sort(at.masked_fill(at < 0, x.shape[0]), dim=1, stable=True).indices
+    measured, at = measured.gather(1, by_position), at.gather(1, by_position)
+    order = torch.sort(measured, dim=1, descending=largest, stable=True).indices[:, :count]
+    values[redo], first[redo] = measured.gather(1, order), at.gather(1, order)
+    last = values[redo, count - 1]
+    if largest:
+        ok = edge + rounding[redo] <= last
+    else:
+        ok = (edge - rounding[redo]).clamp(min=0.0) >= last
+    certified[redo] = (n_allowed[redo] <= c) | ok
+    return values, first, certified
+
+
+def exact_nearest_rows(
+    x: Tensor,
+    xc: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    gram: Tensor | None,
+    allowed: Tensor,
+    count: int,
+    rounding: Tensor,
+    largest: bool = False,
+    measure: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``exact_nearest`` over full rows, the rows it leaves uncertified chosen again on float64
+    distances of the centred features ``xc`` (N, D) (rounding ~1e-16 of the norms: exact to
+    float32).  ``gram`` None: every row in float64.  Returns values and positions (R, count)."""
+    if gram is None:
+        certified = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        values = torch.empty(rows.numel(), count, device=x.device)
+        position = torch.empty(rows.numel(), count, dtype=torch.long, device=x.device)
+    else:
+        values, position, certified = exact_nearest(
+            x, rows, cols, gram, allowed, count, rounding, largest, measure
+        )
+    if bool(certified.all()):
+        return values, position
+    redo = (~certified).nonzero().squeeze(1)
+    for block in row_blocks(redo.numel(), cols.numel()):
+        again = redo[block]
+        values[again], position[again], _ = exact_nearest(
+            x,
+            rows[again],
+            cols,
+            _gram64(xc, rows[again], cols),
+            allowed[again],
+            count,
+            torch.zeros(again.numel(), device=x.device),
+            largest,
+            measure,
+        )
+    return values, position
+
+
+def _gram64(xc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """float64 squared distances between the rows and the columns of xc (N, D): (R, C)."""
+    a = xc.index_select(0, rows).double()
+    b = xc.index_select(0, cols).double()
+    d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2.0 * (a @ b.T)
+    return d2.clamp_(min=0.0)
+
+
+def density_from_distances(nearest: Tensor, convention: str, scale: float) -> Tensor:
+    """log rho (R,) float32 from the measured squared distances (R, k') to the nearest others,
+    ascending, +inf past the pool: minus their mean (paper), or minus the mean of them and the
+    token's own 0, times 1 / D (tcformer).  Summed in float64, in ascending order."""
+    finite = torch.isfinite(nearest)
+    total = torch.where(finite, nearest.double(), 0.0).sum(-1)
+    count = finite.sum(-1) + (1 if convention == "tcformer" else 0)
+    return (-(total * scale) / count.clamp(min=1)).float()
+
+
+def distance_from_squared(d2: Tensor, scale: float) -> Tensor:
+    """d = sqrt(scale * d2) in float32, the same bits on every path."""
+    if scale == 1.0:
+        return d2.sqrt()
+    return (d2.double() * scale).sqrt().float()

@@ -14,22 +14,32 @@ import torch
 from torch import Tensor
 
 from ustc.ops import (
+    centered,
     denser_than,
+    density_from_distances,
     descending_order,
+    distance_from_squared,
+    exact_nearest_rows,
     first_n_mask,
+    gram_rounding,
     pairwise_squared_distances,
-    peak_from_distances,
     row_blocks,
     squared_distances,
+    squared_norms,
 )
 from ustc.registry import RECYCLERS
-from ustc.screening import screen, screening_applies
+from ustc.screening import screen_each, screening_applies
 
 #: largest N x N distance matrix kept for the density and delta passes (N <= 8192)
 GRAM_CACHE_ENTRIES = 1 << 26
 
 #: log gamma of tokens with delta = 0 (a duplicate of a denser token): below every real value
 _LOG_ZERO = torch.finfo(torch.float32).min / 2
+
+
+#: the conventions of Eq. (3)-(4): the paper as printed, or the DPC-KNN of TCFormer that HoliTom,
+#: FlashVID and FastVID build on (docs/equations.md, "The peers' DPC-KNN")
+CONVENTIONS = ("paper", "tcformer")
 
 
 @dataclass(frozen=True)
@@ -41,40 +51,99 @@ class Recycled:
     owner: Tensor
 
 
-def _distance_blocks(features: Tensor, d2: Tensor | None) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, (B, r, N) squared distances) over row blocks: slices of ``d2`` when it is given."""
-    n = features.shape[1]
-    for rows in row_blocks(n, n):
-        if d2 is None:
-            yield rows, squared_distances(features[:, rows], features)
-        else:
-            yield rows, d2[:, rows].clone()
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"convention must be one of {', '.join(map(repr, CONVENTIONS))}, got {convention!r}"
+        )
 
 
-def knn_log_density(features: Tensor, mask: Tensor, k: int, d2: Tensor | None = None) -> Tensor:
+def _scale(features: Tensor, convention: str) -> float:
+    """The factor on squared distances: 1, or 1 / D for TCFormer's d / sqrt(D)."""
+    return 1.0 / features.shape[-1] if convention == "tcformer" else 1.0
+
+
+class _Distances:
+    """The rounded squared distances of one batch, and what measures them exactly: the centred
+    features ``xc`` (``ops.centered``), their rounding bound per row (``ops.gram_rounding``) and
+    row blocks of the Gram matrix, slices of ``d2`` when it is given."""
+
+    def __init__(self, features: Tensor, mask: Tensor, d2: Tensor | None) -> None:
+        # measured in float32: one conversion here, not one per block (bf16 inputs)
+        self.features, self.mask, self.d2 = features.float(), mask, d2
+        self.xc = centered(features, mask)
+        self.rounding = gram_rounding(squared_norms(self.xc), mask)
+        self.positions = torch.arange(features.shape[1], device=features.device)
+
+    def blocks(self) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, (B, r, N) rounded squared distances) over row blocks."""
+        n = self.features.shape[1]
+        for rows in row_blocks(n, n):
+            if self.d2 is None:
+                yield rows, squared_distances(self.xc[:, rows], self.xc)
+            else:
+                yield rows, self.d2[:, rows]
+
+    def nearest(
+        self, v: int, rows: Tensor, gram: Tensor, allowed: Tensor, count: int, largest: bool
+    ) -> tuple[Tensor, Tensor]:
+        """``ops.exact_nearest_rows`` for rows (R,) of video v, gram and allowed (R, N)."""
+        return exact_nearest_rows(
+            self.features[v],
+            self.xc[v],
+            rows,
+            self.positions,
+            gram,
+            allowed,
+            count,
+            self.rounding[v, rows],
+            largest,
+        )
+
+
+def pool_distances(features: Tensor, mask: Tensor) -> Tensor:
+    """(B, N, N) rounded squared distances of the centred features, as ``knn_log_density`` and
+    ``peak_distance`` take them (``d2``)."""
+    return pairwise_squared_distances(centered(features, mask))
+
+
+def knn_log_density(
+    features: Tensor, mask: Tensor, k: int, d2: Tensor | None = None, convention: str = "paper"
+) -> Tensor:
     """log rho_i = -(1/k) sum_{v_j in kNN(v_i)} d(v_i, v_j)^2   -- Eq. (3)
 
     kNN(v_i): the k nearest other members of the recycle pool (Euclidean d).  With fewer than k
-    other members, all of them; a lone member has log rho = 0.  Computed in row blocks.
+    other members, all of them; a lone member has log rho = 0.  ``convention="tcformer"``: the k
+    nearest include v_i itself (distance 0) and d is divided by sqrt(D).  The neighbours are
+    chosen on rounded distances of the centred features and their distances measured from the
+    differences (``ops.exact_nearest_rows``): exact to float32.  In row blocks.
 
     features: (B, N, D); mask: (B, N) bool, membership of the recycle pool; d2: optional (B, N, N)
-    squared distances already computed.  Returns (B, N) float32; -inf outside the pool.
+    ``pool_distances(features, mask)`` already computed.  Returns (B, N) float32; -inf outside
+    the pool.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    _check_convention(convention)
     b, n, _ = features.shape
-    k_eff = max(1, min(k, n - 1))
+    others = min(k - 1 if convention == "tcformer" else k, n - 1)
     out = torch.full((b, n), float("-inf"), device=features.device)
-    col_ok = mask.unsqueeze(1)
-    for rows, block in _distance_blocks(features, d2):
-        self_col = torch.arange(rows.start, rows.stop, device=features.device)
-        block[:, self_col - rows.start, self_col] = float("inf")
-        block = block.masked_fill_(~col_ok, float("inf"))
-        nearest = block.topk(k_eff, dim=-1, largest=False).values  # (B, r, k_eff)
-        finite = torch.isfinite(nearest)
-        count = finite.sum(-1)
-        mean = torch.where(finite, nearest, 0.0).sum(-1) / count.clamp(min=1)
-        out[:, rows] = -mean
+    if others == 0:
+        return out.masked_fill(mask, 0.0)
+    dist = _Distances(features, mask, d2)
+    for rows, block in dist.blocks():
+        allowed = mask.unsqueeze(1) & (dist.positions != dist.positions[rows, None])
+        for v in range(b):
+            members = rows.start + mask[v, rows].nonzero().squeeze(1)
+            if members.numel() == 0:
+                continue
+            local = members - rows.start
+            nearest, _ = dist.nearest(
+                v, members, block[v, local], allowed[v, local], others, largest=False
+            )
+            out[v, members] = density_from_distances(
+                nearest, convention, _scale(features, convention)
+            )
     return out.masked_fill(~mask, float("-inf"))
 
 
@@ -87,64 +156,150 @@ def _denser(log_rho: Tensor, rows: slice) -> Tensor:
 
 
 def peak_distance(
-    features: Tensor, mask: Tensor, log_rho: Tensor, d2: Tensor | None = None
+    features: Tensor,
+    mask: Tensor,
+    log_rho: Tensor,
+    d2: Tensor | None = None,
+    convention: str = "paper",
 ) -> Tensor:
     """delta_i = min_{j: rho_j > rho_i} d(v_i, v_j), or max_{j != i} d(v_i, v_j) for the densest  -- Eq. (4)
 
     Equal densities are ordered by index (lower index = denser), so exactly one token per video
-    is the densest.  features: (B, N, D); mask, log_rho: (B, N).  Returns (B, N) float32, 0
-    outside the pool and for a lone member.
+    is the densest.  ``convention="tcformer"``: d divided by sqrt(D), and the densest token's
+    delta is the largest distance of the whole pool, not of its own row.  The decisive distances
+    are measured from the differences (``ops.exact_nearest_rows``).  features: (B, N, D); mask,
+    log_rho: (B, N); d2 as for ``knn_log_density``.  Returns (B, N) float32, 0 outside the pool
+    and for a lone member.
     """
+    _check_convention(convention)
     b, n, _ = features.shape
+    scale = _scale(features, convention)
     out = torch.zeros(b, n, device=features.device)
+    farthest_rounded = torch.zeros(b, n, device=features.device)  # each row's largest, rounded
+    dist = _Distances(features, mask, d2)
     col_ok = mask.unsqueeze(1)
-    for rows, block in _distance_blocks(features, d2):
-        d = block.sqrt_()
-        out[:, rows] = peak_from_distances(d, _denser(log_rho, rows) & col_ok, col_ok)
+    for rows, block in dist.blocks():
+        denser = _denser(log_rho, rows) & col_ok
+        has_denser = denser.any(-1)
+        others = col_ok & (dist.positions != dist.positions[rows, None])
+        if convention == "tcformer":
+            farthest_rounded[:, rows] = block.masked_fill(~others, 0.0).amax(-1)
+        for v in range(b):
+            member = mask[v, rows]
+            for peak in (False, True):
+                local = (member & (has_denser[v] != peak)).nonzero().squeeze(1)
+                if local.numel() == 0 or (peak and convention == "tcformer"):
+                    continue
+                allowed = (others if peak else denser)[v, local]
+                nearest, _ = dist.nearest(
+                    v, rows.start + local, block[v, local], allowed, 1, largest=peak
+                )
+                d = distance_from_squared(nearest[:, 0].clamp(min=0.0), scale)
+                out[v, rows.start + local] = d
+    if convention == "tcformer":
+        out = _pool_diameter(dist, log_rho, farthest_rounded, out, scale)
     return out.masked_fill(~mask, 0.0)
+
+
+def _pool_diameter(
+    dist: _Distances, log_rho: Tensor, farthest_rounded: Tensor, out: Tensor, scale: float
+) -> Tensor:
+    """TCFormer's delta of each video's densest token: the largest distance of its pool, measured
+    on every row whose rounded largest distance could be it."""
+    mask = dist.mask
+    for v in range(mask.shape[0]):
+        members = mask[v].nonzero().squeeze(1)
+        if members.numel() < 2:
+            continue
+        key = log_rho[v].masked_fill(~mask[v], float("-inf"))
+        densest = descending_order(key.unsqueeze(0))[0, 0]
+        top = farthest_rounded[v, members].max()
+        slack = 2.0 * dist.rounding[v, members].max()
+        rows = members[farthest_rounded[v, members] >= top - slack]
+        allowed = mask[v].unsqueeze(0) & (dist.positions != rows.unsqueeze(1))
+        gram = squared_distances(dist.xc[v : v + 1, rows], dist.xc[v : v + 1])[0]
+        nearest, _ = dist.nearest(v, rows, gram, allowed, 1, largest=True)
+        out[v, densest] = distance_from_squared(nearest[:, 0].max().clamp(min=0.0), scale)
+    return out
 
 
 def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
     """owner_i = argmin_{c in centers} d(v_i, v_c) for members of ``mask``, -1 elsewhere.
 
     Centers own themselves (a duplicate of a lower-index center would otherwise leave its own
-    cluster empty); distance ties go to the lower center index.  Distances are taken to the
-    centers only: (B, C, N) in blocks.  (B, N) long.
+    cluster empty); distance ties go to the lower center index.  A video without centers (a
+    cluster share of 0) drops its members (-1), as recycler ``none`` does.  The nearest center
+    is chosen on rounded distances of the centred features and confirmed on distances measured
+    from the differences (``ops.exact_nearest_rows``).  (B, N) long.
     """
-    b, n, d = features.shape
-    n_centers = max(1, int(centers.sum(-1).max()))
-    center_idx = descending_order(centers.to(torch.uint8))[:, :n_centers]  # ascending index first
-    center_ok = centers.gather(1, center_idx)  # padding columns of videos with fewer centers
-    center_x = features.gather(1, center_idx.unsqueeze(-1).expand(b, n_centers, d))
+    b, n, _ = features.shape
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
-    for rows in row_blocks(n, n_centers):
-        # (B, C, r): the centers as the rows of the product, the faster orientation on the CPU
-        d2 = squared_distances(center_x, features[:, rows])
-        d2 = d2.masked_fill_(~center_ok.unsqueeze(-1), float("inf"))
-        owner[:, rows] = center_idx.gather(1, d2.argmin(1))
+    xc = centered(features, mask)
+    rounding = gram_rounding(squared_norms(xc), mask)
+    for v in range(b):
+        center_pos = centers[v].nonzero().squeeze(1)
+        members = mask[v].nonzero().squeeze(1)
+        if center_pos.numel() == 0 or members.numel() == 0:
+            continue
+        center_x = xc[v, center_pos].unsqueeze(0)
+        x = features[v].float()  # one conversion per video, not per block
+        for block in row_blocks(members.numel(), center_pos.numel()):
+            rows = members[block]
+            # (C, r): the centers as the rows of the product, the faster orientation on the CPU
+            gram = squared_distances(center_x, xc[v, rows].unsqueeze(0))[0].T
+            allowed = torch.ones_like(gram, dtype=torch.bool)
+            _, position = exact_nearest_rows(
+                x,
+                xc[v],
+                rows,
+                center_pos,
+                gram,
+                allowed,
+                1,
+                rounding[v, rows],
+                measure=False,
+            )
+            owner[v, rows] = position[:, 0]
     own = torch.arange(n, device=features.device).expand(b, n)
-    owner = torch.where(centers, own, owner)
+    owner = torch.where(centers & mask, own, owner)
     return owner.masked_fill(~mask, -1)
 
 
-def dpc_knn(features: Tensor, mask: Tensor, n_clusters: Tensor, k: int) -> Recycled:
+def dpc_knn(
+    features: Tensor, mask: Tensor, n_clusters: Tensor, k: int, convention: str = "paper"
+) -> Recycled:
     """DPC-KNN on the recycle pool (Eq. 3-4): gamma_i = rho_i * delta_i, the top-gamma tokens are
     centers, every member joins its nearest center.
 
     features: (B, N, D); mask: (B, N) bool recycle-pool membership; n_clusters: (B,) long, at most
-    the pool size per video (more is clipped: every member becomes its own center).
+    the pool size per video (more is clipped: every member becomes its own center; 0 drops the
+    pool); convention: ``paper`` (Eq. 3-4 as printed) or ``tcformer`` (the peers' reading, see
+    ``knn_log_density`` and ``peak_distance``).  Each video's result depends on that video alone:
+    screening (``ustc.screening``) is decided per video, and both paths measure the same
+    distances the same way.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    screened = screen(features, mask, k) if screening_applies(features, mask, k) else None
-    if screened is not None:  # large pools on the CPU: see ustc.screening
-        log_rho, delta = screened
-    else:
+    _check_convention(convention)
+    b = features.shape[0]
+    log_rho = torch.full(mask.shape, float("-inf"), device=features.device)
+    delta = torch.zeros(mask.shape, device=features.device)
+    dense = list(range(b))
+    if convention == "paper" and screening_applies(features, mask, k):
+        # large pools on the CPU: see ustc.screening; a video it declines takes the dense path
+        screened = screen_each(features, mask, k)
+        for v, result in enumerate(screened):
+            if result is not None:
+                log_rho[v], delta[v] = result
+        dense = [v for v, result in enumerate(screened) if result is None]
+    if dense:
+        pick = torch.tensor(dense, device=features.device)
+        x, m = features.index_select(0, pick), mask.index_select(0, pick)
         n = features.shape[1]
         # one Gram matrix serves both passes when it is small enough to keep
-        d2 = pairwise_squared_distances(features) if n * n <= GRAM_CACHE_ENTRIES else None
-        log_rho = knn_log_density(features, mask, k, d2)
-        delta = peak_distance(features, mask, log_rho, d2)
+        d2 = pool_distances(x, m) if n * n <= GRAM_CACHE_ENTRIES else None
+        rho = knn_log_density(x, m, k, d2, convention)
+        log_rho[pick], delta[pick] = rho, peak_distance(x, m, rho, d2, convention)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))
@@ -180,14 +335,23 @@ class NoRecycler(Recycler):
 
 @RECYCLERS.register("dpc")
 class DPCKNNRecycler(Recycler):
-    """DPC-KNN (Eq. 3-4) with ``k`` neighbours for the local density."""
+    """DPC-KNN (Eq. 3-4) with ``k`` neighbours for the local density.
 
-    def __init__(self, k: int = 5) -> None:
+    convention: ``paper`` (default), Eq. 3-4 as printed: plain Euclidean distances, the k
+    nearest other tokens, the densest token's delta its own farthest distance.  ``tcformer``:
+    the DPC-KNN of TCFormer that HoliTom, FlashVID and FastVID use: distances divided by
+    sqrt(D), the token itself among its k nearest, the densest token's delta the largest
+    distance of the pool (without their random noise: ties by index).  docs/equations.md.
+    """
+
+    def __init__(self, k: int = 5, convention: str = "paper") -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k (DPC-KNN neighbours) must be an integer >= 1, got {k!r}")
+        _check_convention(convention)
         self.k = k
+        self.convention = convention
 
     def recycle(
         self, features: Tensor, mask: Tensor, n_slots: Tensor, priority: Tensor | None
     ) -> Recycled:
-        return dpc_knn(features, mask, n_slots, self.k)
+        return dpc_knn(features, mask, n_slots, self.k, self.convention)

@@ -34,7 +34,10 @@ decide:
    farthest member) take their full row.
 
 The result is the dense computation's (``recycle.knn_log_density``, ``recycle.peak_distance``)
-up to the float32 rounding of the same distances.  How much exact work is left depends on the
+bit for bit: both centre the pool (``ops.centered``), choose on rounded distances and measure
+the decisive ones from the differences (``ops.measure_candidates``); the cells' bounds are
+widened by the rounding so that they never rule out a token the choice needs.  How much exact
+work is left depends on the
 data, never the result: on features without structure every cell is within reach of every
 token, and ``screen`` returns None (the dense path runs) once the exact pairs pass
 ``MAX_EXACT_SHARE`` of the dense ones.  ``screening_applies`` keeps the dense path wherever
@@ -44,12 +47,24 @@ milliseconds and screening needs host synchronisation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ustc.ops import denser_than, peak_from_distances, row_blocks, squared_norms
+from ustc.ops import (
+    CANDIDATE_MARGIN,
+    centered,
+    denser_than,
+    density_from_distances,
+    distance_from_squared,
+    exact_nearest_rows,
+    gram_rounding,
+    measure_candidates,
+    row_blocks,
+    squared_norms,
+)
 
 #: smallest recycle pool (tokens in one video) screened; below it the dense matrix is cheap
 MIN_TOKENS = 1024
@@ -89,18 +104,38 @@ def screen(features: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor] | No
     """(log rho, delta), each (B, N) float32 as ``knn_log_density`` and ``peak_distance`` return
     them (-inf and 0 outside ``mask``), or None if some video needs too much exact work for
     screening to pay.  features: (B, N, D); mask: (B, N) bool; k: neighbours (Eq. 3)."""
+    each = screen_each(features, mask, k)
+    if any(result is None for result in each):
+        return None
+    return torch.stack([r[0] for r in each]), torch.stack([r[1] for r in each])
+
+
+def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Tensor] | None]:
+    """``screen`` decided per video: (log rho (N,), delta (N,)) for each video screening takes,
+    None for each it declines (a pool of at most k tokens, or too much exact work).  A video's
+    result depends on that video alone.
+
+    The cells and bounds come from the features centred on the pool's mean (``ops.centered``);
+    the neighbours and the nearest denser token are measured from the differences of the
+    original features (``ops.exact_nearest``), as on the dense path: the same values, bit for
+    bit, whenever both certify their candidates.
+    """
     b, n, _ = features.shape
-    log_rho = torch.full((b, n), float("-inf"))
-    delta = torch.zeros(b, n)
+    xc = centered(features, mask)
+    rounding = gram_rounding(squared_norms(xc), mask)
+    out: list[tuple[Tensor, Tensor] | None] = []
     for v in range(b):
         members = mask[v].nonzero().squeeze(1)
-        if members.numel() <= k:
-            return None
-        result = _screen_pool(Sketch.of(features[v].float()), members, k)
-        if result is None:
-            return None
-        log_rho[v, members], delta[v, members] = result
-    return log_rho, delta
+        result = None
+        if members.numel() > k:
+            result = _screen_pool(Sketch.of(xc[v]), features[v].float(), rounding[v], members, k)
+        if result is not None:
+            log_rho = torch.full((n,), float("-inf"))
+            delta = torch.zeros(n)
+            log_rho[members], delta[members] = result
+            result = (log_rho, delta)
+        out.append(result)
+    return out
 
 
 @dataclass(frozen=True)
@@ -274,10 +309,14 @@ class _CellPairs:
         return torch.cat([d2 for _, d2 in self.blocks[a]], 1)
 
 
-def _screen_pool(sketch: Sketch, members: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+def _screen_pool(
+    sketch: Sketch, features: Tensor, rounding: Tensor, members: Tensor, k: int
+) -> tuple[Tensor, Tensor] | None:
     """log rho and delta (M,) of the recycle pool ``members`` (M,), ascending indices into the
-    sketch's tokens, or None (see ``screen``)."""
-    pool = _Pool(sketch, members)
+    sketch's tokens, or None (see ``screen``).  features (N, D): the video's own features, which
+    the decisive distances are measured on; rounding (N,): the bound on each row's rounded
+    squared distances (``ops.gram_rounding``)."""
+    pool = _Pool(sketch, members, features, rounding)
     log_rho = pool.density(k)
     delta = None if log_rho is None else pool.delta(log_rho)
     if delta is None:
@@ -291,13 +330,15 @@ class _Pool:
     Equal densities order by the token's index in the video (``position``), as in the dense
     path."""
 
-    def __init__(self, sketch: Sketch, members: Tensor) -> None:
+    def __init__(self, sketch: Sketch, members: Tensor, features: Tensor, rounding: Tensor) -> None:
         m = members.numel()
+        self.features = features
         labels, self.centroids, self.radius = cells(sketch.z[members], round(m / CELL))
         self.n_cells = self.centroids.shape[0]
         self.order = torch.sort(labels, stable=True).indices  # ascending index inside a cell
         self.labels, self.position = labels[self.order], members[self.order]
         self.sketch, self.z = sketch, sketch.z[self.position]
+        self.rounding = rounding[self.position]
         self.pairs = _CellPairs(
             sketch.x,
             sketch.sq,
@@ -364,23 +405,76 @@ class _Pool:
                 folded[a] = len(pairs.blocks[a])
                 merged = torch.cat([knn[rows], *new], 1)
                 knn[rows] = merged.topk(k, dim=1, largest=False).values
-            want = self.wanted(knn[:, -1])[0]
-        return -(knn.sum(1) / k)
+            # a row's k nearest by rounded distance are measured below; the cells that may hold
+            # a true k nearest are those within the k-th rounded one plus its rounding
+            want = self.wanted(knn[:, -1] + self.rounding)[0]
+        top, position, n_allowed = self.candidates(k, lambda a, gram: torch.isfinite(gram))
+        nearest, _, certified = measure_candidates(
+            self.features, self.position, top, position, n_allowed, k, self.rounding
+        )
+        self._measure_full_rows((~certified).nonzero().squeeze(1), nearest, k)
+        return density_from_distances(nearest, "paper", 1.0)
+
+    def candidates(
+        self, count: int, allowed: Callable[[int, Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance, as
+        ``ops.measure_candidates`` takes them: (M, c) values and token positions (-1 past the
+        columns allowed), and (M,) how many are allowed.  ``allowed(a, gram)`` (|a|, columns):
+        the held columns row cell a may take."""
+        pairs = self.pairs
+        c = count + CANDIDATE_MARGIN
+        top = torch.full((self.labels.numel(), c), float("inf"))
+        position = torch.full((self.labels.numel(), c), -1, dtype=torch.long)
+        n_allowed = torch.zeros(self.labels.numel(), dtype=torch.long)
+        for a in range(self.n_cells):
+            rows, gram = pairs.cell(a), pairs.distances(a)
+            ok = allowed(a, gram)
+            width = min(c, gram.shape[1])
+            values, at = gram.masked_fill(~ok, float("inf")).topk(width, dim=1, largest=False)
+            top[rows, :width] = values
+            held = self.position[pairs.columns(a)]
+            position[rows, :width] = held[at].masked_fill_(~ok.gather(1, at), -1)
+            n_allowed[rows] = ok.sum(1)
+        return top, position, n_allowed
+
+    def _measure_full_rows(self, rows: Tensor, nearest: Tensor, k: int) -> None:
+        """The k nearest of ``rows`` (sorted order) against the whole pool, in float64."""
+        if rows.numel() == 0:
+            return
+        position = self.position
+        allowed = position.unsqueeze(0) != position[rows].unsqueeze(1)
+        nearest[rows] = exact_nearest_rows(
+            self.features,
+            self.sketch.x,
+            position[rows],
+            position,
+            None,
+            allowed,
+            k,
+            self.rounding[rows],
+        )[0]
 
     def delta(self, log_rho: Tensor) -> Tensor | None:
         """delta (M,), Eq. (4) (module doc, 4): the nearest denser token among the distances
         held, then a full row for every row that leaves open; None past ``MAX_FULL_ROWS``."""
         pairs, position = self.pairs, self.position
-        best = torch.empty(log_rho.shape[0])  # squared distance to the nearest denser token
-        for a in range(self.n_cells):
+
+        def denser_held(a: int, gram: Tensor) -> Tensor:
             rows, cols = pairs.cell(a), pairs.columns(a)
-            denser = denser_than(
+            return denser_than(
                 log_rho[rows].unsqueeze(1),
                 position[rows].unsqueeze(1),
                 log_rho[cols].unsqueeze(0),
                 position[cols].unsqueeze(0),
             )
-            best[rows] = pairs.distances(a).masked_fill_(~denser, float("inf")).amin(1)
+
+        top, nearest, n_allowed = self.candidates(1, denser_held)
+        best = top[:, 0]  # rounded squared distance to the nearest denser token held
+        measured, _, certified = measure_candidates(
+            self.features, position, top, nearest, n_allowed, 1, self.rounding
+        )
+        measured, uncertified = measured[:, 0], ~certified
         # cell b holds a token denser than i iff its densest token is denser than i
         labels = self.labels
         cell_rho = torch.full((self.n_cells,), float("-inf"))
@@ -388,8 +482,9 @@ class _Pool:
         at_top = log_rho == cell_rho[labels]
         cell_position = torch.full((self.n_cells,), int(position.max()) + 1)
         cell_position.scatter_reduce_(0, labels[at_top], position[at_top], "amin")
-        needs_more = self.wanted(best, (log_rho, cell_rho, cell_position))[1]
-        open_rows = (needs_more | torch.isinf(best)).nonzero().squeeze(1)
+        bound = best + self.rounding  # a nearer denser token held nowhere must be within it
+        needs_more = self.wanted(bound, (log_rho, cell_rho, cell_position))[1]
+        open_rows = (needs_more | torch.isinf(best) | uncertified).nonzero().squeeze(1)
         if open_rows.numel() > MAX_FULL_ROWS:
             return None
         x, sq = self.sketch.x, self.sketch.sq
@@ -399,8 +494,25 @@ class _Pool:
             d2 = (sq[token].unsqueeze(1) + sq - 2.0 * (x[token] @ x.T)).clamp_(min=0.0)
             d2 = d2[:, position]  # the pool's tokens, in the sorted order
             denser = denser_than(log_rho[rows].unsqueeze(1), token.unsqueeze(1), log_rho, position)
-            best[rows] = peak_from_distances(d2, denser, torch.ones_like(denser))
-        return best.sqrt_()
+            others = position.unsqueeze(0) != token.unsqueeze(1)
+            for peak in (False, True):  # rows with a denser token; the densest (Eq. 4)
+                pick = (denser.any(1) != peak).nonzero().squeeze(1)
+                if pick.numel() == 0:
+                    continue
+                allowed = (others if peak else denser)[pick]
+                values, _ = exact_nearest_rows(
+                    self.features,
+                    x,
+                    token[pick],
+                    position,
+                    d2[pick],
+                    allowed,
+                    1,
+                    self.rounding[rows[pick]],
+                    largest=peak,
+                )
+                measured[rows[pick]] = values[:, 0].clamp(min=0.0)
+        return distance_from_squared(measured, 1.0)
 
     def unsorted(self, values: Tensor) -> Tensor:
         """``values`` (M,) of the sorted tokens, back in the order of ``members``."""
