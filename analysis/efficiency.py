@@ -329,6 +329,10 @@ def gpu_report(folder: str | Path | None = GPU_RESULTS) -> str:
                 "",
                 f"    {GPU_RENDER}",
                 "",
+                "**Paper, Table 6 (LLaVA-OV-7B, 32 frames, RTX 4090 / A100)**",
+                "",
+                *_block(PAPER_TABLE6),
+                "",
             ]
         )
     env = _read(folder, "env.json") or {}

@@ -88,10 +88,13 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_extra_memory(config: CompressionConfig, blocked: bool, args, frames: int) -> float:
-    """Peak extra memory in MiB of one compress call at ``frames`` frames."""
+def peak_extra_memory(
+    config: CompressionConfig, blocked: bool, args, frames: int, inputs: tuple | None = None
+) -> float:
+    """Peak extra memory in MiB of one compress call at ``frames`` frames (on CUDA on
+    ``inputs``, the features and attention already on the device, when given)."""
     if args.device.startswith("cuda"):
-        x, a = make_inputs(
+        x, a = inputs or make_inputs(
             frames, args.tokens, args.dim, args.device, args.dtype, args.seed, args.data[0]
         )
         compressor = blocked_compressor(config) if blocked else Compressor(config)
@@ -216,7 +219,7 @@ def scaling(args) -> list[dict]:
             {v: fns[v] for v in variants}, max(1, args.repeats // 2), args.device
         )
         for variant in variants:
-            mem = peak_extra_memory(config, variant == "blocked", args, frames)
+            mem = peak_extra_memory(config, variant == "blocked", args, frames, (x, a))
             previous = next((r for r in reversed(rows) if r["variant"] == variant), None)
             ms = medians[variant] * 1e3
             row = {

@@ -91,6 +91,12 @@ def tile_squared_distances(
     return block.clamp_(min=0.0)
 
 
+def _self_pairs(tile: Tensor, rows: slice, cols: slice) -> Tensor:
+    """The entries (i, i) of a (B, r, c) tile of rows ``rows`` x columns ``cols``, as a view
+    (empty when the tile misses the diagonal): no index tensor, nothing to synchronise."""
+    return torch.diagonal(tile, offset=rows.start - cols.start, dim1=1, dim2=2)
+
+
 def _spans(n: int, step: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -127,10 +133,8 @@ def knn_log_density(
         best = None  # (B, r, <= k_eff): the smallest squared distances so far, ascending
         for cols in _spans(n, step):
             tile = tile_squared_distances(x, sq, rows, cols, low)
-            lo, hi = max(rows.start, cols.start), min(rows.stop, cols.stop)
-            if lo < hi:  # the tile crosses the diagonal: a token is not its own neighbour
-                diag = torch.arange(lo, hi, device=features.device)
-                tile[:, diag - rows.start, diag - cols.start] = inf
+            # a token is not its own neighbour (a view of the tile's part of the diagonal)
+            _self_pairs(tile, rows, cols).fill_(inf)
             tile.masked_fill_(not_member[:, None, cols], inf)
             if best is not None:
                 tile = torch.cat([best, tile], dim=-1)
@@ -175,10 +179,8 @@ def peak_distance(
         rho_i, idx_i = log_rho[:, rows, None], idx[rows, None]
         for cols in _spans(n, step):
             tile = tile_squared_distances(x, sq, rows, cols, low)
-            lo, hi = max(rows.start, cols.start), min(rows.stop, cols.stop)
-            if lo < hi:  # d(i, i) = 0 exactly, not the rounding of ||x||^2 + ||x||^2 - 2 x.x
-                diag = torch.arange(lo, hi, device=device)
-                tile[:, diag - rows.start, diag - cols.start] = 0.0
+            # d(i, i) = 0 exactly, not the rounding of ||x||^2 + ||x||^2 - 2 x.x
+            _self_pairs(tile, rows, cols).fill_(0.0)
             member = mask[:, None, cols]
             denser = denser_than(rho_i, idx_i, log_rho[:, None, cols], idx[cols]) & member
             to_denser = torch.minimum(to_denser, tile.masked_fill(~denser, float("inf")).amin(-1))
