@@ -50,6 +50,7 @@ from ustc.blocked import BlockedDPC, uses_low_precision_products  # noqa: E402
 EXTERNAL_RECYCLERS = ("none", "dpc")
 BASELINES = ("visionzip", "holitom", "fastvid", "sttm")
 SECTIONS = ("combinations", "baselines", "scaling")
+METHOD_NAMES = ("ustc", "ustc blocked", "ustc w/o recycler", "dense reference", *BASELINES)
 
 
 def interleaved_medians(
@@ -187,6 +188,8 @@ def baselines(args, data: str, features, attention) -> list[dict]:
     for name in BASELINES:
         method = Compressor(CompressionConfig(retention=args.retention, method=name, merger="none"))
         methods[name] = lambda m=method: m.compress(features, attention)
+    if args.methods:
+        methods = {name: fn for name, fn in methods.items() if name in args.methods}
     medians = interleaved_medians(methods, args.repeats, args.device)
     base = medians["ustc"]
     rows = []
@@ -268,6 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHOD_NAMES,
+        help="baselines section: only these (ustc always; default all)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: every code path in seconds"
     )
     parser.add_argument("--output", type=Path, help="write the figures as JSON")
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.frames, args.tokens, args.dim, args.repeats = 4, 16, 64, 1
         args.retention = max(args.retention, 0.1)
         args.scaling = [2, 4] if args.scaling or "scaling" in args.sections else []
+    if args.methods:
+        args.methods = ["ustc", *args.methods]
     if args.scaling and "scaling" not in args.sections:
         args.sections.append("scaling")
     if args.threads:
