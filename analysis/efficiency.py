@@ -3,6 +3,7 @@
     python benchmarks/efficiency.py --size 7b --device cuda --output results/efficiency.json
     python analysis/efficiency.py results/efficiency.json --out results/figures
     python analysis/efficiency.py --measure-lab --out results/figures   # measure the lab model
+    python analysis/efficiency.py --gpu benchmarks/h200 --update-docs docs/performance.md
 
 Input: the JSON ``benchmarks/efficiency.py --output`` writes, or any object of this shape
 (``docs/analysis.md`` documents it; :func:`validate` checks it)::
@@ -292,6 +293,153 @@ def write_outputs(data: dict[str, Any], out: str | Path, stem: str) -> list[Path
     return [md, cs, *save_figure(plot_efficiency(rows, title), folder, stem)]
 
 
+# ----------------------------------------------------------------------------- GPU figures
+
+#: where a GPU session commits what ``benchmarks/gpu.sh`` wrote (docs/performance.md renders it)
+GPU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h200"
+#: the device call that measures them (the ``device`` tool's ``run``), and the render after it
+GPU_COMMAND = "run(command='bash benchmarks/gpu.sh \"$OUT\"', timeout_s=540)"
+GPU_RENDER = "python analysis/efficiency.py --gpu benchmarks/h200 --update-docs docs/performance.md"
+#: issue 18's targets
+TARGET_MS, TARGET_MIB, TARGET_PREFILL = 5.0, 2048.0, 22.0
+GPU_START, GPU_END = "<!-- gpu-figures:start -->", "<!-- gpu-figures:end -->"
+
+
+def _read(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def gpu_report(folder: str | Path | None = GPU_RESULTS) -> str:
+    """Markdown of ``benchmarks/gpu.sh``'s JSON files in ``folder`` beside the paper's Table 6,
+    with issue 18's targets checked; "not measured yet" and the commands when there are none."""
+    folder = Path(folder) if folder is not None else None
+    if folder is None or not (folder / "env.json").is_file():
+        return "\n".join(
+            [
+                "**Not measured yet.**  A session lent the H200 runs, through the `device` tool,",
+                "",
+                f"    {GPU_COMMAND}",
+                "",
+                "copies the files it returns into `benchmarks/h200/`, and renders this section with",
+                "",
+                f"    {GPU_RENDER}",
+                "",
+                "**Paper, Table 6 (LLaVA-OV-7B, 32 frames, RTX 4090 / A100)**",
+                "",
+                *_block(PAPER_TABLE6),
+                "",
+            ]
+        )
+    env = _read(folder, "env.json") or {}
+    lines = [
+        f"Measured on {env.get('device')}, torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}; bf16 products with float32 output: "
+        f"{env.get('bf16_products_with_float32_output')}; flash_attn: {env.get('flash_attn')}.",
+        "",
+    ]
+    bf16 = _read(folder, "compressor-bfloat16.json")
+    if bf16:
+        a = bf16["args"]
+        size = f"{a['frames']} x {a['tokens']} x {a['dim']}, bfloat16, r = {a['retention']}"
+        lines += [f"**Compression step, {size}** (medians of interleaved rounds)", ""]
+        lines += ["| data | method | ms | x ustc |", "|---|---|---:|---:|"]
+        for row in bf16["baselines"]:
+            lines.append(
+                f"| {row['data']} | {row['method']} | {_ms(row['median_ms'])} | {row['ratio']:.2f} |"
+            )
+        lines.append("")
+        for data in sorted({r["data"] for r in bf16["baselines"]}):
+            rows = {r["method"]: r["median_ms"] for r in bf16["baselines"] if r["data"] == data}
+            best = min(rows.get("ustc blocked", float("inf")), rows.get("ustc", float("inf")))
+            clustering = {m: rows[m] for m in ("holitom", "fastvid") if m in rows}
+            faster = all(best < t for t in clustering.values())
+            lines.append(
+                f"- {data}: the full method in {_ms(best)} ms (target <= {TARGET_MS:g} ms: "
+                f"{'met' if best <= TARGET_MS else 'missed'}); faster than every baseline with a "
+                f"clustering stage ({', '.join(clustering)}): {'yes' if faster else 'no'}."
+            )
+        lines += ["", "| data | scorer + recycler | ustc | blocked | dense | identical |"]
+        lines.append("|---|---|---:|---:|---:|---|")
+        for row in bf16["combinations"]:
+            lines.append(
+                f"| {row['data']} | {row['scorer']} + {row['recycler']} | "
+                f"{_ms(row.get('ustc_ms'))} | {_ms(row.get('blocked_ms'))} | "
+                f"{_ms(row.get('dense_ms'))} | {row.get('identical', '-')} |"
+            )
+        lines.append("")
+    scaling = _read(folder, "compressor-scaling.json")
+    if scaling and scaling["scaling"]:
+        lines += ["**Scaling, bfloat16, 2 %**", "", "| variant | frames | N | ms | x previous |"]
+        lines[-1] += " peak extra MiB |"
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for row in scaling["scaling"]:
+            ratio = row["ratio_to_previous"]
+            lines.append(
+                f"| {row['variant']} | {row['frames']} | {row['tokens']} | {_ms(row['median_ms'])} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} | {row['peak_extra_mib']:.0f} |"
+            )
+        for variant in ("ustc", "blocked"):
+            rows = [r for r in scaling["scaling"] if r["variant"] == variant]
+            if rows:
+                last = rows[-1]
+                growth = [r["ratio_to_previous"] for r in rows if r["frames"] > 64]
+                growth_text = ", ".join(f"{g:.2f}" for g in growth if g) or "n/a"
+                lines.append(
+                    f"- {variant}: {last['frames']} frames in {last['peak_extra_mib']:.0f} MiB "
+                    f"extra (target <= {TARGET_MIB:.0f}: "
+                    f"{'met' if last['peak_extra_mib'] <= TARGET_MIB else 'missed'}); growth per "
+                    f"doubling from 64 frames on {growth_text} "
+                    "(target <= 4)."
+                )
+        lines.append("")
+    for name, label in (("efficiency-sdpa.json", "sdpa"), ("efficiency-flash.json", "flash")):
+        table = _read(folder, name)
+        if not table:
+            continue
+        rows = validate(table, name)
+        lines += [f"**Table 6 on the 7B architecture, random weights, {label}**", ""]
+        lines += [*_block(rows), ""]
+        vanilla = next((r for r in rows if r.get("reference")), rows[0])
+        low = [r for r in rows if r.get("retention") == 0.02 and r.get("merging")]
+        for row, speed in zip(rows, speedups(rows), strict=True):
+            if row in low and speed is not None:
+                lines.append(
+                    f"- {row['method']}: prefill {speed:.1f}x faster than uncompressed "
+                    f"(target >= {TARGET_PREFILL:g}x: {'met' if speed >= TARGET_PREFILL else 'missed'})."
+                )
+        slower = [
+            r["method"]
+            for r in rows
+            if r is not vanilla and (r.get("ttft_ms") or 0) >= (vanilla.get("ttft_ms") or 0)
+        ]
+        lines += [
+            f"- TTFT lower than uncompressed at every retention: {'no: ' + ', '.join(slower) if slower else 'yes'}.",
+            "",
+        ]
+    lines += ["**Paper, Table 6 (LLaVA-OV-7B, 32 frames, RTX 4090 / A100)**", ""]
+    lines += [*_block(PAPER_TABLE6), ""]
+    return "\n".join(lines)
+
+
+def update_docs(page: str | Path, folder: str | Path | None = GPU_RESULTS) -> bool:
+    """Rewrite the part of ``page`` between the gpu-figures markers with ``gpu_report``; True
+    when it changed."""
+    page = Path(page)
+    text = page.read_text()
+    if GPU_START not in text or GPU_END not in text:
+        raise ValueError(f"{page} has no {GPU_START} ... {GPU_END} section")
+    head, rest = text.split(GPU_START, 1)
+    _, tail = rest.split(GPU_END, 1)
+    new = f"{head}{GPU_START}\n{gpu_report(folder)}{GPU_END}{tail}"
+    page.write_text(new)
+    return new != text
+
+
 # ----------------------------------------------------------------------------- lab measurement
 
 
@@ -427,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = output_parser(__doc__.splitlines()[0], "analysis/efficiency.py")
     parser.add_argument("input", nargs="?", help="performance JSON (see the module docstring)")
     parser.add_argument("--stem", default="efficiency")
+    parser.add_argument(
+        "--gpu",
+        metavar="FOLDER",
+        help="render benchmarks/gpu.sh's JSON files in FOLDER beside the paper's Table 6",
+    )
+    parser.add_argument(
+        "--update-docs", metavar="PAGE", help="with --gpu: rewrite PAGE's gpu-figures section"
+    )
     lab = parser.add_argument_group("--measure-lab")
     lab.add_argument(
         "--measure-lab",
@@ -443,6 +599,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     lab.add_argument("--repeats", type=int, default=3)
     add_lab_args(parser, limit=6)
     args = parser.parse_args(argv)
+    if args.gpu is not None:
+        report = gpu_report(args.gpu)
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "gpu.md").write_text(report)
+        if args.update_docs:
+            update_docs(args.update_docs, args.gpu)
+        print(report)
+        return [folder / "gpu.md"]
     if args.measure_lab == (args.input is not None):
         fail("give either a performance JSON file or --measure-lab")
     try:

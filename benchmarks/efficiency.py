@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 import ustc
@@ -162,9 +163,8 @@ def measure(model, inputs: dict, config: ustc.CompressionConfig | None, args) ->
     timer = _LLMTimer(model.model.language_model, device)
     try:
         vision_s = median_seconds(
-            lambda: model.model.get_video_features(
-                pixel_values_videos=inputs["pixel_values_videos"]
-            ),
+            # positional: transformers 5.17 names it pixel_values, 5.24 pixel_values_videos
+            lambda: model.model.get_video_features(inputs["pixel_values_videos"]),
             args.repeats,
             device,
         )
@@ -224,7 +224,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"# {machine}; LLaVA-OneVision {args.size} (random weights), {frames} frames, {args.attn}"
     )
-    rows = [{"method": "vanilla", **measure(model, inputs, None, args)}]
+    rows = [
+        {
+            "method": "vanilla",
+            "retention": 1.0,
+            "merging": False,
+            "reference": True,
+            **measure(model, inputs, None, args),
+        }
+    ]
     for r in args.retentions:
         for merging in (False, True):
             config = ustc.CompressionConfig(
@@ -233,7 +241,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             label = f"ours {r:.0%}" + (
                 f"/{r / 2:.1%}".replace(".0%", "%") if merging else " (w/o M)"
             )
-            rows.append({"method": label, **measure(model, inputs, config, args)})
+            measured = measure(model, inputs, config, args)
+            rows.append({"method": label, "retention": r, "merging": merging, **measured})
     base = rows[0]["prefill_ms"]
     header = f"{'method':<18}{'vision':>9}{'process':>9}{'prefill':>10}{'speed-up':>9}{'TTFT':>9}{'tok/s':>8}{'peak GiB':>9}{'tokens':>12}"
     print(header)
@@ -254,6 +263,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             json.dumps(
                 {
                     "machine": machine,
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "attn": args.attn,
                     "size": args.size,
                     "frames": frames,
                     "rows": rows,
