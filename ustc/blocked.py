@@ -19,7 +19,12 @@ is 10 GB in float32) and every ``.item()`` that stalls the queue.  Here:
   not do: ||a||^2 + ||b||^2 - 2 a.b cancels, and 8 bits of a.b leave nothing of a small distance.
 
 Every function returns what the dense functions of ``ustc.recycle`` return for the same inputs
-(``tests/test_blocked.py`` compares them with tiny blocks, and the selected tokens of both).
+up to the rounding of Gram products (``tests/test_blocked.py`` compares them with tiny blocks).
+Not yet: the dense path measures the distances that decide (k nearest, nearest denser, nearest
+centre) from differences and certifies them against float32 rounding (issue 16); this path does
+not, so where rounding decides (exact duplicates, near ties) its selection can differ.  Until it
+certifies its choices the same way, ``recycle.dpc_knn`` does not dispatch to it; the benchmarks
+time it as a variant.
 """
 
 from __future__ import annotations
