@@ -69,7 +69,9 @@ class DocTable:
         return f"python ablations/docs_tables.py {self.name} --write"
 
     def available(self) -> bool:
-        return self.requires is None or self.requires in runner.strategy_params()
+        if self.requires is None:
+            return True
+        return self.requires in runner.strategy_params() or self.requires in runner.CONFIG_FIELDS
 
 
 # --------------------------------------------------------------------------------------------
