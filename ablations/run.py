@@ -31,6 +31,7 @@ import inspect
 import json
 import math
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -42,7 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations.store import ResultStore, run_key  # noqa: E402
+from ablations.store import Claims, ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import MODES, log_run  # noqa: E402
 from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
 from ustc.config import CompressionConfig  # noqa: E402
@@ -56,7 +57,7 @@ from ustc.evaluation import (  # noqa: E402
     map_paper_layer,
 )
 from ustc.presets import TABLE5_ROWS  # noqa: E402
-from ustc.registry import REGISTRIES, Param  # noqa: E402
+from ustc.registry import IN_LLM_FIELDS, METHODS, REGISTRIES, Param, method_in_llm  # noqa: E402
 
 DEFAULT_STORE = "results/ablations.jsonl"
 
@@ -337,6 +338,12 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 def resolve_args(args: argparse.Namespace) -> RunPlan:
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
+    if not names:
+        raise ValueError(
+            f"--benchmark {args.benchmark!r} names no benchmark; give one or more, "
+            f"comma-separated, of: {', '.join(BENCHMARKS.names())}, or package.module:Class "
+            "(leave the flag out for the default, lab)"
+        )
     classes = [load_benchmark_class(n) for n in names]
     bench_values = _given(args, list(benchmark_params(classes)))
     accepted = set().union(*(constructor_params(c) for c in classes)) if classes else set()
@@ -379,9 +386,20 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
                 "give --layer instead"
             )
         changes["layer"] = map_paper_layer(args.paper_layer, layers)
+    method = changes.get("method", base.method)
+    if method in METHODS:
+        # a baseline runs with the in-LLM stage of its paper; an explicit flag wins
+        for name, value in method_in_llm(method).items():
+            changes.setdefault(name, value)
     extra = _given(args, list(strategy_params()))
     params = {**base.params, **extra}
     config = base.replace(**changes, params=params)
+    if _given(args, list(IN_LLM_FIELDS)):
+        args.in_llm_source = "given"
+    elif method in METHODS and method_in_llm(method):
+        args.in_llm_source = "method"
+    else:
+        args.in_llm_source = "default"
 
     for bench in benches:
         layers = bench.llm_layers()
@@ -391,9 +409,44 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
                 f"{bench.registered_name!r}: K must be in [0, {layers - 1}] (use --paper-layer "
                 "to map the paper's K to this depth)"
             )
+    if getattr(args, "output", None):
+        check_output_path(args.output)
     for bench in benches:
         bench.check()
     return RunPlan(config, benches, args)
+
+
+def check_output_path(output: str) -> None:
+    """Raise ``ValueError`` unless ``output`` can be written as a file: not a directory, and
+    either a writable file or a name in a directory that exists (or can be created) and is
+    writable.  Checked before any model loads, so that a typo does not cost the evaluation."""
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        raise ValueError(
+            f"--output {output!r} is a directory; give a file name, e.g. {path / 'run.json'}"
+        )
+    if path.exists():
+        try:
+            with path.open("a"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"--output {output!r} exists and cannot be written ({exc})") from None
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"--output {output!r}: {parent} is a file, so no directory can be made under it"
+        )
+    try:  # a real probe: permission bits say nothing for root or on a read-only file system
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"--output {output!r}: cannot create files in {parent} ({exc.strerror or exc}); "
+            "give a path in a writable directory"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,8 +521,20 @@ def _evaluate(plan: RunPlan, config: CompressionConfig, progress: bool) -> dict[
     }
 
 
-def run_plan(plan: RunPlan, store: ResultStore | None = None) -> dict[str, Any]:
-    """Baseline (stored once) + this run; returns the run's record with ``pct_of_uncompressed``."""
+def run_plan(
+    plan: RunPlan,
+    store: ResultStore | None = None,
+    claims: Claims | None = None,
+    baseline: str = "run",
+) -> dict[str, Any]:
+    """Baseline (stored once) + this run; returns the run's record with ``pct_of_uncompressed``.
+
+    claims: when given, each run that has to be evaluated is claimed first
+    (:class:`ablations.store.Claims`); a key another live process holds raises
+    :class:`ablations.store.ClaimedElsewhere` before anything is evaluated for it.
+    baseline: ``run`` (the uncompressed run, from the store or evaluated) or ``if-stored`` (only
+    from the store: a sweep runs it as a grid point of its own).
+    """
     args = plan.args
     progress = not args.quiet
 
@@ -480,63 +545,151 @@ def run_plan(plan: RunPlan, store: ResultStore | None = None) -> dict[str, Any]:
             hit = store.get(key)
             if hit is not None:
                 return hit, True
-        record = _evaluate(plan, config, progress)
-        if store is not None:
-            store.append(record, replace=force)
+        if claims is None:
+            record = _evaluate(plan, config, progress)
+            if store is not None:
+                store.append(record, replace=force)
+            return record, False
+        claims.acquire(key)
+        try:
+            if store is not None and not force:  # finished by another process meanwhile
+                hit = store.get(key)
+                if hit is not None:
+                    return hit, True
+            record = _evaluate(plan, config, progress)
+            if store is not None:
+                store.append(record, replace=force)
+        finally:
+            claims.release(key)
         return record, False
 
-    baseline = None
+    reference = None
     if not args.no_baseline:
-        baseline, _ = stored_or_run(VANILLA, plan.baseline_key(), force=False)
+        if baseline == "run":
+            reference, _ = stored_or_run(VANILLA, plan.baseline_key(), force=False)
+        elif store is not None:
+            reference = store.get(plan.baseline_key())
     record, cached = stored_or_run(plan.config, plan.key, force=args.force)
     record = dict(record)
     record["cached"] = cached
-    if baseline is not None and baseline["avg"] > 0:
+    if reference is not None and reference["avg"] > 0:
         record["baseline"] = {
-            "key": baseline["key"],
-            "avg": baseline["avg"],
-            "scores": baseline["scores"],
+            "key": reference["key"],
+            "avg": reference["avg"],
+            "scores": reference["scores"],
+            "timings": reference.get("timings", {}),
         }
-        record["pct_of_uncompressed"] = 100.0 * record["avg"] / baseline["avg"]
+        record["pct_of_uncompressed"] = 100.0 * record["avg"] / reference["avg"]
     else:
         record["pct_of_uncompressed"] = None
     return record
 
 
+def run_baseline(plan: RunPlan, store: ResultStore, claims: Claims | None = None) -> dict[str, Any]:
+    """The uncompressed run of ``plan``'s benchmarks, from the store or evaluated and stored
+    (claimed first when ``claims`` is given).  Returns its record with ``cached``."""
+    key = plan.baseline_key()
+    hit = store.get(key)
+    if hit is not None:
+        return {**hit, "cached": True}
+    if claims is not None:
+        claims.acquire(key)
+    try:
+        hit = store.get(key)
+        if hit is not None:
+            return {**hit, "cached": True}
+        record = _evaluate(plan, VANILLA, not plan.args.quiet)
+        store.append(record)
+    finally:
+        if claims is not None:
+            claims.release(key)
+    return {**record, "cached": False}
+
+
 def format_record(record: dict[str, Any]) -> str:
-    """A short Markdown table of one run."""
+    """A short Markdown table of one run: the uncompressed model's row (when the record has its
+    baseline), the paper's printed figure for the same setting (when the paper prints one), then
+    the run."""
+    from ablations.tables import paper_figure
+
     cols = record.get("columns") or list(record["scores"])
-    head = cols + ["Avg.", "%", "FLOPs (T)", "tokens", "time (s)"]
+    head = ["", *cols, "Avg.", "%", "FLOPs (T)", "tokens", "time (s)"]
     flops = record.get("flops") or {}
     tokens = flops.get("llm_visual_tokens")
     tok = "-" if tokens is None else f"{tokens}/{flops.get('visual_tokens')}"
     if flops.get("after_merge_tokens") not in (None, tokens):
         tok += f" -> {flops['after_merge_tokens']}"
-    row = [f"{record['scores'][c]:.1f}" for c in cols] + [
-        f"{record['avg']:.1f}",
-        "-"
-        if record.get("pct_of_uncompressed") is None
-        else f"{record['pct_of_uncompressed']:.1f}",
-        "-" if flops.get("tflops") is None else f"{flops['tflops']:.3g}",
-        tok,
-        f"{record['timings'].get('wall', float('nan')):.1f}",
-    ]
     lines = [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
-        "| " + " | ".join(row) + " |",
     ]
+    baseline = record.get("baseline")
+    if baseline is not None:
+        full = flops.get("visual_tokens")
+        row = ["uncompressed"] + [
+            "-" if baseline["scores"].get(c) is None else f"{baseline['scores'][c]:.1f}"
+            for c in cols
+        ]
+        row += [
+            f"{baseline['avg']:.1f}",
+            "100.0",
+            "-" if flops.get("vanilla_tflops") is None else f"{flops['vanilla_tflops']:.3g}",
+            "-" if full is None else f"{full}/{full}",
+            f"{baseline.get('timings', {}).get('wall', float('nan')):.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+        try:
+            config = CompressionConfig.from_dict(record["config"])
+        except Exception:  # a record of another version: no paper figure, nothing else lost
+            config = None
+        paper = paper_figure(config) if config is not None else None
+        if paper is not None:
+            label, printed = paper
+            row = [f"paper, LLaVA-OV-7B ({label})"] + ["-"] * len(cols)
+            row += [f"{printed[-2]:.1f}", f"{printed[-1]:.1f}", "-", "-", "-"]
+            lines.append("| " + " | ".join(row) + " |")
+    row = (
+        ["this run"]
+        + [f"{record['scores'][c]:.1f}" for c in cols]
+        + [
+            f"{record['avg']:.1f}",
+            "-"
+            if record.get("pct_of_uncompressed") is None
+            else f"{record['pct_of_uncompressed']:.1f}",
+            "-" if flops.get("tflops") is None else f"{flops['tflops']:.3g}",
+            tok,
+            f"{record['timings'].get('wall', float('nan')):.1f}",
+        ]
+    )
+    lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def describe_config(config: CompressionConfig) -> str:
+def describe_config(config: CompressionConfig, in_llm_source: str = "default") -> str:
+    """One line saying what runs: the method and its own parameters (the scorer, pool and
+    recycler only for ustc's method, the only one that uses them), then the in-LLM stage and
+    where it came from (``in_llm_source``: ``method``, the baseline's published in-LLM stage;
+    ``given``, flags on the command line; ``default``, the config's default)."""
     c = config
-    text = f"r={c.retention:g} scorer={c.scorer} pool={c.pool}(tau={c.tau:g}) recycler={c.recycler}"
-    if c.recycler != "none":
-        text += f"(cluster_ratio={c.cluster_ratio:g}, k={c.k})"
+    if c.method == "ustc":
+        text = (
+            f"r={c.retention:g} method=ustc scorer={c.scorer} pool={c.pool}(tau={c.tau:g}) "
+            f"recycler={c.recycler}"
+        )
+        if c.recycler != "none":
+            text += f"(cluster_ratio={c.cluster_ratio:g}, k={c.k})"
+    else:
+        text = f"r={c.retention:g} method={c.method}"
     text += f" merger={c.merger}"
     if c.merger != "none":
-        text += f"(K={c.layer}, R={c.keep_ratio:g}, lambda={c.lam:g})"
+        text += f"(K={c.layer}, R={c.keep_ratio:g}"
+        text += f", lambda={c.lam:g})" if c.merger == "text-aware" else ")"
+    if c.method != "ustc":
+        text += {
+            "method": f" [{c.method}'s published in-LLM stage; --merger text-aware adds ustc's]",
+            "given": " [in-LLM stage as given on the command line]",
+            "default": f" [{c.method} declares no in-LLM stage: the config's default]",
+        }[in_llm_source]
     if c.params:
         text += f" params={c.params}"
     return text
@@ -570,7 +723,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     store = None if args.no_store else ResultStore(args.store)
     if not args.quiet:
         names = ",".join(b.registered_name for b in plan.benchmarks)
-        print(f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config)}", flush=True)
+        source = getattr(args, "in_llm_source", "default")
+        print(
+            f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config, source)}",
+            flush=True,
+        )
     record = run_plan(plan, store)
     if not record.pop("cached"):
         log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)

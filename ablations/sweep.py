@@ -10,12 +10,20 @@ not the varied parameter).  Every run is validated before the first one starts. 
 run is appended (fsync'd) to the results store, so a grid that is interrupted and restarted
 redoes only the unfinished runs.  At the end the table is written as Markdown and CSV under
 ``--out-dir`` and logged as a ``wandb.Table``.
+
+Several processes on the same grid and store (one machine, or several on a shared file system)
+split the grid: each run is claimed before it starts (:class:`ablations.store.Claims`), a process
+skips what another one holds and, once it has nothing left to claim, waits for the others' runs
+to be stored before it writes the table.  A claim left by a process that died is taken over.
+Ctrl-C stops the sweep with a summary of what is stored and the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablations import run as runner  # noqa: E402
-from ablations.store import ResultStore  # noqa: E402
+from ablations.store import ClaimedElsewhere, Claims, ResultStore, describe_owner  # noqa: E402
 from ablations.tables import (  # noqa: E402
     TABLES,
     Rendered,
@@ -102,32 +110,69 @@ def run_sweep(
     wandb: str = "auto",
     project: str = "ustc-ablations",
     progress: bool = True,
+    stale_after: float = 24 * 3600,
+    poll_seconds: float = 2.0,
 ) -> Rendered | None:
-    """Run every grid point not yet in the store, then write the table."""
+    """Run every grid point not yet in the store, then write the table.
+
+    Points another live process has claimed are left to it; once nothing is left to claim this
+    process waits (polling every ``poll_seconds``) until they are stored.  ``stale_after``: age
+    in seconds after which a claim of a process on another host counts as abandoned."""
     sweep, table = _load(source)
     plans = plans_for(sweep, extra, store_path)
     store = ResultStore(store_path)
     done = store.records()
     varied = [n for n, p in sweep["parameters"].items() if "values" in p]
-    todo = [
-        (point, plan)
-        for point, plan in zip(expand_grid(sweep), plans, strict=True)
-        if plan.key not in done
-    ]
+    units: list[tuple[dict[str, Any], runner.RunPlan, str]] = []
+    if plans and not plans[0].args.no_baseline:
+        # the uncompressed run is a unit of its own, so that a second process need not wait
+        units.append(({n: "uncompressed" for n in varied}, plans[0], "baseline"))
+    units += [(point, plan, "point") for point, plan in zip(expand_grid(sweep), plans, strict=True)]
+
+    def key_of(plan: runner.RunPlan, kind: str) -> str:
+        return plan.baseline_key() if kind == "baseline" else plan.key
+
+    todo = [u for u in units if key_of(u[1], u[2]) not in done]
     group = str(sweep.get("name", Path(source).stem))
+    claims = Claims(store_path, stale_after=stale_after)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc=group, unit="run")
-    for point, plan in todo:
-        if bar is not None:
-            bar.set_postfix_str(" ".join(f"{n}={point[n]}" for n in varied))
-        record = runner.run_plan(plan, store)
-        if not record.pop("cached"):
-            log_run(record, mode=wandb, project=project, group=group)
-        if bar is not None:
-            bar.update(1)
+        bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=group, unit="run")
+    told: set[str] = set()
+    while todo:
+        busy = []
+        for point, plan, kind in todo:
+            if key_of(plan, kind) in store:  # stored by another process since
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if bar is not None:
+                bar.set_postfix_str(" ".join(f"{n}={point[n]}" for n in varied))
+            try:
+                if kind == "baseline":
+                    record = runner.run_baseline(plan, store, claims)
+                else:
+                    record = runner.run_plan(plan, store, claims, baseline="if-stored")
+            except ClaimedElsewhere as exc:
+                busy.append((point, plan, kind))
+                if progress and exc.key not in told:
+                    told.add(exc.key)
+                    print(
+                        f"{group}: {' '.join(f'{n}={point[n]}' for n in varied) or exc.key} is "
+                        f"being run by {describe_owner(exc.owner)}; running the others",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            if not record.pop("cached", True) and kind == "point":
+                log_run(record, mode=wandb, project=project, group=group)
+            if bar is not None:
+                bar.update(1)
+        if busy and len(busy) == len(todo):
+            time.sleep(poll_seconds)  # everything left is in flight elsewhere: wait for it
+        todo = busy
     if bar is not None:
         bar.close()
     if table is None:
@@ -163,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> Rendered | None:
         "--wandb-project", "--wandb_project", dest="wandb_project", default="ustc-ablations"
     )
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--stale-after",
+        "--stale_after",
+        dest="stale_after",
+        type=float,
+        default=24 * 3600,
+        help="seconds after which another host's claim on a run counts as abandoned (default 1 day)",
+    )
     args, extra = parser.parse_known_args(argv)
     try:
         return run_sweep(
@@ -173,9 +226,36 @@ def main(argv: Sequence[str] | None = None) -> Rendered | None:
             wandb=args.wandb,
             project=args.wandb_project,
             progress=not args.quiet,
+            stale_after=args.stale_after,
         )
     except ValueError as exc:
         parser.error(str(exc))
+    except KeyboardInterrupt:
+        print(interrupted_message(args.sweep, extra, args.store, argv), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted_message(
+    source: str, extra: Sequence[str], store_path: str, argv: Sequence[str] | None
+) -> str:
+    """What a Ctrl-C leaves: how many runs of the grid are stored, and how to go on."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = "python ablations/sweep.py " + shlex.join(words)
+    try:
+        sweep, _ = _load(source)
+        plans = plans_for(sweep, extra, store_path)
+        stored = ResultStore(store_path).records()
+        done = sum(plan.key in stored for plan in plans)
+        status = f"{done} of {len(plans)} grid points are stored in {store_path}"
+        if plans and not plans[0].args.no_baseline:
+            has = plans[0].baseline_key() in stored
+            status += f" ({'with' if has else 'without'} the uncompressed run)"
+    except Exception as exc:  # the summary must not hide the interruption itself
+        status = f"the store {store_path} keeps every finished run ({exc})"
+    return (
+        f"\ninterrupted: {status}; the run in flight was not stored.\n"
+        f"resume with the same command (stored runs are skipped):\n  {command}"
+    )
 
 
 if __name__ == "__main__":

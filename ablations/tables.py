@@ -9,6 +9,9 @@ s5         --paper-layer (K)                   2 7 14 18 21     r = 2 %, text-aw
 s6         --tau                               0.5 ... 0.9      r = 2 %, no merger
 s7         --cluster-ratio                     0.1 ... 0.7      r = 2 %, no merger
 s8         --lam (lambda)                      0 .25 .5 .75 1   r = 2 %, text-aware merger
+sk         --k (DPC-KNN neighbours; not in     3 4 5 7 10       r = 2 %, no merger
+           the paper: HoliTom/FlashVID use 7,
+           FastVID 4, ustc 5)
 =========  ==================================  ===============  ================================
 
 Which rows are "w/o M": the paper's printed rows say so.  S6's tau = 0.7 and S7's 0.3 rows equal
@@ -187,7 +190,86 @@ TABLES: dict[str, TableDef] = {
             1: (52.6, 57.6, 40.0, 50.6, 51.6, 50.5, 89.7),
         },
     ),
+    "sk": TableDef(
+        name="sk",
+        title="Study k. DPC-KNN neighbour count k (not in the paper) at 2% Tokens",
+        parameter="k",
+        values=(3, 4, 5, 7, 10),
+        fixed={**_AT_2, "merger": "none"},
+        paper={},
+        labels={k: f"k = {k}" for k in (3, 4, 5, 7, 10)},
+    ),
 }
+#: the paper prints no row of these (studies of parameters it does not vary)
+NOT_IN_PAPER = ("sk",)
+
+
+def _paper_settings() -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
+    """(label, config fields, printed row) of every setting the paper prints a row for."""
+    from ustc.presets import TABLE5_ROWS
+
+    out: list[tuple[str, dict[str, Any], tuple[float, ...]]] = [
+        # Table 1's rows at 2 %, printed again as S5's K = 18 and Table 5's full row
+        ("Table 1, Ours at 2 %/1 %", {**_AT_2, "merger": "text-aware"}, TABLES["s5"].paper[18]),
+        (
+            "Table 1, Ours (w/o M) at 2 %",
+            {**_AT_2, "merger": "none"},
+            TABLES["table5"].paper["attn+sim+cluster"],
+        ),
+    ]
+    marks = {
+        v: k
+        for k, v in {
+            "attn": (True, False, False),
+            "sim": (False, True, False),
+            "cluster": (False, False, True),
+            "attn+sim": (True, True, False),
+            "attn+cluster": (True, False, True),
+            "sim+cluster": (False, True, True),
+            "attn+sim+cluster": (True, True, True),
+        }.items()
+    }
+    t5 = TABLES["table5"]
+    for row_marks, config in TABLE5_ROWS.items():
+        value = marks[row_marks]
+        fields = {
+            f: getattr(config, f) for f in ("retention", "scorer", "recycler", "cluster_ratio")
+        }
+        out.append((f"Table 5, {t5.label(value)}", {**fields, "merger": "none"}, t5.paper[value]))
+    for name, field_name in (("s6", "tau"), ("s7", "cluster_ratio"), ("s8", "lam")):
+        table = TABLES[name]
+        for value in table.values:
+            fields = {**table.fixed, field_name: value}
+            title = table.title.split(".")[0]
+            out.append((f"{title}, {table.label(value)}", fields, table.paper[value]))
+    return out
+
+
+def paper_figure(config: Any) -> tuple[str, tuple[float, ...]] | None:
+    """The paper's printed row (five columns, Avg., % of uncompressed; LLaVA-OV-7B) for the
+    setting of ``config`` (a :class:`~ustc.config.CompressionConfig`), or None when the paper
+    prints none.  The layer K is not compared: on another model it is the paper's K mapped."""
+    from ustc.config import CompressionConfig
+
+    defaults = CompressionConfig()
+    if config.method != "ustc" or config.params:
+        return None
+    for label, fields, row in _paper_settings():
+        wanted = {f.replace("-", "_"): v for f, v in fields.items()}
+        every = {
+            f: wanted.get(f, getattr(defaults, f))
+            for f in ("retention", "scorer", "pool", "tau", "recycler", "cluster_ratio", "k")
+        }
+        every["merger"] = wanted.get("merger", defaults.merger)
+        if every["merger"] != "none":
+            every["keep_ratio"] = defaults.keep_ratio
+            every["lam"] = wanted.get("lam", defaults.lam)
+        if all(
+            getattr(config, f) == v if isinstance(v, str) else abs(getattr(config, f) - v) < 1e-9
+            for f, v in every.items()
+        ):
+            return label, row
+    return None
 
 
 def get_table(name: str) -> TableDef:
@@ -341,7 +423,8 @@ def render(
     if baseline is not None:
         rows[0][1 : 1 + len(table.show)] = ["-"] * len(table.show)
     for value in table.values:
-        rows.append([table.label(value)] + ours(records.get(value)) + list(table.paper[value]))
+        printed = table.paper.get(value, (None,) * (len(PAPER_COLUMNS) + 2))
+        rows.append([table.label(value)] + ours(records.get(value)) + list(printed))
     missing = sum(1 for r in records.values() if r is None) + (baseline is None)
     return Rendered(table.title, header, rows, missing)
 

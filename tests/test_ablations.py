@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -53,7 +54,9 @@ class ToyBenchmark(Benchmark):
 
     Its "model" has 4 LLM layers and 8 frames x 49 tokens.  ``data`` names a file that must exist
     (to test missing-data errors).  TOY_LOG: file to which every evaluation appends its config;
-    TOY_KILL_AFTER=n: SIGKILL this process when evaluation n + 1 starts; TOY_RAISE_AFTER=n: raise.
+    TOY_KILL_AFTER=n: SIGKILL this process when evaluation n + 1 starts; TOY_RAISE_AFTER=n: raise;
+    TOY_SIGINT_AFTER=n: Ctrl-C (SIGINT) when evaluation n + 1 starts; TOY_SLEEP=s: each evaluation
+    takes s seconds (to let two processes overlap).
     """
 
     registered_name = "toy"
@@ -97,13 +100,20 @@ class ToyBenchmark(Benchmark):
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get("TOY_RAISE_AFTER") and done >= int(os.environ["TOY_RAISE_AFTER"]):
             raise RuntimeError("injected failure")
+        if os.environ.get("TOY_SIGINT_AFTER") and done >= int(os.environ["TOY_SIGINT_AFTER"]):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt arrives here
+        if os.environ.get("TOY_SLEEP"):
+            time.sleep(float(os.environ["TOY_SLEEP"]))
         if self._model is None:
             type(self).loads += 1
             self._model = object()
         type(self).evaluations += 1
         if os.environ.get("TOY_LOG"):
             with open(os.environ["TOY_LOG"], "a") as fh:
-                fh.write(json.dumps(config.to_dict(), sort_keys=True) + "\n")
+                fh.write(
+                    json.dumps({**config.to_dict(), "pid": os.getpid()}, sort_keys=True) + "\n"
+                )
         score = toy_score(config)
         return BenchmarkResult(
             scores={"Alpha": score, "Beta": score - 7.0 + 3.0 * config.lam},
@@ -335,21 +345,37 @@ def test_run_writes_the_record_and_reuses_the_store(
     assert len(ResultStore(store)) == 2 and len(store.read_text().splitlines()) == 3
 
 
-def test_store_skips_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+def test_store_repairs_a_line_cut_by_a_kill_once(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     store = ResultStore(path)
     assert store.append({"key": "a", "avg": 1.0})
     with path.open("a") as fh:
         fh.write('{"key": "b", "avg": 2')  # killed mid-write: no newline, invalid JSON
-    with pytest.warns(UserWarning, match="incomplete record"):
-        assert store.append({"key": "c", "avg": 3.0})
+    with pytest.warns(UserWarning, match=r"moved it to .*s\.jsonl\.broken"):
+        assert sorted(store.records()) == ["a"]
+    # repaired: the broken line is kept aside, the store ends on its last complete record
+    assert (tmp_path / "s.jsonl.broken").read_text() == '{"key": "b", "avg": 2\n'
+    assert path.read_text() == '{"avg": 1.0, "key": "a"}\n'
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # no warning on any later read
+        assert sorted(store.records()) == ["a"]
+        assert store.append({"key": "c", "avg": 3.0})
         assert sorted(store.records()) == ["a", "c"]
         assert not store.append({"key": "a", "avg": 9.0})
         assert path.read_text().splitlines()[-1] == '{"avg": 3.0, "key": "c"}'
         assert store.append({"key": "a", "avg": 9.0}, replace=True)
         assert store.get("a") == {"key": "a", "avg": 9.0}
+
+
+def test_store_keeps_a_complete_last_record_that_only_lacks_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"key": "a", "avg": 1.0}')
+    store = ResultStore(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.append({"key": "b", "avg": 2.0})
+        assert sorted(store.records()) == ["a", "b"]
+    assert not (tmp_path / "s.jsonl.broken").exists()
 
 
 def test_run_key_depends_on_every_config_value_and_the_benchmark() -> None:
@@ -615,3 +641,241 @@ def test_wandb_offline_run_is_written_locally(
     runner.main(["--benchmark", TOY, "--no-store", "--quiet", "--no-baseline"])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and faults
+# --------------------------------------------------------------------------------------------
+
+
+def test_output_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = {
+        str(tmp_path): "is a directory",
+        str(tmp_path / "new") + "/": "is a directory",
+        str(a_file / "run.json"): "is a file",
+        "/proc/ustc-test-dir/run.json": "cannot create files in /proc",
+    }
+    for output, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            resolve("--output", output)
+    assert ToyBenchmark.loads == 0 and ToyBenchmark.evaluations == 0
+    resolve("--output", str(tmp_path / "deeper" / "run.json"))  # a new directory is fine
+
+
+def test_output_error_from_the_cli_comes_before_the_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--benchmark", TOY, "--no-store", "--output", str(tmp_path), "--quiet"])
+    assert exit_info.value.code == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert ToyBenchmark.evaluations == 0
+
+
+@pytest.mark.parametrize("extra", [["--limit", "5"], []])
+def test_an_empty_benchmark_name_says_what_is_allowed(extra: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"--benchmark '' names no benchmark; .*lab"):
+        runner.resolve(["--benchmark", "", *extra])
+
+
+def _sweep_cmd(store: Path, out: Path, table: str = "s7") -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "ablations" / "sweep.py"),
+        table,
+        "--benchmark",
+        "tests.test_ablations:ToyBenchmark",
+        "--store",
+        str(store),
+        "--out-dir",
+        str(out),
+        "--wandb",
+        "disabled",
+        "--quiet",
+    ]
+
+
+def _toy_env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def test_two_sweeps_on_one_grid_split_it(tmp_path: Path) -> None:
+    store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
+    env = _toy_env(TOY_LOG=str(log), TOY_SLEEP="1.0")
+    procs = [
+        subprocess.Popen(
+            _sweep_cmd(store, tmp_path / f"out{i}"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    evaluated = [json.loads(line) for line in log.read_text().splitlines()]
+    configs = [json.dumps({k: v for k, v in e.items() if k != "pid"}) for e in evaluated]
+    assert len(configs) == 1 + 7 == len(set(configs)), "a grid point was evaluated twice"
+    assert {e["pid"] for e in evaluated} == {p.pid for p in procs}, "one process did everything"
+    keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
+    assert len(keys) == 8 == len(set(keys))
+    for i in range(2):  # both wrote the complete table
+        rows = tmp_path / f"out{i}" / "s7-benchmark-tests.test_ablations_ToyBenchmark.csv"
+        assert all(r[1] != "" for r in list(csv.reader(io.StringIO(rows.read_text())))[1:])
+    assert not list((tmp_path / "store.jsonl.claims").glob("*.claim"))
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    from ablations.store import ClaimedElsewhere, Claims
+
+    store = tmp_path / "store.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims = Claims(store)
+    plan = resolve("--store", str(store))
+    claims.dir.mkdir(parents=True)
+    for key in (plan.baseline_key(), plan.key):
+        record = {**claims.me, "pid": dead.pid, "time": time.time(), "key": key}
+        claims.path(key).write_text(json.dumps(record))
+    record = runner.run_plan(plan, ResultStore(store), claims)
+    assert record["pct_of_uncompressed"] is not None and ToyBenchmark.evaluations == 2
+    assert not list(claims.dir.glob("*"))
+    # a live one is respected: this test's own pid, as another process on this host would be
+    live = {**claims.me, "pid": os.getppid(), "time": time.time(), "key": "k1"}
+    claims.path("k1").write_text(json.dumps(live))
+    with pytest.raises(ClaimedElsewhere, match=f"pid {os.getppid()}"):
+        claims.acquire("k1")
+    # and so is an old one from another host only once it is older than stale_after
+    other = {"host": "elsewhere", "pid": 1, "time": time.time(), "key": "k2"}
+    claims.path("k2").write_text(json.dumps(other))
+    with pytest.raises(ClaimedElsewhere):
+        claims.acquire("k2")
+    os.utime(claims.path("k2"), (time.time() - 100, time.time() - 100))
+    Claims(store, stale_after=50).acquire("k2")
+
+
+def test_ctrl_c_says_what_is_stored_and_how_to_resume(tmp_path: Path) -> None:
+    store = tmp_path / "store.jsonl"
+    cmd = _sweep_cmd(store, tmp_path)
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=_toy_env(TOY_SIGINT_AFTER="3"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    stored = f"interrupted: 2 of 7 grid points are stored in {store} (with the uncompressed run)"
+    assert stored in result.stderr
+    assert "resume with" in result.stderr and "ablations/sweep.py s7 --benchmark" in result.stderr
+    assert len(ResultStore(store)) == 3
+    assert not list((tmp_path / "store.jsonl.claims").glob("*.claim"))  # the claim was released
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_toy_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(ResultStore(store)) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines run as their papers describe
+# --------------------------------------------------------------------------------------------
+
+PUBLISHED_IN_LLM = {
+    "visionzip": {"merger": "none"},
+    "fastvid": {"merger": "none"},
+    "sttm": {"merger": "none"},
+    "uniform": {"merger": "none"},
+    "holitom": {"merger": "last-token", "keep_ratio": 0.5},
+}
+
+
+def test_every_baseline_method_declares_its_in_llm_stage() -> None:
+    from ustc.registry import METHODS, method_in_llm
+
+    for name in METHODS.names():
+        if name == "ustc":
+            assert method_in_llm(name) == {}  # the config's default: the paper's merger
+        else:
+            assert method_in_llm(name) == PUBLISHED_IN_LLM[name], name
+
+
+@pytest.mark.parametrize("method", sorted(PUBLISHED_IN_LLM))
+def test_a_baseline_runs_without_our_merger_unless_asked(method: str) -> None:
+    config = resolve("--method", method).config
+    for name, value in PUBLISHED_IN_LLM[method].items():
+        assert getattr(config, name) == value
+    assert resolve("--method", method, "--merger", "text-aware").config.merger == "text-aware"
+    assert resolve("--method", method, "--merger", "none").config.merger == "none"
+    assert resolve().config.merger == "text-aware"  # ustc's own method keeps its merger
+
+
+def test_the_header_line_says_what_ran(capsys: pytest.CaptureFixture[str]) -> None:
+    runner.main(["--benchmark", TOY, "--method", "visionzip", "--no-store", "--wandb", "disabled"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "method=visionzip merger=none [visionzip's published in-LLM stage" in header
+    assert "scorer=" not in header  # visionzip has no scorer, pool or recycler
+    runner.main(
+        ["--benchmark", TOY, "--method", "visionzip", "--merger", "text-aware", "--no-store"]
+    )
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "merger=text-aware(K=3, R=0.5, lambda=0.5) [in-LLM stage as given" in header
+    runner.main(["--benchmark", TOY, "--no-store"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "method=ustc scorer=attn+sim" in header and "merger=text-aware" in header
+
+
+def test_presets_baseline_is_the_published_configuration() -> None:
+    from ustc.presets import baseline
+
+    assert baseline("visionzip").merger == "none"
+    assert (
+        baseline("holitom", 0.05).keep_ratio == 0.5 and baseline("holitom").merger == "last-token"
+    )
+    assert baseline("visionzip", merger="text-aware").merger == "text-aware"
+
+
+def test_the_main_job_prints_the_uncompressed_row_and_the_papers_figure_above_the_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    record = runner.main(["--benchmark", TOY, "--no-store", "--wandb", "disabled"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "",
+        "uncompressed",
+        "paper, LLaVA-OV-7B (Table 1, Ours at 2 %/1 %)",
+        "this run",
+    ]
+    uncompressed = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert uncompressed[3:5] == [f"{record['baseline']['avg']:.1f}", "100.0"]
+    assert uncompressed[6] == "392/392"
+    assert [c.strip() for c in rows[2].split("|")[1:-1]][3:5] == ["50.7", "90.1"]
+    assert f"| {record['avg']:.1f} | {record['pct_of_uncompressed']:.1f} |" in rows[3]
+
+
+def test_the_papers_figure_is_found_only_for_a_setting_it_prints() -> None:
+    from ablations.tables import paper_figure
+
+    assert paper_figure(CompressionConfig(retention=0.02, merger="none")) == (
+        "Table 1, Ours (w/o M) at 2 %",
+        tables.TABLES["table5"].paper["attn+sim+cluster"],
+    )
+    label, row = paper_figure(CompressionConfig(retention=0.02, merger="none", cluster_ratio=0.6))
+    assert label == "Table S7, cluster-ratio = 0.6" and row[-1] == 88.7
+    assert paper_figure(TABLE5_ROWS[(False, True, False)])[1][-2:] == (49.2, 87.5)
+    assert paper_figure(CompressionConfig(retention=0.05, merger="none")) is None
+    assert paper_figure(CompressionConfig(retention=0.02, merger="none", k=7)) is None
+    assert paper_figure(CompressionConfig(retention=0.02, method="visionzip")) is None

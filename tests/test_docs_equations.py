@@ -19,3 +19,28 @@ def test_every_symbol_in_the_equation_table_exists():
         else:
             source = (ROOT / path).read_text()
             assert re.search(rf"^(def|class) {name}\b", source, re.M), f"{path} has no {name}"
+
+
+def test_equations_are_typeset_and_the_table_fits():
+    """Eq. 1-10 are MathJax display blocks (pymdownx.arithmatex), not ASCII; the symbol table has
+    three columns and its long code names wrap (the CSS the site loads), so it fits 1280 px."""
+    import yaml
+
+    text = (ROOT / "docs" / "equations.md").read_text()
+    tags = re.findall(r"\\tag\{(\d+)\}", text)
+    assert sorted(map(int, tags)) == list(range(1, 11)), tags
+    for block in re.findall(r"\\\[(.*?)\\\]", text, re.S):
+        assert "|" not in block, "use \\lVert/\\rVert: a bar breaks Markdown tables and MathJax"
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    extensions = [e if isinstance(e, str) else next(iter(e)) for e in config["markdown_extensions"]]
+    assert "pymdownx.arithmatex" in extensions
+    assert any("mathjax" in js for js in config["extra_javascript"])
+    table = text[text.index("| Eq. |") :].split("\n\n")[0].splitlines()
+    assert len(table) >= 15
+    for row in table:
+        cells = row.strip().strip("|").split("|")
+        assert len(cells) == 3, row
+        prose = re.sub(r"`[^`]*`|\\\(.*?\\\)|<br>", "", cells[1])
+        assert len(prose) <= 100, f"a long 'What' cell widens the table: {cells[1]!r}"
+    css = "".join((ROOT / "docs" / c).read_text() for c in config["extra_css"])
+    assert re.search(r"table code\s*\{[^}]*overflow-wrap:\s*anywhere", css)

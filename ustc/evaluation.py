@@ -200,6 +200,7 @@ class LabBenchmark(Benchmark):
         self.limit = limit
         self.model = model
         self._model: Any = None
+        self._data: Any = None
 
     @staticmethod
     def _import(name: str = "ustc.lab") -> Any:
@@ -265,22 +266,33 @@ class LabBenchmark(Benchmark):
             self._model = self._import("ustc.lab.model").load_model(self.model)
         return self._model
 
+    def _samples(self) -> Any:
+        """The rendered questions, once per process (rendering 600 videos takes 20-40 s; a
+        sweep evaluates the same videos for every grid point)."""
+        if self._data is None:
+            lab_evaluate = self._import("ustc.lab.evaluate")
+            self._data = lab_evaluate.samples(self.split, self.limit)
+        return self._data
+
     def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
         from ustc.lab.evaluate import evaluate as lab_evaluate
 
         out = lab_evaluate(
             None if config.is_identity else config,
-            split=self.split,
-            limit=self.limit,
             progress=progress,
             model=self._load(),
+            data=self._samples(),
         )
         return BenchmarkResult(
             scores={k: float(v) for k, v in out.per_family.items()},
             n=int(out.n),
             tokens=_numbers(out.tokens),
             timings=_numbers(out.timings),
-            details={"overall": float(out.overall)},
+            # the letter chosen for every question: what a reproducibility check compares
+            details={
+                "overall": float(out.overall),
+                "answers": "".join("ABCD"[a] for a in out.answers),
+            },
         )
 
     @property

@@ -57,3 +57,15 @@ TABLE5_PAPER: dict[tuple[bool, bool, bool], tuple[float, float]] = {
 def ours(retention: float = 0.02, merging: bool = True) -> CompressionConfig:
     """The paper's method at ``retention``, with or without text-aware merging (Table 1)."""
     return CompressionConfig(retention=retention, merger="text-aware" if merging else "none")
+
+
+def baseline(method: str, retention: float = 0.02, **changes: object) -> CompressionConfig:
+    """Method ``method`` at ``retention`` as its paper describes it: with the in-LLM stage it
+    declares (:func:`ustc.registry.method_in_llm`: none for VisionZip, FastVID, STTM and uniform,
+    the last-token merger at R = 50 % for HoliTom); ``changes`` override any field, e.g.
+    ``merger="text-aware"`` to combine a baseline with the paper's merger."""
+    from ustc import strategies  # noqa: F401  (registers the built-in methods)
+    from ustc.registry import method_in_llm
+
+    values = {"retention": retention, "method": method, **method_in_llm(method), **changes}
+    return CompressionConfig(**values)  # type: ignore[arg-type]

@@ -135,6 +135,28 @@ POOLS: Registry[Any] = Registry("pool")
 RECYCLERS: Registry[Any] = Registry("recycler")
 MERGERS: Registry[Any] = Registry("merger")
 
+#: the config fields of the in-LLM stage, which a method may declare defaults for
+IN_LLM_FIELDS = ("merger", "layer", "keep_ratio", "lam")
+
+
+def method_in_llm(name: str) -> dict[str, Any]:
+    """The in-LLM stage method ``name`` runs by its paper: the ``in_llm`` class attribute of the
+    registered class (config fields among :data:`IN_LLM_FIELDS`, e.g. ``{"merger": "none"}`` for
+    VisionZip), ``{}`` when it declares none (the config's own default, ustc's text-aware merger).
+
+    The CLI (``ablations/run.py --method``) and ``ustc.presets.baseline`` apply it, so that a
+    baseline runs as published unless a merger is asked for explicitly.
+    """
+    declared = dict(getattr(METHODS.get(name), "in_llm", {}) or {})
+    unknown = sorted(set(declared) - set(IN_LLM_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} declares in-LLM defaults for {unknown}; "
+            f"only {', '.join(IN_LLM_FIELDS)} are in-LLM fields"
+        )
+    return declared
+
+
 REGISTRIES: dict[str, Registry[Any]] = {
     "method": METHODS,
     "scorer": SCORERS,

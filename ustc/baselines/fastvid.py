@@ -90,6 +90,10 @@ class FastVID:
     density_k:     neighbours of the DPC-KNN density (FastVID: 4).
     """
 
+    #: the in-LLM stage as published (FastVID prunes before the LLM only);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm = {"merger": "none"}
+
     uses_attention = True
 
     def __init__(

@@ -107,6 +107,10 @@ class HoliTom:
     density_k:    neighbours of the DPC-KNN density for static tokens (HoliTom: K = 7).
     """
 
+    #: the in-LLM stage as published (HoliTom's inner-LLM stage: last-token attention at layer K, R = 50 %);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm = {"merger": "last-token", "keep_ratio": 0.5}
+
     uses_attention = True
 
     def __init__(

@@ -63,6 +63,10 @@ class UniformSelection:
     The same positions in every frame, in raster order; no attention, no similarity.
     """
 
+    #: the in-LLM stage as published (a selection before the LLM, nothing inside it);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm = {"merger": "none"}
+
     uses_attention = False
 
     def compress(

@@ -251,6 +251,10 @@ class STTM:
                  quadrant to become one token (the starting threshold; see the module docstring).
     """
 
+    #: the in-LLM stage as published (STTM merges before the LLM only);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm = {"merger": "none"}
+
     uses_attention = False
 
     def __init__(self, spatial_tau: float = 0.8) -> None:

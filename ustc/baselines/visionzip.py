@@ -64,6 +64,10 @@ class VisionZip:
     contextual_ratio: share of each frame's budget spent on contextual tokens (published 10/64).
     """
 
+    #: the in-LLM stage as published (VisionZip prunes before the LLM only);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm = {"merger": "none"}
+
     uses_attention = True
 
     def __init__(self, contextual_ratio: float = CONTEXTUAL_SHARE) -> None:

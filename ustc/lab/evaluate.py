@@ -50,6 +50,9 @@ class EvalResult:
             entering the LLM), ``after_merge`` (visual tokens in the layers from K on),
             ``sequence`` (whole prompt entering the LLM).
     timings: seconds: ``total``, ``per_question``, ``data`` (rendering the videos).
+    answers: the letter index (0-3) chosen for each question, in the order of the data, and
+             ``margins`` its logit lead over the runner-up letter: what a determinism check
+             compares (a thread count or batch size that changed a choice shows up here).
     """
 
     overall: float
@@ -58,6 +61,8 @@ class EvalResult:
     tokens: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+    answers: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
 
     def summary(self) -> str:
         fams = "  ".join(f"{k} {v:5.1f}" for k, v in self.per_family.items())
@@ -197,6 +202,8 @@ def evaluate(
     counter = _TokenCounter(model, layer)
     correct: dict[str, list[bool]] = defaultdict(list)
     counts: dict[str, list[int]] = defaultdict(list)
+    answers = [-1] * len(data)
+    margins = [0.0] * len(data)
     try:
         prompts = encode_prompts(tokenizer, [s.question for s in data], video_tokens)
         by_len: dict[int, list[int]] = defaultdict(list)
@@ -222,7 +229,9 @@ def evaluate(
                         logits_to_keep=1,
                     )
                 logits = out.logits[:, -1]
-            choice = logits[:, letters].argmax(-1)
+            letter_logits = logits[:, letters].float()
+            choice = letter_logits.argmax(-1)
+            top2 = letter_logits.topk(2, dim=-1).values
             text_tokens = ids.shape[1] - video_tokens
             seq_in = counter.lengths["in"]
             counts["sequence"] += [seq_in] * len(batch)
@@ -233,6 +242,8 @@ def evaluate(
                 )
             for k, i in enumerate(batch):
                 correct[data[i].family].append(bool(choice[k] == data[i].question.answer))
+                answers[i] = int(choice[k])
+                margins[i] = float(top2[k, 0] - top2[k, 1])
             bar.update(len(batch))
         bar.close()
     finally:
@@ -255,6 +266,8 @@ def evaluate(
         tokens=tokens,
         timings={"total": total, "per_question": total / max(n, 1), "data": data_seconds},
         config=config.to_dict() if config is not None else None,
+        answers=answers,
+        margins=margins,
     )
 
 
