@@ -244,7 +244,7 @@ TABLES: dict[str, DocTable] = {
             "table5-tcformer",
             "docs/ablations.md",
             "Table 5 on the lab, dpc convention tcformer",
-            sweep_table("table5", ["--convention=tcformer"]),
+            sweep_table("table5c", ["--convention=tcformer"]),
             requires="convention",
         ),
         DocTable(

@@ -180,7 +180,9 @@ def test_every_backbone_registers_through_the_lmms_eval_entry_point(
     monkeypatch.syspath_prepend(str(_entry_point_dist(tmp_path)))
     registry = ModelRegistryV2()
     registry.load_entrypoint_manifests()  # lmms-eval's own loader, group lmms_eval.models
-    assert set(BACKBONES) == {"llava_onevision_ustc", "qwen2_5_vl_ustc"}
+    assert {"llava_onevision_ustc", "qwen2_5_vl_ustc", "qwen3_vl_ustc", "internvl_ustc"} <= set(
+        BACKBONES
+    )
     for name, cls in BACKBONES.items():
         assert registry.get_model_class(name) is cls and issubclass(cls, lmms_base)
     assert registry.get_model_class("llava_onevision_ustc") is LlavaOneVisionUSTC
@@ -624,3 +626,16 @@ def test_batches_answer_as_one_prompt_at_a_time(backbone: str, calls: int) -> No
     assert [r.token_counts for r in answers[4]] == [r.token_counts for r in answers[1]]
     lengths = {r.token_counts.input_tokens for r in answers[1][:3]}
     assert len(lengths) == 3  # three prompt lengths: the batch was padded
+
+
+def test_every_supported_model_class_has_an_lmms_eval_model():
+    from ustc.models import ADAPTERS
+
+    classes = {cls.model_class: name for name, cls in BACKBONES.items()}
+    assert set(classes) == set(ADAPTERS), set(ADAPTERS) ^ set(classes)
+
+
+def test_a_backbone_without_a_manual_layout_names_what_it_needs():
+    plugin = BACKBONES["qwen3_vl_ustc"].__new__(BACKBONES["qwen3_vl_ustc"])
+    with pytest.raises(ValueError, match="needs torchvision.*qwen2_5_vl_ustc"):
+        plugin.manual_processor(None, None, "some/checkpoint")

@@ -6,6 +6,13 @@
 ``llava_onevision_ustc``    ``LlavaOnevisionForConditionalGeneration``      ``llava_onevision.py``
                             (LLaVA-OneVision, LLaVA-Video)
 ``qwen2_5_vl_ustc``         ``Qwen2_5_VLForConditionalGeneration``          ``qwen2_5_vl.py``
+``qwen2_vl_ustc``           ``Qwen2VLForConditionalGeneration``             ``more_backbones.py``
+``qwen3_vl_ustc``           ``Qwen3VLForConditionalGeneration``             ``more_backbones.py``
+``qwen3_vl_moe_ustc``       ``Qwen3VLMoeForConditionalGeneration``          ``more_backbones.py``
+``qwen3_5_ustc``            ``Qwen3_5ForConditionalGeneration``             ``more_backbones.py``
+``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``          ``more_backbones.py``
+``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``      ``more_backbones.py``
+``internvl_ustc``           ``InternVLForConditionalGeneration``            ``more_backbones.py``
 ==========================  ==============================================  =====================
 
 Registered through lmms-eval's plugin mechanism, the entry point group ``lmms_eval.models``
@@ -35,6 +42,15 @@ from ustc.lmms_eval.base import (
     register,
 )
 from ustc.lmms_eval.llava_onevision import LlavaOneVisionUSTC
+from ustc.lmms_eval.more_backbones import (
+    InternVLUSTC,
+    LlavaNextVideoUSTC,
+    Qwen2VLUSTC,
+    Qwen3_5MoeUSTC,
+    Qwen3_5USTC,
+    Qwen3VLMoeUSTC,
+    Qwen3VLUSTC,
+)
 from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
 
 
@@ -54,7 +70,14 @@ def manifests() -> list[Any]:
 
 __all__ = [
     "BACKBONES",
+    "InternVLUSTC",
+    "LlavaNextVideoUSTC",
     "LlavaOneVisionUSTC",
+    "Qwen2VLUSTC",
+    "Qwen3VLMoeUSTC",
+    "Qwen3VLUSTC",
+    "Qwen3_5MoeUSTC",
+    "Qwen3_5USTC",
     "Qwen2_5_VLUSTC",
     "USTCModel",
     "config_from_model_args",

@@ -244,8 +244,20 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
 
         Must offer ``apply_chat_template(messages, add_generation_prompt=True) -> str`` and
         ``__call__(text=str, videos=[frames]) -> dict`` of (1, n) sequences and the pixel inputs.
+        A backbone without one needs its checkpoint's processor.
         """
-        raise NotImplementedError
+        raise ValueError(
+            f"{self.name}: the checkpoint's AutoProcessor could not be built from {pretrained!r} "
+            "(it needs torchvision: pip install torchvision matching your torch), and ustc lays "
+            "the inputs out itself only for "
+            + ", ".join(
+                sorted(
+                    name
+                    for name, cls in BACKBONES.items()
+                    if cls.manual_processor is not USTCModel.manual_processor
+                )
+            )
+        )
 
     # ---------------------------------------------------------------------------- loading
 

@@ -1,0 +1,88 @@
+"""lmms-eval models of the backbones whose inputs come from their checkpoint's own processor.
+
+==========================  ==============================================
+``--model``                 transformers class
+==========================  ==============================================
+``qwen2_vl_ustc``           ``Qwen2VLForConditionalGeneration``
+``qwen3_vl_ustc``           ``Qwen3VLForConditionalGeneration``
+``qwen3_vl_moe_ustc``       ``Qwen3VLMoeForConditionalGeneration``
+``qwen3_5_ustc``            ``Qwen3_5ForConditionalGeneration``
+``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``
+``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``
+``internvl_ustc``           ``InternVLForConditionalGeneration``
+==========================  ==============================================
+
+Each is a declaration: the shared machinery of :mod:`ustc.lmms_eval.base` loads the model,
+attaches the compressor and batches the requests.  Qwen2-VL's video processor is Qwen2.5-VL's, so
+it also has the manual layout for machines without torchvision; the others need their
+``AutoProcessor`` (torchvision installed) and say so when it cannot be built.
+"""
+
+from __future__ import annotations
+
+from ustc.lmms_eval.base import USTCModel, register
+from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
+
+
+@register
+class Qwen2VLUSTC(Qwen2_5_VLUSTC):
+    """Qwen2-VL whose video tokens are compressed by ustc (Qwen2.5-VL's inputs)."""
+
+    name = "qwen2_vl_ustc"
+    model_class = "Qwen2VLForConditionalGeneration"
+    default_checkpoint = "Qwen/Qwen2-VL-7B-Instruct"
+
+
+@register
+class Qwen3VLUSTC(USTCModel):
+    """Qwen3-VL (and Qwen3-VL-MoE checkpoints) whose video tokens are compressed by ustc."""
+
+    name = "qwen3_vl_ustc"
+    model_class = "Qwen3VLForConditionalGeneration"
+    default_checkpoint = "Qwen/Qwen3-VL-8B-Instruct"
+
+
+@register
+class Qwen3VLMoeUSTC(Qwen3VLUSTC):
+    """Qwen3-VL-MoE whose video tokens are compressed by ustc."""
+
+    name = "qwen3_vl_moe_ustc"
+    model_class = "Qwen3VLMoeForConditionalGeneration"
+    default_checkpoint = "Qwen/Qwen3-VL-30B-A3B-Instruct"
+
+
+@register
+class Qwen3_5USTC(USTCModel):
+    """Qwen3.5 whose video tokens are compressed by ustc (K at a full-attention layer)."""
+
+    name = "qwen3_5_ustc"
+    model_class = "Qwen3_5ForConditionalGeneration"
+    default_checkpoint = "Qwen/Qwen3.5-9B"
+
+
+@register
+class Qwen3_5MoeUSTC(Qwen3_5USTC):
+    """Qwen3.5-MoE whose video tokens are compressed by ustc."""
+
+    name = "qwen3_5_moe_ustc"
+    model_class = "Qwen3_5MoeForConditionalGeneration"
+    default_checkpoint = "Qwen/Qwen3.5-35B-A3B"
+
+
+@register
+class LlavaNextVideoUSTC(USTCModel):
+    """LLaVA-NeXT-Video whose video tokens are compressed by ustc."""
+
+    name = "llava_next_video_ustc"
+    model_class = "LlavaNextVideoForConditionalGeneration"
+    default_checkpoint = "llava-hf/LLaVA-NeXT-Video-7B-hf"
+
+
+@register
+class InternVLUSTC(USTCModel):
+    """InternVL3 / InternVL3.5 (``-hf`` checkpoints) whose video frames are compressed by ustc."""
+
+    name = "internvl_ustc"
+    model_class = "InternVLForConditionalGeneration"
+    default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
+    default_frames = 16
