@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ustc.config import CompressionConfig
 from ustc.models.attention import vision_received_attention
 from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
-from ustc.models.sequence import placeholder_runs
+from ustc.models.sequence import placeholder_columns, placeholder_runs
 
 
 class Qwen2_5_VLHandle(Handle):
@@ -33,6 +33,12 @@ class Qwen2_5_VLHandle(Handle):
     vision_layer: index of the vision block whose attention gives Eq. (1); by default the last
     block, whose output the patch merger turns into the LLM's visual tokens.
     """
+
+    #: a video's placeholders lie in several runs (Qwen3-VL: one per frame pair, timestamps
+    #: between); Qwen2/2.5-VL write one run per video, and anything else is refused
+    video_in_runs = False
+    #: what the placeholder-count error adds about the processor's layout
+    placeholder_note = ""
 
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
         blocks = model.model.visual.blocks
@@ -120,21 +126,27 @@ class Qwen2_5_VLHandle(Handle):
                 "uses 1-D positions"
             )
         merge = self.model.config.vision_config.spatial_merge_size
-        starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
+        token = self.model.config.video_token_id
+        if self.video_in_runs:
+            columns, counts = placeholder_columns(ids, token)
+            starts, last = columns[:, 0], columns.amax(dim=1)
+        else:
+            columns = None
+            starts, counts = placeholder_runs(ids, token)
+            last = starts + torch.tensor(counts, device=starts.device) - 1
         frames, per_frame = [], []
         for (t, h, w), count in zip(grid.tolist(), counts, strict=True):
             if count != t * (h // merge) * (w // merge):
                 raise ValueError(
                     f"{count} video placeholders for a grid of {t} x {h // merge} x {w // merge} "
-                    "tokens"
+                    f"tokens{self.placeholder_note}"
                 )
             frames.append(t)
             per_frame.append((h // merge) * (w // merge))
-        ends = starts + torch.tensor(counts, device=starts.device)
         vision_end = getattr(self.model.config, "vision_end_token_id", None)
-        after = ids.gather(1, ends.clamp(max=ids.shape[1] - 1)[:, None])[:, 0]
-        trailing = int(bool((ends < ids.shape[1]).all()) and bool((after == vision_end).all()))
-        return VideoLayout(starts, frames, per_frame, trailing)
+        after = ids.gather(1, (last + 1).clamp(max=ids.shape[1] - 1)[:, None])[:, 0]
+        trailing = int(bool((last + 1 < ids.shape[1]).all()) and bool((after == vision_end).all()))
+        return VideoLayout(starts, frames, per_frame, trailing, columns=columns)
 
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device

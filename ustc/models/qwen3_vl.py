@@ -33,7 +33,6 @@ averaged over the 2 x 2 patches the merger joins.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +41,10 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
-from ustc.models.base import Group, Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.base import Group, Session, VideoLayout, clock
 from ustc.models.compat import describe, version_note
-from ustc.models.qwen2_5_vl import _segment_received_attention
-from ustc.models.sequence import column_mask, placeholder_columns, take_columns
+from ustc.models.qwen2_vl import Qwen2VLHandle
+from ustc.models.sequence import column_mask, take_columns
 from ustc.ops import group_mean
 
 
@@ -62,103 +61,21 @@ class DeepStack:
     mask: Tensor
 
 
-class Qwen3VLHandle(Handle):
+class Qwen3VLHandle(Qwen2VLHandle):
     """Adapter for ``Qwen3VLForConditionalGeneration`` and its MoE twin.
 
     vision_layer: index of the vision block whose attention gives Eq. (1); by default the last
-    block, whose output the patch merger turns into the LLM's visual tokens.
+    block, whose output the patch merger turns into the LLM's visual tokens.  Eq. (1), the grid,
+    the positions are Qwen2-VL's (``Qwen2VLHandle``: no windows); what differs is the prompt (one
+    placeholder run per frame pair, after its timestamp) and DeepStack.
     """
 
+    video_in_runs = True
+    placeholder_note = " (the processor writes one run of h*w/4 placeholders per frame pair)"
+
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
-        blocks = model.model.visual.blocks
-        if not -len(blocks) <= vision_layer < len(blocks):
-            raise ValueError(
-                f"vision_layer must be in [{-len(blocks)}, {len(blocks)}), got {vision_layer}"
-            )
-        self.vision_layer = vision_layer % len(blocks)
         self._stack: DeepStack | None = None
-        super().__init__(model, config)
-
-    # ------------------------------------------------------------------ vision (Eq. 1)
-    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        attention = self.base_model().visual.blocks[self.vision_layer].attn
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
-
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Reduce this block's attention to one score per merged token: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        cos, sin = kwargs["position_embeddings"]
-        length = hidden.shape[0]
-        qkv = module.qkv(hidden).reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3)
-        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-        q, k = rope(qkv[0], qkv[1], cos, sin)  # (S, H, d), the processor's patch order
-        scores = _segment_received_attention(q, k, cu_seqlens)  # (S,)
-        unit = self.base_model().visual.spatial_merge_unit
-        self._add_scores(scores.view(-1, unit).mean(dim=-1))  # one per 2 x 2 merger group
-        self.stats.score_seconds += clock(hidden) - t0
-
-    def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
-        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
-        if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[1] != 3:
-            raise ValueError(
-                "pixel_values_videos need video_grid_thw (one (t, h, w) row per video), got "
-                f"{getattr(grid, 'shape', grid)}"
-            )
-        return VideoCall(batch=grid.shape[0], grid=grid)
-
-    # ------------------------------------------------------------------------- layout
-    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
-        ids: Tensor = kwargs["input_ids"]
-        grid = kwargs.get("video_grid_thw")
-        rows = ids.shape[0]
-        if grid is None and video is not None:  # generate() passed it to the encoder only
-            grid = video.grid
-        if grid is not None and grid.dim() == 2 and 0 < grid.shape[0] < rows:
-            if rows % grid.shape[0] == 0:  # generate(num_return_sequences=r) repeats the prompts
-                grid = grid.repeat_interleave(rows // grid.shape[0], dim=0)
-        if grid is None or grid.dim() != 2 or grid.shape[0] != rows:
-            raise ValueError(
-                "video_grid_thw must be (B, 3) with one video per prompt row, got "
-                f"{None if grid is None else tuple(grid.shape)} for {rows} prompts"
-            )
-        if kwargs.get("mm_token_type_ids") is None:
-            raise ValueError(
-                "Qwen3-VL needs mm_token_type_ids (returned by the processor) to build the "
-                "M-RoPE positions of the video"
-            )
-        merge = self.model.config.vision_config.spatial_merge_size
-        columns, counts = placeholder_columns(ids, self.model.config.video_token_id)
-        frames, per_frame = [], []
-        for (t, h, w), count in zip(grid.tolist(), counts, strict=True):
-            if count != t * (h // merge) * (w // merge):
-                raise ValueError(
-                    f"{count} video placeholders for a grid of {t} x {h // merge} x {w // merge} "
-                    "tokens (the processor writes one run of h*w/4 placeholders per frame pair)"
-                )
-            frames.append(t)
-            per_frame.append((h // merge) * (w // merge))
-        last = columns.amax(dim=1)
-        vision_end = getattr(self.model.config, "vision_end_token_id", None)
-        after = ids.gather(1, (last + 1).clamp(max=ids.shape[1] - 1)[:, None])[:, 0]
-        trailing = int(bool((last + 1 < ids.shape[1]).all()) and bool((after == vision_end).all()))
-        return VideoLayout(columns[:, 0], frames, per_frame, trailing, columns=columns)
-
-    def decode_positions(
-        self, session: Session, length: int, batch: int, device: torch.device
-    ) -> Tensor:
-        # the model's own rule: 1-D position at the original length + the video's M-RoPE delta
-        positions = torch.arange(session.seen, session.seen + length, device=device)
-        positions = positions.view(1, 1, -1).expand(3, batch, -1)
-        deltas = self.base_model().rope_deltas
-        if deltas is None:
-            return positions
-        return positions + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        super().__init__(model, config, vision_layer)
 
     # ----------------------------------------------------------------------- DeepStack
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
