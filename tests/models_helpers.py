@@ -64,6 +64,20 @@ class VideoInputs:
         return self.video_start + torch.arange(self.frames * self.tokens_per_frame)
 
 
+def _built(cls, config, attn: str, dtype: torch.dtype):
+    """``cls(config)`` with ``attn`` in every sub-config, in ``dtype``, eval mode, and the
+    generation config the tests rely on: random configs differ from the hub ones, so greedy, no
+    eos stop, pad = 0."""
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def tiny_llava_onevision(
     attn: str = "sdpa",
     layers: int = 3,
@@ -105,15 +119,7 @@ def tiny_llava_onevision(
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
-    # random generation configs differ from the hub ones: greedy, no eos stop, pad = 0
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(LlavaOnevisionForConditionalGeneration, config, attn, dtype)
 
 
 def llava_video_inputs(
@@ -197,14 +203,7 @@ def tiny_llava_next_video(
         spatial_pool_mode="average",
         spatial_pool_stride=2,
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    model = LlavaNextVideoForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(LlavaNextVideoForConditionalGeneration, config, attn, dtype)
 
 
 def tiny_qwen2_5_vl(
@@ -252,14 +251,7 @@ def tiny_qwen2_5_vl(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
 
 
 def tiny_qwen2_vl(
@@ -307,14 +299,7 @@ def tiny_qwen2_vl(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(Qwen2VLForConditionalGeneration, config, attn, dtype)
 
 
 def qwen_video_inputs(
@@ -408,15 +393,8 @@ def tiny_qwen3_vl(
         vision_start_token_id=92,
         vision_end_token_id=93,
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-    model = cls(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(cls, config, attn, dtype)
 
 
 def tiny_internvl(
@@ -461,14 +439,7 @@ def tiny_internvl(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    model = InternVLForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(InternVLForConditionalGeneration, config, attn, dtype)
 
 
 def tiny_qwen3_5(
@@ -529,15 +500,8 @@ def tiny_qwen3_5(
         vision_start_token_id=92,
         vision_end_token_id=93,
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
     cls = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
-    model = cls(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(cls, config, attn, dtype)
 
 
 def qwen3_video_inputs(
