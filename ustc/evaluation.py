@@ -27,6 +27,7 @@ also loads one by import path without registering it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -112,6 +113,13 @@ class Benchmark(ABC):
     @abstractmethod
     def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
         """Score ``config``.  May load (and cache) the model on first use."""
+
+    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult | None:
+        """Scores of a selection that keeps the tokens each question's evidence is in, within
+        the budget of ``retention``: whether that budget can hold the evidence at all.  Only a
+        benchmark that knows where its evidence is (the lab's generator does) can say; None
+        elsewhere."""
+        return None
 
     def spec(self) -> dict[str, Any]:
         """Name and constructor values: what identifies this benchmark in the results store."""
@@ -283,21 +291,46 @@ class LabBenchmark(Benchmark):
             model=self._load(),
             data=self._samples(),
         )
-        return BenchmarkResult(
-            scores={k: float(v) for k, v in out.per_family.items()},
-            n=int(out.n),
-            tokens=_numbers(out.tokens),
-            timings=_numbers(out.timings),
-            # the letter chosen for every question: what a reproducibility check compares
-            details={
-                "overall": float(out.overall),
-                "answers": "".join("ABCD"[a] for a in out.answers),
-            },
+        return _lab_result(out)
+
+    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult:
+        from ustc.lab.evaluate import evaluate as lab_evaluate
+        from ustc.lab.evaluate import oracle_selector
+
+        out = lab_evaluate(
+            None,
+            progress=progress,
+            model=self._load(),
+            data=self._samples(),
+            selector=oracle_selector(retention),
         )
+        return _lab_result(out)
+
+    def spec(self) -> dict[str, Any]:
+        """Split, limit, folder and a digest of the weights: retrained weights in the same folder
+        are another benchmark, so the results store never serves the old model's scores."""
+        path = self._folder() / "model.safetensors"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+        return {**super().spec(), "weights": digest}
 
     @property
     def columns(self) -> tuple[str, ...]:
         return tuple(self._import("ustc.lab.scenes").FAMILIES)
+
+
+def _lab_result(out: Any) -> BenchmarkResult:
+    """A :class:`ustc.lab.EvalResult` as the benchmark's result."""
+    return BenchmarkResult(
+        scores={k: float(v) for k, v in out.per_family.items()},
+        n=int(out.n),
+        tokens=_numbers(out.tokens),
+        timings=_numbers(out.timings),
+        # the letter chosen for every question: what a reproducibility check compares
+        details={
+            "overall": float(out.overall),
+            "answers": "".join("ABCD"[a] for a in out.answers),
+        },
+    )
 
 
 def _numbers(values: Any) -> dict[str, float]:
