@@ -265,6 +265,7 @@ SCHEDULE = (
     "seed",
     "subset_steps",
     "subset_lr",
+    "subset_share",
 )
 CHECKPOINT = "checkpoint.pt"
 
@@ -344,16 +345,20 @@ class _Trainer:
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
 
-    def subset(self, step: int, objects: np.ndarray) -> torch.Tensor:
+    def subset(self, step: int, objects: np.ndarray) -> torch.Tensor | None:
         """The visual tokens phase 2 shows at ``step``.  One budget per step,
         F*clamp(round(r*P), 1, P) with r log-uniform in [1 %, 100 %]; each video's tokens drawn
         without replacement with weights favouring the tokens that show an object by a factor
         log-uniform in [1, 1000] (1: uniformly random tokens; 1000: nearly every object token
         first).  A function of ``step`` and the scenes only, never of a method's choice.
 
-        objects: (B, N) bool, the tokens that show an object.  Returns (B, M) ascending.
+        A share ``1 - --subset-share`` of the steps shows the whole videos instead (None), so
+        that phase 2 does not unlearn them.  objects: (B, N) bool, the tokens that show an
+        object.  Returns (B, M) ascending, or None.
         """
         rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
+        if rng.uniform() >= self.args.subset_share:  # this step shows the whole videos
+            return None
         retention = float(np.exp(rng.uniform(np.log(0.01), 0.0)))
         shape = self.shape
         m = CompressionConfig(retention=retention, merger="none").budget(
@@ -377,7 +382,7 @@ class _Trainer:
         answer, probe, guide, acc = _loss(
             self.model, self.probe, self.tokenizer, batch, self.shape, keep
         )
-        aux = guide if phase_two else probe + guide
+        aux = guide if phase_two else probe + guide  # phase 2 trains no probe
         loss = answer + args.aux_weight * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -539,6 +544,12 @@ def parser() -> argparse.ArgumentParser:
         help="phase 2 after --steps: steps on random token subsets (0: none)",
     )
     p.add_argument("--subset-lr", type=float, default=5e-4, help="peak learning rate of phase 2")
+    p.add_argument(
+        "--subset-share",
+        type=float,
+        default=0.5,
+        help="share of phase-2 steps on token subsets (the others show whole videos)",
+    )
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument(
