@@ -328,7 +328,7 @@ def test_shared_prefix_training_loss_equals_full_prompts():
     tok = build_tokenizer()
     batch = train._batch(0, 2, 3, shape)
     with torch.no_grad():
-        answer, aux, _ = train._loss(model, probe, tok, batch, shape)
+        answer, aux, _, _ = train._loss(model, probe, tok, batch, shape)
         flat = [q for qs in batch["questions"] for q in qs]
         ids = encode_prompts(tok, flat, shape.video_tokens)
         px = pixel_values(batch["frames"]).repeat_interleave(3, 0)
@@ -339,6 +339,60 @@ def test_shared_prefix_training_loss_equals_full_prompts():
             losses.append(torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([target])))
     assert float(answer) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
     assert float(aux) > 0
+
+
+def test_a_subset_of_every_token_is_the_whole_video_and_positions_stay():
+    """Phase 2's token subsets keep their original positions: keeping every token gives the
+    whole video's losses, and a subset's answer loss equals a full forward of the prompt with
+    only those tokens at their original positions."""
+    from ustc.lab import train
+
+    shape = LabShape()
+    model = build_model(seed=3)
+    probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+    tok = build_tokenizer()
+    batch = train._batch(5, 2, 1, shape)
+    n = shape.frames * shape.tokens_per_frame
+    with torch.no_grad():
+        whole = train._loss(model, probe, tok, batch, shape)
+        every = train._loss(model, probe, tok, batch, shape, torch.arange(n).expand(2, -1))
+        keep = (
+            torch.stack(
+                [
+                    torch.randperm(n, generator=torch.Generator().manual_seed(i))[:16]
+                    for i in range(2)
+                ]
+            )
+            .sort(1)
+            .values
+        )
+        sparse = train._loss(model, probe, tok, batch, shape, keep)
+        ids = encode_prompts(tok, [qs[0] for qs in batch["questions"]], shape.video_tokens)
+        px = pixel_values(batch["frames"])
+        feats = model.model.get_video_features(
+            pixel_values_videos=px, vision_feature_layer=-1, vision_feature_select_strategy="full"
+        ).pooler_output
+        losses = []
+        for i, x in enumerate(ids):
+            first = x.index(VIDEO_TOKEN_ID)
+            kept = torch.cat([keep[i], torch.tensor([n])])
+            embed = model.model.get_input_embeddings()
+            embeds = torch.cat(
+                [
+                    embed(torch.tensor(x[:first])),
+                    feats[i, kept],
+                    embed(torch.tensor(x[first + n + 1 :])),
+                ]
+            )[None]
+            positions = torch.cat(
+                [torch.arange(first), first + kept, torch.arange(first + n + 1, len(x))]
+            )[None]
+            logits = model(inputs_embeds=embeds, position_ids=positions).logits[0, -1:]
+            target = tok.convert_tokens_to_ids(batch["questions"][i][0].letter)
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([target])))
+    for a, b in zip(whole[:3], every[:3], strict=True):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    assert float(sparse[0]) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
 
 
 def test_attention_supervision_matches_eager_attention():
