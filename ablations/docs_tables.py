@@ -370,12 +370,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.table and args.table not in TABLES:
         parser.error(f"unknown table {args.table!r}; known: {', '.join(TABLES)}")
     chosen = [t for t in TABLES.values() if t.available()] if args.all else [TABLES[args.table]]
-    try:
-        for table in chosen:
+    failed: list[str] = []
+    for table in chosen:  # each table on its own: one that fails leaves the others written
+        try:
             output = regenerate(table, args.store, args.write, args.limit)
-            print(f"{table.name} ({table.page}):\n\n{output.markdown}\n", flush=True)
-    except ValueError as exc:
-        parser.error(str(exc))
+        except Exception as exc:
+            if not args.all:
+                if isinstance(exc, ValueError):
+                    parser.error(str(exc))
+                raise
+            failed.append(f"{table.name}: {type(exc).__name__}: {exc}")
+            print(f"{table.name} ({table.page}) FAILED: {exc}\n", file=sys.stderr, flush=True)
+            continue
+        print(f"{table.name} ({table.page}):\n\n{output.markdown}\n", flush=True)
+    if failed:
+        parser.exit(1, "tables not regenerated:\n  " + "\n  ".join(failed) + "\n")
 
 
 if __name__ == "__main__":

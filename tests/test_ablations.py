@@ -879,3 +879,23 @@ def test_the_papers_figure_is_found_only_for_a_setting_it_prints() -> None:
     assert paper_figure(CompressionConfig(retention=0.05, merger="none")) is None
     assert paper_figure(CompressionConfig(retention=0.02, merger="none", k=7)) is None
     assert paper_figure(CompressionConfig(retention=0.02, method="visionzip")) is None
+
+
+def test_the_lab_benchmark_is_identified_by_its_weights(tmp_path: Path) -> None:
+    """Retrained weights in the same folder are another benchmark in the results store."""
+    import shutil
+
+    from ustc.evaluation import LabBenchmark
+    from ustc.lab.model import weights_path
+
+    folder = tmp_path / "weights"
+    shutil.copytree(weights_path(), folder)
+    before = LabBenchmark(model=str(folder)).spec()
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    after = LabBenchmark(model=str(folder)).spec()
+    assert before["weights"] != after["weights"]
+    assert {k: v for k, v in before.items() if k != "weights"} == {
+        k: v for k, v in after.items() if k != "weights"
+    }

@@ -85,3 +85,27 @@ def test_a_published_table_matches_its_command_on_the_reduced_set(
     assert fresh == committed.read_text(), (
         f"{table.page}'s table {name} is no longer what its command gives: run {table.command}"
     )
+
+
+def test_all_goes_on_past_a_failing_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--all regenerates every table it can and names the ones that failed, exiting 1."""
+
+    def broken(limit: int | None, store: str) -> docs_tables.Output:
+        raise RuntimeError("the lab weights are missing")
+
+    def fine(limit: int | None, store: str) -> docs_tables.Output:
+        return docs_tables.Output("| fine table |")
+
+    tables = {
+        "first": docs_tables.DocTable("first", "docs/lab.md", "a failing table", broken),
+        "second": docs_tables.DocTable("second", "docs/lab.md", "a table", fine),
+    }
+    monkeypatch.setattr(docs_tables, "TABLES", tables)
+    with pytest.raises(SystemExit) as exit_info:
+        docs_tables.main(["--all"])
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert "| fine table |" in out
+    assert "first: RuntimeError: the lab weights are missing" in err

@@ -27,6 +27,7 @@ also loads one by import path without registering it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -294,6 +295,13 @@ class LabBenchmark(Benchmark):
                 "answers": "".join("ABCD"[a] for a in out.answers),
             },
         )
+
+    def spec(self) -> dict[str, Any]:
+        """Split, limit, folder and a digest of the weights: retrained weights in the same folder
+        are another benchmark, so the results store never serves the old model's scores."""
+        path = self._folder() / "model.safetensors"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+        return {**super().spec(), "weights": digest}
 
     @property
     def columns(self) -> tuple[str, ...]:
