@@ -394,5 +394,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if failed:
         parser.exit(1, "tables not regenerated:\n  " + "\n  ".join(failed) + "\n")
 
+
 if __name__ == "__main__":
     main()
