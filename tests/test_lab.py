@@ -395,6 +395,40 @@ def test_a_subset_of_every_token_is_the_whole_video_and_positions_stay():
     assert float(sparse[0]) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
 
 
+def test_phase_three_subsets_are_low_budget_and_object_balanced():
+    """Phase 3 shows 1-10 % budgets (or, on a fifth of its steps, whole videos), and its
+    object-balanced draw visits every object once before any object twice."""
+    from ustc.lab import train
+
+    shape = LabShape()
+    args = train.parser().parse_args(["--out", "x", "--steps", "10", "--subset-steps", "10"])
+    trainer = train._Trainer.build(args)
+    assert [trainer.phase(s) for s in (9, 10, 19, 20, 10**6)] == [1, 2, 2, 3, 3]
+    n = shape.frames * shape.tokens_per_frame
+    sizes, whole = [], 0
+    for step in range(20, 60):
+        objects = train._batch(step, 2, 1, shape)["objects"]
+        keep = trainer.subset(step, objects)
+        if keep is None:
+            whole += 1
+            continue
+        assert keep.shape[0] == 2 and (keep.diff(dim=1) > 0).all() and int(keep.max()) < n
+        sizes.append(keep.shape[1])
+    assert 0 < whole < 20 and min(sizes) >= shape.frames and max(sizes) <= 10 * shape.frames
+
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        shown = train._shown(scenes.make_sample("train", index, keep_scene=True).scene)
+        order = train._round_robin(rng, shown, shape.frames)
+        assert len(set(order.tolist())) == len(order) and shown.any(0)[order].all()
+        owners = [set(np.flatnonzero(shown[:, t]).tolist()) for t in order]
+        frames_shown = shown.reshape(len(shown), shape.frames, -1).any(-1).sum(1)
+        for i in range(len(shown)):  # each object once per frame it shows in, at most
+            assert sum(i in o for o in owners) >= frames_shown[i]
+        first = set().union(*owners[: len(shown)])
+        assert first == set(range(len(shown)))  # the first round shows every object
+
+
 def test_attention_supervision_matches_eager_attention():
     """The "learn to look" loss is -log of head 0's attention mass on the evidence tokens, from the
     answer position of the last layer, renormalised over the visual tokens: compare it with the
@@ -444,6 +478,7 @@ def test_attention_supervision_matches_eager_attention():
 
 def _train_argv(out: Path, *extra: str) -> list[str]:
     small = ["--batch", "2", "--questions", "2", "--val-limit", "6", "--test-limit", "6"]
+    small += ["--subset-steps", "0", "--sparse-steps", "0"]  # a test names the phases it runs
     return ["--out", str(out), *small, "--threads", "1", "--log-every", "1", *extra]
 
 
@@ -460,15 +495,19 @@ def test_training_smoke_writes_loadable_weights(tmp_path):
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
-    """--stop then --resume gives the same weights, log and curve as one run of the schedule."""
+    """--stop then --resume gives the same weights, log and curve as one run of the schedule,
+    stopped inside phase 1, inside phase 2 and at the start of phase 3."""
     from safetensors.torch import load_file
 
     from ustc.lab import train
 
-    schedule = ["--steps", "4", "--eval-every", "2"]
+    schedule = ["--steps", "2", "--eval-every", "1"]
+    schedule += ["--subset-steps", "3", "--sparse-steps", "2"]  # after _train_argv's zeros
     train.main(_train_argv(tmp_path / "straight", *schedule))
-    train.main(_train_argv(tmp_path / "split", *schedule, "--stop", "2"))
+    train.main(_train_argv(tmp_path / "split", *schedule, "--stop", "1"))
     assert (tmp_path / "split" / train.CHECKPOINT).is_file()
+    for stop in ("3", "5"):
+        train.main(_train_argv(tmp_path / "split", *schedule, "--stop", stop, "--resume"))
     train.main(_train_argv(tmp_path / "split", *schedule, "--resume"))
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "split" / "model.safetensors")
@@ -476,7 +515,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     straight, split = (
         json.loads((tmp_path / d / "lab.json").read_text()) for d in ("straight", "split")
     )
-    assert split["log"] == straight["log"] and split["resumed_at"] == [2]
+    assert split["log"] == straight["log"] and split["resumed_at"] == [1, 3, 5]
     assert [p["val"] for p in split["curve"]] == [p["val"] for p in straight["curve"]]
     assert split["test"] == {**straight["test"], "seconds": split["test"]["seconds"]}
 

@@ -15,6 +15,13 @@ thrown away after training, on the visual tokens entering the LLM: which colours
 8 x 8 px token shows (the per-token labels the renderer knows).  The probe only speeds up
 learning to see; the shipped model is a plain ``LlavaOnevisionForConditionalGeneration``.
 
+That is phase 1 (``--steps``).  A model trained on whole videos only cannot read the few tokens a
+compressor leaves it, so two more phases show it token subsets at their original positions, with
+a fresh optimiser and no probe: phase 2 (``--subset-steps``) mixes whole videos with subsets of
+every budget from 1 % to 100 %, phase 3 (``--sparse-steps``) concentrates on budgets of 1-10 %
+with object-balanced subsets (``_Trainer.subset``).  The subsets depend on the step and the
+scene, never on the question or on any method's choice.
+
 Writes ``model.safetensors`` and ``config.json`` (``save_pretrained``) and ``lab.json`` (settings,
 the loss log, the validation curve, final validation and test accuracy, time and machine) to
 ``--out``.  Every ``--eval-every`` steps it also writes ``checkpoint.pt`` (model, probe, optimiser,
@@ -58,6 +65,24 @@ def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
     return (cover >= min_cover).reshape(len(cover), -1)
 
 
+def _round_robin(rng: np.random.Generator, shown: np.ndarray, frames: int) -> np.ndarray:
+    """One token per (object, frame) in which the object shows, picked at random among its
+    tokens there; objects in random order, each object's frames in random order, round-robin."""
+    per_frame = shown.shape[1] // frames
+    by_frame = shown.reshape(len(shown), frames, per_frame)
+    visits = [rng.permutation(np.flatnonzero(o.any(-1))) for o in by_frame]
+    taken: list[int] = []
+    for round_ in range(frames):
+        for i in rng.permutation(len(shown)):
+            if round_ < len(visits[i]):
+                t = visits[i][round_]
+                cells = np.flatnonzero(by_frame[i, t])
+                token = t * per_frame + int(cells[rng.integers(len(cells))])
+                if token not in taken:
+                    taken.append(token)
+    return np.array(taken, dtype=np.int64)
+
+
 def _evidence(
     scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None
 ) -> np.ndarray:
@@ -88,7 +113,7 @@ def _batch(
     for s, qs in zip(data, asked, strict=True):
         shown = _shown(s.scene)  # type: ignore[arg-type]
         evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
-        objects.append(shown.any(0))
+        objects.append(shown)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
     colours = torch.from_numpy(np.stack([c for c, _ in labels]))
     shapes = torch.from_numpy(np.stack([s for _, s in labels]))
@@ -98,7 +123,7 @@ def _batch(
         "aux": torch.cat([colours, shapes], -1).flatten(1, 2),  # (B, N, 12)
         "open": open_ended,
         "evidence": torch.stack(evidence),  # (B * questions, N) bool
-        "objects": np.stack(objects),  # (B, N) bool: the token shows an object
+        "objects": objects,  # B x (n_objects, N) bool: the tokens that show each object
     }
 
 
@@ -266,6 +291,8 @@ SCHEDULE = (
     "subset_steps",
     "subset_lr",
     "subset_share",
+    "sparse_steps",
+    "sparse_lr",
 )
 CHECKPOINT = "checkpoint.pt"
 
@@ -329,37 +356,62 @@ class _Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return cls(args, shape, build_tokenizer(), model, probe, opt, sched)
 
-    def start_subsets(self) -> None:
-        """Phase 2: a fresh AdamW over the model alone (the probe is not trained any more) at
-        ``--subset-lr``, 20 warm-up steps, cosine to 10 % over ``--subset-steps``."""
+    def phase(self, step: int) -> int:
+        """1: whole videos with the probe; 2: mixed token subsets (``--subset-steps``);
+        3: low-budget subsets (``--sparse-steps``)."""
         args = self.args
+        if step < args.steps:
+            return 1
+        return 2 if step < args.steps + args.subset_steps else 3
+
+    def start_phase(self, phase: int) -> None:
+        """Phases 2 and 3 each start a fresh AdamW over the model alone (the probe is not
+        trained any more) at their peak rate, 20 warm-up steps, cosine to 10 % of it."""
+        args = self.args
+        steps, lr = (
+            (args.subset_steps, args.subset_lr) if phase == 2 else (args.sparse_steps, args.sparse_lr)
+        )
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=args.subset_lr, betas=(0.9, 0.98), weight_decay=0.01
+            self.model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01
         )
 
         def lr_at(step: int) -> float:
             if step < 20:
                 return (step + 1) / 20
-            frac = (step - 20) / max(1, args.subset_steps - 20)
+            frac = (step - 20) / max(1, steps - 20)
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
 
-    def subset(self, step: int, objects: np.ndarray) -> torch.Tensor | None:
-        """The visual tokens phase 2 shows at ``step``.  One budget per step,
-        F*clamp(round(r*P), 1, P) with r log-uniform in [1 %, 100 %]; each video's tokens drawn
-        without replacement with weights favouring the tokens that show an object by a factor
-        log-uniform in [1, 1000] (1: uniformly random tokens; 1000: nearly every object token
-        first).  A function of ``step`` and the scenes only, never of a method's choice.
+    def subset(self, step: int, objects: list[np.ndarray]) -> torch.Tensor | None:
+        """The visual tokens phases 2 and 3 show at ``step``: (B, M) ascending, or None for the
+        whole videos.  objects: B x (n_objects, N) bool, the tokens that show each object.  A
+        function of ``step`` and the scenes only, never of the question or of a method's choice.
 
-        A share ``1 - --subset-share`` of the steps shows the whole videos instead (None), so
-        that phase 2 does not unlearn them.  objects: (B, N) bool, the tokens that show an
-        object.  Returns (B, M) ascending, or None.
+        Phase 2: a share ``1 - --subset-share`` of the steps shows the whole videos, so that the
+        model does not unlearn them; the others one budget F*clamp(round(r*P), 1, P), r
+        log-uniform in [1 %, 100 %], each video's tokens drawn without replacement with weights
+        favouring the tokens that show an object by a factor log-uniform in [1, 1000] (1:
+        uniformly random tokens; 1000: nearly every object token first).
+
+        Phase 3: a fifth of the steps whole videos; the others r log-uniform in [1 %, 10 %], and
+        per video with even odds either phase 2's draw or an object-balanced one: one token per
+        (object, frame), objects and frames in random order and taken round-robin so that every
+        object is seen in as many frames as the budget allows, the rest uniformly random.  This
+        is the shape of the evidence a good selection keeps at ultra-low retention, with nothing
+        of the question in it.
         """
-        rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
-        if rng.uniform() >= self.args.subset_share:  # this step shows the whole videos
-            return None
-        retention = float(np.exp(rng.uniform(np.log(0.01), 0.0)))
+        if self.phase(step) == 2:
+            rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
+            if rng.uniform() >= self.args.subset_share:
+                return None
+            high, balanced = 1.0, 0.0
+        else:
+            rng = np.random.default_rng([scenes.LAB_SEED, 9, step])
+            if rng.uniform() < 0.2:
+                return None
+            high, balanced = 0.1, 0.5
+        retention = float(np.exp(rng.uniform(np.log(0.01), np.log(high))))
         shape = self.shape
         m = CompressionConfig(retention=retention, merger="none").budget(
             shape.frames, shape.tokens_per_frame
@@ -367,16 +419,22 @@ class _Trainer:
         rows = []
         for shown in objects:
             favour = float(np.exp(rng.uniform(0.0, np.log(1000.0))))
-            weight = np.where(shown, favour, 1.0)
+            weight = np.where(shown.any(0), favour, 1.0)
             gumbel = np.log(weight) - np.log(-np.log(rng.uniform(size=weight.shape)))
-            rows.append(np.sort(np.argsort(-gumbel, kind="stable")[:m]))
+            order = np.argsort(-gumbel, kind="stable")
+            if balanced and rng.uniform() < balanced:
+                first = _round_robin(rng, shown, shape.frames)
+                rest = order[~np.isin(order, first)]
+                rest = rest[np.argsort(rng.uniform(size=len(rest)), kind="stable")]
+                order = np.concatenate([first, rest])
+            rows.append(np.sort(order[:m]))
         return torch.from_numpy(np.stack(rows))
 
     def step(self, step: int) -> dict[str, float]:
         """One optimiser step on the videos of ``step``; the answer and auxiliary losses.  Steps
-        from ``--steps`` on are phase 2: random token subsets, no probe."""
+        from ``--steps`` on show token subsets and train no probe."""
         args = self.args
-        phase_two = step >= args.steps
+        phase_two = self.phase(step) > 1
         batch = _batch(step, args.batch, args.questions, self.shape, args.open_ratio)
         keep = self.subset(step, batch["objects"]) if phase_two else None
         answer, probe, guide, acc = _loss(
@@ -409,7 +467,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     resumed = _load_checkpoint(out, args) if args.resume else None
     trainer = _Trainer.build(args)
     model, probe, shape = trainer.model, trainer.probe, trainer.shape
-    total = args.steps + args.subset_steps
+    total = args.steps + args.subset_steps + args.sparse_steps
     first, curve, log, before, resumed_at = 0, [], [], 0.0, []
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -417,8 +475,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             probe.load_state_dict(resumed["probe"])
             trainer.opt.load_state_dict(resumed["opt"])
             trainer.sched.load_state_dict(resumed["sched"])
-        elif resumed["step"] > args.steps:  # inside phase 2
-            trainer.start_subsets()
+        elif trainer.phase(resumed["step"] - 1) == trainer.phase(resumed["step"]):
+            trainer.start_phase(trainer.phase(resumed["step"]))  # inside phase 2 or 3
             trainer.opt.load_state_dict(resumed["opt"])
             trainer.sched.load_state_dict(resumed["sched"])
         torch.set_rng_state(resumed["rng"])
@@ -432,8 +490,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
     stop = total if args.stop is None else min(args.stop, total)
     for step in range(first, stop):
-        if step == args.steps:
-            trainer.start_subsets()
+        if step >= args.steps and trainer.phase(step) != trainer.phase(step - 1):
+            trainer.start_phase(trainer.phase(step))
         losses = trainer.step(step)
         for key, value in losses.items():
             run[key] += value
@@ -527,7 +585,7 @@ def parser() -> argparse.ArgumentParser:
         "--stop",
         type=int,
         default=None,
-        help="stop after this many steps of the --steps schedule (default: all)",
+        help="stop after this many steps of the whole schedule, all phases (default: all)",
     )
     p.add_argument("--batch", type=int, default=12, help="videos per step")
     p.add_argument(
@@ -540,16 +598,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--subset-steps",
         type=int,
-        default=800,
+        default=2000,
         help="phase 2 after --steps: steps on random token subsets (0: none)",
     )
     p.add_argument("--subset-lr", type=float, default=5e-4, help="peak learning rate of phase 2")
     p.add_argument(
         "--subset-share",
         type=float,
-        default=0.5,
+        default=0.7,
         help="share of phase-2 steps on token subsets (the others show whole videos)",
     )
+    p.add_argument(
+        "--sparse-steps",
+        type=int,
+        default=3000,
+        help="phase 3 after phase 2: steps on low-budget (1-10 %%) token subsets (0: none)",
+    )
+    p.add_argument("--sparse-lr", type=float, default=5e-4, help="peak learning rate of phase 3")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument(
