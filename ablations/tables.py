@@ -216,6 +216,7 @@ NOT_IN_PAPER = ("sk",)
 
 def _paper_settings() -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
     """(label, config fields, printed row) of every setting the paper prints a row for."""
+    from ablations.run import MODULE_ROWS  # run.py imports this module lazily: no cycle
     from ustc.presets import TABLE5_ROWS
 
     out: list[tuple[str, dict[str, Any], tuple[float, ...]]] = [
@@ -227,18 +228,7 @@ def _paper_settings() -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
             TABLES["table5"].paper["attn+sim+cluster"],
         ),
     ]
-    marks = {
-        v: k
-        for k, v in {
-            "attn": (True, False, False),
-            "sim": (False, True, False),
-            "cluster": (False, False, True),
-            "attn+sim": (True, True, False),
-            "attn+cluster": (True, False, True),
-            "sim+cluster": (False, True, True),
-            "attn+sim+cluster": (True, True, True),
-        }.items()
-    }
+    marks = {v: k for k, v in MODULE_ROWS.items()}
     t5 = TABLES["table5"]
     for row_marks, config in TABLE5_ROWS.items():
         value = marks[row_marks]
