@@ -418,13 +418,20 @@ def test_phase_three_subsets_are_low_budget_and_object_balanced():
 
     rng = np.random.default_rng(0)
     for index in range(12):
-        shown = train._shown(scenes.make_sample("train", index, keep_scene=True).scene)
-        order = train._round_robin(rng, shown, shape.frames)
+        sample = scenes.make_sample("train", index, keep_scene=True)
+        cover = scenes.token_cover(sample.scene)
+        cover = cover.reshape(len(cover), -1)
+        shown = cover >= 0.1
+        order = train._round_robin(rng, cover, shape.frames)
         assert len(set(order.tolist())) == len(order) and shown.any(0)[order].all()
         owners = [set(np.flatnonzero(shown[:, t]).tolist()) for t in order]
         frames_shown = shown.reshape(len(shown), shape.frames, -1).any(-1).sum(1)
-        for i in range(len(shown)):  # each object once per frame it shows in, at most
+        for i in range(len(shown)):  # each object in every frame it shows in
             assert sum(i in o for o in owners) >= frames_shown[i]
+        for i, obj in enumerate(sample.scene.objects):  # a still object: its centre token
+            if not obj.moves():
+                cells = {int(t) % shape.tokens_per_frame for t in order if cover[i, t] >= 0.5}
+                assert len(cells) == 1
         first = set().union(*owners[: len(shown)])
         assert first == set(range(len(shown)))  # the first round shows every object
 
@@ -518,6 +525,23 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     assert split["log"] == straight["log"] and split["resumed_at"] == [1, 3, 5]
     assert [p["val"] for p in split["curve"]] == [p["val"] for p in straight["curve"]]
     assert split["test"] == {**straight["test"], "seconds": split["test"]["seconds"]}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--steps", "0", "--steps must be >= 1"),
+        ("--subset-steps", "-1", "--subset-steps must be >= 0"),
+        ("--sparse-steps", "-5", "--sparse-steps must be >= 0"),
+        ("--subset-share", "1.5", r"--subset-share must be in \[0, 1\]"),
+    ],
+)
+def test_bad_training_arguments_raise_before_any_work(tmp_path, flag, value, message):
+    from ustc.lab import train
+
+    with pytest.raises(ValueError, match=message):
+        train.main(_train_argv(tmp_path, flag, value))
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_refuses_another_schedule_or_a_missing_checkpoint(tmp_path):

@@ -65,19 +65,21 @@ def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
     return (cover >= min_cover).reshape(len(cover), -1)
 
 
-def _round_robin(rng: np.random.Generator, shown: np.ndarray, frames: int) -> np.ndarray:
-    """One token per (object, frame) in which the object shows, picked at random among its
-    tokens there; objects in random order, each object's frames in random order, round-robin."""
-    per_frame = shown.shape[1] // frames
-    by_frame = shown.reshape(len(shown), frames, per_frame)
-    visits = [rng.permutation(np.flatnonzero(o.any(-1))) for o in by_frame]
+def _round_robin(
+    rng: np.random.Generator, cover: np.ndarray, frames: int, min_cover: float = 0.1
+) -> np.ndarray:
+    """One token per (object, frame) in which the object shows, the one it covers most (its
+    centre: the same token in every frame while the object stands still); objects in random
+    order, each object's frames in random order, taken round-robin.  cover: (n_objects, N)."""
+    per_frame = cover.shape[1] // frames
+    by_frame = cover.reshape(len(cover), frames, per_frame)
+    visits = [rng.permutation(np.flatnonzero(o.max(-1) >= min_cover)) for o in by_frame]
     taken: list[int] = []
     for round_ in range(frames):
-        for i in rng.permutation(len(shown)):
+        for i in rng.permutation(len(cover)):
             if round_ < len(visits[i]):
                 t = visits[i][round_]
-                cells = np.flatnonzero(by_frame[i, t])
-                token = t * per_frame + int(cells[rng.integers(len(cells))])
+                token = t * per_frame + int(np.argmax(by_frame[i, t]))
                 if token not in taken:
                     taken.append(token)
     return np.array(taken, dtype=np.int64)
@@ -111,9 +113,11 @@ def _batch(
     open_ended = (rng.random(batch * questions) < open_ratio).tolist()
     evidence, objects = [], []
     for s, qs in zip(data, asked, strict=True):
-        shown = _shown(s.scene)  # type: ignore[arg-type]
+        cover = scenes.token_cover(s.scene)  # type: ignore[arg-type]
+        cover = cover.reshape(len(cover), -1)
+        shown = cover >= 0.1
         evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
-        objects.append(shown)
+        objects.append(cover)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
     colours = torch.from_numpy(np.stack([c for c, _ in labels]))
     shapes = torch.from_numpy(np.stack([s for _, s in labels]))
@@ -123,7 +127,7 @@ def _batch(
         "aux": torch.cat([colours, shapes], -1).flatten(1, 2),  # (B, N, 12)
         "open": open_ended,
         "evidence": torch.stack(evidence),  # (B * questions, N) bool
-        "objects": objects,  # B x (n_objects, N) bool: the tokens that show each object
+        "objects": objects,  # B x (n_objects, N): how much of each token every object covers
     }
 
 
@@ -385,7 +389,8 @@ class _Trainer:
 
     def subset(self, step: int, objects: list[np.ndarray]) -> torch.Tensor | None:
         """The visual tokens phases 2 and 3 show at ``step``: (B, M) ascending, or None for the
-        whole videos.  objects: B x (n_objects, N) bool, the tokens that show each object.  A
+        whole videos.  objects: B x (n_objects, N), how much of each token every object covers
+        (a token shows an object from 10 % on).  A
         function of ``step`` and the scenes only, never of the question or of a method's choice.
 
         Phase 2: a share ``1 - --subset-share`` of the steps shows the whole videos, so that the
@@ -396,8 +401,9 @@ class _Trainer:
 
         Phase 3: a fifth of the steps whole videos; the others r log-uniform in [1 %, 10 %], and
         per video with even odds either phase 2's draw or an object-balanced one: one token per
-        (object, frame), objects and frames in random order and taken round-robin so that every
-        object is seen in as many frames as the budget allows, the rest uniformly random.  This
+        (object, frame), the token the object covers most, objects and frames in random order and
+        taken round-robin so that every object is seen in as many frames as the budget allows,
+        the rest uniformly random.  This
         is the shape of the evidence a good selection keeps at ultra-low retention, with nothing
         of the question in it.
         """
@@ -417,13 +423,14 @@ class _Trainer:
             shape.frames, shape.tokens_per_frame
         )
         rows = []
-        for shown in objects:
+        for cover in objects:
+            shown = cover >= 0.1
             favour = float(np.exp(rng.uniform(0.0, np.log(1000.0))))
             weight = np.where(shown.any(0), favour, 1.0)
             gumbel = np.log(weight) - np.log(-np.log(rng.uniform(size=weight.shape)))
             order = np.argsort(-gumbel, kind="stable")
             if balanced and rng.uniform() < balanced:
-                first = _round_robin(rng, shown, shape.frames)
+                first = _round_robin(rng, cover, shape.frames)
                 rest = order[~np.isin(order, first)]
                 rest = rest[np.argsort(rng.uniform(size=len(rest)), kind="stable")]
                 order = np.concatenate([first, rest])
@@ -652,6 +659,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "batch", "questions", "threads", "val_limit", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("subset_steps", "sparse_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.subset_share <= 1.0:
+        raise ValueError(f"--subset-share must be in [0, 1], got {args.subset_share}")
     train(args)
 
 
