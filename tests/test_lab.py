@@ -580,6 +580,18 @@ def test_shipped_weights_meet_the_labs_acceptance():
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
+def test_the_trainers_defaults_are_the_shipped_schedule():
+    """``python -m ustc.lab.train --out ustc/lab/weights`` runs the recorded schedule."""
+    from ustc.lab import train
+
+    defaults = train.parser().parse_args(["--out", "x"])
+    recorded = lab.training_record()["settings"]
+    assert {k: getattr(defaults, k) for k in train.SCHEDULE} == {
+        k: recorded[k] for k in train.SCHEDULE
+    }
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
 def test_training_from_scratch_follows_the_shipped_run():
     """The reduced retraining check: the first logged stretch of the recorded schedule, retrained
     from scratch, has the shipped run's losses (training is deterministic for a thread count)."""

@@ -618,7 +618,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparse-steps",
         type=int,
-        default=3000,
+        default=2000,
         help="phase 3 after phase 2: steps on low-budget (1-10 %%) token subsets (0: none)",
     )
     p.add_argument("--sparse-lr", type=float, default=5e-4, help="peak learning rate of phase 3")
