@@ -21,6 +21,10 @@ HoliTom        method ``holitom`` + merger ``last-token`` at the         r/(r/2)
                paper's K = 18, R = 50 %
 Ours (w/o M)   the paper's method, no merger                             r
 Ours           the paper's method, text-aware merger at K = 18, R = 50 %  r/(r/2)
+Oracle         not a method: keeps the tokens that show the question's   r
+               objects, then fills the budget evenly
+               (``ustc.lab.evaluate.oracle_selector``): whether the
+               budget can hold the evidence at all
 =============  ========================================================  ===================
 
 Columns: FLOPs (T) and FLOPs ratio of LLaVA-OneVision-7B (32 x 196 tokens, the paper's K) from
@@ -70,6 +74,9 @@ class Method:
     build: Callable[[float, int], CompressionConfig]  # (retention, paper K) -> config
     paper_layer: int | None = None  # the paper's K, when the row merges inside the LLM
     min_layer: int = 0  # the smallest K this row may be mapped to on a shallow LLM
+    #: r -> a lab selector that picks the tokens instead of the config (the config then only
+    #: gives the budget and the FLOPs)
+    selector: Callable[[float], Any] | None = None
 
     def retention_text(self, r: float) -> str:
         config = self.build(r, 0)
@@ -78,6 +85,12 @@ class Method:
         if config.merger != "none":
             return f"{_pct(r)}/{_pct(r * config.keep_ratio)}"
         return _pct(r)
+
+
+def _oracle(r: float) -> Any:
+    from ustc.lab.evaluate import oracle_selector
+
+    return oracle_selector(r)
 
 
 def _external(**fields: Any) -> Callable[[float, int], CompressionConfig]:
@@ -111,6 +124,7 @@ METHODS: dict[str, Method] = {
         ),
         Method("ours-wo-m", "Ours (w/o M)", _external(merger="none")),
         Method("ours", "Ours", _external(merger="text-aware", keep_ratio=0.5), PAPER_K),
+        Method("oracle", "Oracle", _external(merger="none"), selector=_oracle),
     )
 }
 
@@ -201,7 +215,11 @@ def run(
     log(f"Vanilla: {vanilla.summary()}")
     for method, r, config, lab_k in plan(methods, retentions, layers):
         t0 = time.perf_counter()
-        result = evaluate(config, model=model, data=data, progress=progress)
+        if method.selector is not None:
+            picks = method.selector(r)
+            result = evaluate(None, model=model, data=data, progress=progress, selector=picks)
+        else:
+            result = evaluate(config, model=model, data=data, progress=progress)
         tera, ratio = flops_of(config, method.paper_layer, spec)
         row = Row(
             method.label,

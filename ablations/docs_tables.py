@@ -151,9 +151,9 @@ def _tmp() -> str:
 
 
 def lab_table(limit: int | None, store: str) -> Output:
-    """docs/lab.md: the shipped lab model uncompressed, random 2 %, ours at 2 % without and with
-    merging, per question family."""
-    from ustc.lab.evaluate import evaluate, random_selector, samples
+    """docs/lab.md: the shipped lab model uncompressed, the oracle and random selections at 2 %,
+    ours at 2 % without and with merging, per question family."""
+    from ustc.lab.evaluate import evaluate, oracle_selector, random_selector, samples
     from ustc.lab.model import default_config, load_model
     from ustc.lab.scenes import FAMILIES
 
@@ -161,6 +161,10 @@ def lab_table(limit: int | None, store: str) -> Output:
     data = samples("test", limit)
     rows = [
         ("uncompressed", evaluate(None, model=model, data=data, progress=False)),
+        (
+            "oracle 2 % (`oracle_selector(0.02)`)",
+            evaluate(None, model=model, data=data, progress=False, selector=oracle_selector(0.02)),
+        ),
         (
             "random 2 % (`random_selector(0.02)`)",
             evaluate(None, model=model, data=data, progress=False, selector=random_selector(0.02)),
@@ -212,17 +216,21 @@ def baselines_table(limit: int | None, store: str) -> Output:
         "HoliTom": "HoliTom-style (with last-token merging)",
         "Ours (w/o M)": "ours, without merging",
         "Ours": "ours (text-aware merging, K = 3)",
+        "Oracle": "*oracle: keeps the evidence (not a method)*",
     }
     by_label: dict[str, list[Any]] = {}
     for row in rows[1:]:
         by_label.setdefault(row.label, []).append(row)
-    best = [max(r[i].overall for r in by_label.values()) for i in range(len(compare.RETENTIONS))]
+    methods = [group for label, group in by_label.items() if label != "Oracle"]
+    best = [max(r[i].overall for r in methods) for i in range(len(compare.RETENTIONS))]
     head = "| method | " + " | ".join(f"{r * 100:g} %" for r in compare.RETENTIONS) + " |"
     lines = [head, "| --- |" + " ---: |" * len(compare.RETENTIONS)]
     prints = [("uncompressed", f"{rows[0].overall:.2f}", "-")]
     for label, group in by_label.items():
         cells = [
-            f"**{r.overall:.1f}**" if r.overall == best[i] else f"{r.overall:.1f}"
+            f"**{r.overall:.1f}**"
+            if r.overall == best[i] and label != "Oracle"
+            else f"{r.overall:.1f}"
             for i, r in enumerate(group)
         ]
         lines.append(f"| {labels.get(label, label)} | " + " | ".join(cells) + " |")

@@ -606,6 +606,37 @@ def run_baseline(plan: RunPlan, store: ResultStore, claims: Claims | None = None
     return {**record, "cached": False}
 
 
+def oracle_of(plan: RunPlan, store: ResultStore | None) -> dict[str, Any] | None:
+    """The benchmarks' evidence-keeping selection at the run's retention
+    (:meth:`ustc.evaluation.Benchmark.oracle`), from the store or evaluated and stored; None
+    when a benchmark does not know where its evidence is."""
+    retention = plan.config.retention
+    config = {"selector": "oracle", "retention": retention}
+    specs = [b.spec() for b in plan.benchmarks]
+    key = run_key(config, specs)
+    hit = store.get(key) if store is not None else None
+    if hit is not None:
+        return hit
+    start = time.perf_counter()
+    results = [b.oracle(retention, progress=not plan.args.quiet) for b in plan.benchmarks]
+    if any(r is None for r in results):
+        return None
+    merged = _merge_results(plan.benchmarks, [r for r in results if r is not None])
+    merged["timings"]["wall"] = time.perf_counter() - start
+    record = {
+        "key": key,
+        "config": config,
+        "benchmarks": specs,
+        "avg": sum(merged["scores"].values()) / len(merged["scores"]),
+        "columns": list(merged["scores"]),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **merged,
+    }
+    if store is not None:
+        store.append(record)
+    return record
+
+
 def format_record(record: dict[str, Any]) -> str:
     """A short Markdown table of one run: the uncompressed model's row (when the record has its
     baseline), the paper's printed figure for the same setting (when the paper prints one), then
@@ -648,6 +679,16 @@ def format_record(record: dict[str, Any]) -> str:
             row = [f"paper, LLaVA-OV-7B ({label})"] + ["-"] * len(cols)
             row += [f"{printed[-2]:.1f}", f"{printed[-1]:.1f}", "-", "-", "-"]
             lines.append("| " + " | ".join(row) + " |")
+    oracle = record.get("oracle")
+    if oracle is not None:
+        row = ["oracle (keeps the evidence)"]
+        row += [
+            "-" if oracle["scores"].get(c) is None else f"{oracle['scores'][c]:.1f}" for c in cols
+        ]
+        pct = "-" if baseline is None else f"{100.0 * oracle['avg'] / baseline['avg']:.1f}"
+        kept = "-" if tokens is None else f"{tokens}/{flops.get('visual_tokens')}"  # no merging
+        row += [f"{oracle['avg']:.1f}", pct, "-", kept, f"{oracle['timings'].get('wall', 0.0):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
     row = (
         ["this run"]
         + [f"{record['scores'][c]:.1f}" for c in cols]
@@ -729,6 +770,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             flush=True,
         )
     record = run_plan(plan, store)
+    if not args.no_baseline and not plan.config.is_identity:
+        oracle = oracle_of(plan, store)
+        if oracle is not None:
+            record["oracle"] = {k: oracle[k] for k in ("key", "avg", "scores", "timings")}
     if not record.pop("cached"):
         log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
     elif not args.quiet:

@@ -91,7 +91,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             f"no results store at {store.path}: fill it with `python ablations/sweep.py s6` (or "
             "ablations/run.py), or point --store at one"
         )
-    records = list(store.records().values())
+    # a run of a compression config; the store also keeps reference selections (the oracle)
+    records = [r for r in store.records().values() if "method" in r["config"]]
     if not records:
         raise ValueError(f"the results store {store.path} holds no complete run record")
     return records

@@ -881,6 +881,36 @@ def test_the_papers_figure_is_found_only_for_a_setting_it_prints() -> None:
     assert paper_figure(CompressionConfig(retention=0.02, method="visionzip")) is None
 
 
+def test_the_main_job_on_the_lab_prints_the_oracle_and_stores_it_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab knows its evidence: the main job prints the oracle at the run's retention, between
+    the paper's figure and the run, and a second run reads it from the store."""
+    from ustc.evaluation import LabBenchmark
+
+    argv = ["--limit", "5", "--store", str(tmp_path / "store.jsonl"), "--wandb", "disabled"]
+    record = runner.main(argv)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    labels = [r.split("|")[1].strip() for r in rows]
+    assert labels[-2:] == ["oracle (keeps the evidence)", "this run"]
+    cells = [c.strip() for c in rows[-2].split("|")[1:-1]]
+    oracle = record["oracle"]
+    assert cells[-5:-3] == [
+        f"{oracle['avg']:.1f}",
+        f"{100 * oracle['avg'] / record['baseline']['avg']:.1f}",
+    ]
+    assert cells[-2] == f"{record['flops']['llm_visual_tokens']}/{record['flops']['visual_tokens']}"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the stored oracle should have been used")
+
+    monkeypatch.setattr(LabBenchmark, "oracle", fail)
+    again = runner.main(argv)
+    assert again["oracle"]["key"] == oracle["key"] and again["oracle"]["avg"] == oracle["avg"]
+    with pytest.raises(AssertionError, match="stored oracle"):  # another budget: evaluated
+        runner.main([*argv, "--retention", "0.1"])
+
+
 def test_the_lab_benchmark_is_identified_by_its_weights(tmp_path: Path) -> None:
     """Retrained weights in the same folder are another benchmark in the results store."""
     import shutil

@@ -16,7 +16,7 @@ import torch
 
 import ustc.lab as lab
 from ustc.lab import scenes
-from ustc.lab.evaluate import evaluate, random_selector, samples
+from ustc.lab.evaluate import evaluate, evidence_order, oracle_selector, random_selector, samples
 from ustc.lab.model import (
     LAB_LAYER,
     VIDEO_TOKEN_ID,
@@ -129,11 +129,19 @@ def test_token_labels_match_a_pixel_loop():
             for col in range(cells):
                 want = np.zeros(len(scenes.COLOUR_NAMES))
                 for obj, m in zip(s.scene.objects, masks, strict=True):
-                    cell = m[t, row * 16 : row * 16 + 16, col * 16 : col * 16 + 16]
+                    px = scenes.TOKEN_PX
+                    cell = m[t, row * px : row * px + px, col * px : col * px + px]
                     if cell.mean() >= 0.1:
                         want[scenes.COLOUR_NAMES.index(obj.colour)] = 1
                 np.testing.assert_array_equal(colours[t, row * cells + col], want)
     assert shapes.shape == (scenes.FRAMES, cells * cells, len(scenes.SHAPES))
+
+
+def test_crowded_scenes_are_placed():
+    """Training sample 4682 (four objects, some moving) needed more than the first version's 200
+    placement tries and stopped the training run at step 391."""
+    s = scenes.make_sample("train", 4682)
+    assert s.family == "count" and s.question.options[s.question.answer] == "4"
 
 
 def test_bad_generator_arguments_raise():
@@ -207,28 +215,103 @@ def test_evaluator_matches_one_question_at_a_time(tiny_model, test_samples):
     assert res.n == 18
     assert res.overall == pytest.approx(100 * right / 18)
     assert set(res.per_family) == set(scenes.FAMILIES)
-    assert res.tokens["llm_visual"] == 128 and res.tokens["visual_in"] == 128
+    n = shape.frames * shape.tokens_per_frame
+    assert res.tokens["llm_visual"] == n and res.tokens["visual_in"] == n
+
+
+def test_the_lab_is_in_the_papers_regime():
+    """At least 100 tokens per frame and 8 frames, so the budgets at 10/5/2/1 % all differ."""
+    shape = LabShape()
+    assert shape.tokens_per_frame >= 100 and shape.frames >= 8
+    budgets = [
+        lab.default_config(retention=r).budget(shape.frames, shape.tokens_per_frame)
+        for r in (0.10, 0.05, 0.02, 0.01)
+    ]
+    assert budgets == sorted(set(budgets), reverse=True)
+    assert scenes.SIZE // scenes.TOKEN_PX == math.isqrt(shape.tokens_per_frame)
+
+
+def test_objects_cover_several_tokens_and_the_background_repeats():
+    covered, repeated = [], []
+    for s in samples("val", 20):
+        shown = scenes.token_cover(s.scene) >= 0.1  # (objects, F, P)
+        per_frame = shown.sum(-1)
+        covered += per_frame[per_frame > 0].tolist()
+        background = ~shown.any(0)  # (F, P)
+        tokens = (
+            s.frames.reshape(scenes.FRAMES, 10, 8, 10, 8, 3)
+            .mean((2, 4))
+            .reshape(scenes.FRAMES, -1, 3)
+        )
+        still = np.abs(tokens[1:] - tokens[:1]).max(-1) < 2.0  # same token as in frame 0
+        both = background[1:] & background[:1]
+        repeated.append(still[both].mean())
+    assert np.median(covered) >= 4
+    assert np.mean(repeated) > 0.95
 
 
 def test_random_selector_budget_and_determinism():
-    feats = torch.randn(3, 128, 16)
-    a = random_selector(0.02, seed=1)(feats, 8)
-    b = random_selector(0.02, seed=1)(feats, 8)
-    assert a.shape == (3, 8 * math.ceil(0.02 * 16))
+    feats = torch.randn(3, 800, 16)
+    a = random_selector(0.02, seed=1)(feats, 8, [])
+    b = random_selector(0.02, seed=1)(feats, 8, [])
+    assert a.shape == (3, 8 * 2)
     assert torch.equal(a, b)
-    assert (a.diff(dim=1) > 0).all() and int(a.max()) < 128
+    assert (a.diff(dim=1) > 0).all() and int(a.max()) < 800
+
+
+def test_evidence_order_shows_every_object_in_every_prefix(test_samples):
+    """The oracle's order: a permutation of the tokens; a token per (object, frame) first, the
+    question's named object first, every object in the first n_objects tokens; then the other
+    object tokens; the uniform fill last."""
+    shape = LabShape()
+    n = shape.frames * shape.tokens_per_frame
+    for s in test_samples[:20]:
+        order = evidence_order(s, n)
+        assert sorted(order.tolist()) == list(range(n))
+        cover = scenes.token_cover(s.scene).reshape(len(s.scene.objects), -1)
+        shows = cover >= 0.1
+        k = len(s.scene.objects)
+        assert all(shows[:, order[:k]].any(1))  # every object in the first k tokens
+        q = s.question
+        if q.family in ("stationary", "hit", "rare"):
+            named = [o.colour for o in s.scene.objects].index(q.options[q.answer])
+            assert shows[named, order[0]]
+        pairs = int((cover.reshape(k, shape.frames, -1).max(-1) >= 0.1).sum())
+        assert shows[:, order[:pairs]].any(0).all()  # the (object, frame) tokens come first
+        object_tokens = int(shows.any(0).sum())
+        assert not shows[:, order[object_tokens:]].any()  # then the fill
+
+
+def test_oracle_selector_keeps_the_budget_and_needs_scenes(test_samples):
+    shape = LabShape()
+    n = shape.frames * shape.tokens_per_frame
+    feats = torch.randn(2, n, 4)
+    kept = oracle_selector(0.02)(feats, shape.frames, test_samples[:2])
+    assert kept.shape == (2, shape.frames * 2)
+    assert (kept.diff(dim=1) > 0).all()
+    for row, s in zip(kept, test_samples[:2], strict=True):
+        assert set(row.tolist()) == set(evidence_order(s, n)[: shape.frames * 2].tolist())
+    bare = [scenes.make_sample("test", 0)]
+    with pytest.raises(ValueError, match="samples with their scenes"):
+        oracle_selector(0.02)(feats[:1], shape.frames, bare)
 
 
 def test_evaluator_counts_tokens_under_compression(tiny_model, test_samples):
     data = test_samples[:6]
+    shape = LabShape()
     rnd = evaluate(
         None, model=tiny_model, data=data, progress=False, selector=random_selector(0.02)
     )
-    assert rnd.tokens["llm_visual"] == 8
+    assert rnd.tokens["llm_visual"] == shape.frames * 2
+    orc = evaluate(
+        None, model=tiny_model, data=data, progress=False, selector=oracle_selector(0.01)
+    )
+    assert orc.tokens["llm_visual"] == shape.frames
     config = lab.default_config(retention=0.1)
     res = evaluate(config, model=tiny_model, data=data, progress=False)
-    assert res.tokens["llm_visual"] == config.budget(8, 16)
-    assert res.tokens["after_merge"] == config.kept_after_merge(config.budget(8, 16))
+    budget = config.budget(shape.frames, shape.tokens_per_frame)
+    assert res.tokens["llm_visual"] == budget
+    assert res.tokens["after_merge"] == config.kept_after_merge(budget)
     with pytest.raises(ValueError, match="either a compressing config or a selector"):
         evaluate(config, model=tiny_model, data=data, selector=random_selector(0.02))
 
@@ -245,7 +328,7 @@ def test_shared_prefix_training_loss_equals_full_prompts():
     tok = build_tokenizer()
     batch = train._batch(0, 2, 3, shape)
     with torch.no_grad():
-        answer, aux, _ = train._loss(model, probe, tok, batch, shape)
+        answer, aux, _, _ = train._loss(model, probe, tok, batch, shape)
         flat = [q for qs in batch["questions"] for q in qs]
         ids = encode_prompts(tok, flat, shape.video_tokens)
         px = pixel_values(batch["frames"]).repeat_interleave(3, 0)
@@ -256,6 +339,101 @@ def test_shared_prefix_training_loss_equals_full_prompts():
             losses.append(torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([target])))
     assert float(answer) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
     assert float(aux) > 0
+
+
+def test_a_subset_of_every_token_is_the_whole_video_and_positions_stay():
+    """Phase 2's token subsets keep their original positions: keeping every token gives the
+    whole video's losses, and a subset's answer loss equals a full forward of the prompt with
+    only those tokens at their original positions."""
+    from ustc.lab import train
+
+    shape = LabShape()
+    model = build_model(seed=3)
+    probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+    tok = build_tokenizer()
+    batch = train._batch(5, 2, 1, shape)
+    n = shape.frames * shape.tokens_per_frame
+    with torch.no_grad():
+        whole = train._loss(model, probe, tok, batch, shape)
+        every = train._loss(model, probe, tok, batch, shape, torch.arange(n).expand(2, -1))
+        keep = (
+            torch.stack(
+                [
+                    torch.randperm(n, generator=torch.Generator().manual_seed(i))[:16]
+                    for i in range(2)
+                ]
+            )
+            .sort(1)
+            .values
+        )
+        sparse = train._loss(model, probe, tok, batch, shape, keep)
+        ids = encode_prompts(tok, [qs[0] for qs in batch["questions"]], shape.video_tokens)
+        px = pixel_values(batch["frames"])
+        feats = model.model.get_video_features(
+            pixel_values_videos=px, vision_feature_layer=-1, vision_feature_select_strategy="full"
+        ).pooler_output
+        losses = []
+        for i, x in enumerate(ids):
+            first = x.index(VIDEO_TOKEN_ID)
+            kept = torch.cat([keep[i], torch.tensor([n])])
+            embed = model.model.get_input_embeddings()
+            embeds = torch.cat(
+                [
+                    embed(torch.tensor(x[:first])),
+                    feats[i, kept],
+                    embed(torch.tensor(x[first + n + 1 :])),
+                ]
+            )[None]
+            positions = torch.cat(
+                [torch.arange(first), first + kept, torch.arange(first + n + 1, len(x))]
+            )[None]
+            logits = model(inputs_embeds=embeds, position_ids=positions).logits[0, -1:]
+            target = tok.convert_tokens_to_ids(batch["questions"][i][0].letter)
+            losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor([target])))
+    for a, b in zip(whole[:3], every[:3], strict=True):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    assert float(sparse[0]) == pytest.approx(float(torch.stack(losses).mean()), abs=1e-5)
+
+
+def test_phase_three_subsets_are_low_budget_and_object_balanced():
+    """Phase 3 shows 1-10 % budgets (or, on a fifth of its steps, whole videos), and its
+    object-balanced draw visits every object once before any object twice."""
+    from ustc.lab import train
+
+    shape = LabShape()
+    args = train.parser().parse_args(["--out", "x", "--steps", "10", "--subset-steps", "10"])
+    trainer = train._Trainer.build(args)
+    assert [trainer.phase(s) for s in (9, 10, 19, 20, 10**6)] == [1, 2, 2, 3, 3]
+    n = shape.frames * shape.tokens_per_frame
+    sizes, whole = [], 0
+    for step in range(20, 60):
+        objects = train._batch(step, 2, 1, shape)["objects"]
+        keep = trainer.subset(step, objects)
+        if keep is None:
+            whole += 1
+            continue
+        assert keep.shape[0] == 2 and (keep.diff(dim=1) > 0).all() and int(keep.max()) < n
+        sizes.append(keep.shape[1])
+    assert 0 < whole < 20 and min(sizes) >= shape.frames and max(sizes) <= 10 * shape.frames
+
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        sample = scenes.make_sample("train", index, keep_scene=True)
+        cover = scenes.token_cover(sample.scene)
+        cover = cover.reshape(len(cover), -1)
+        shown = cover >= 0.1
+        order = train._round_robin(rng, cover, shape.frames)
+        assert len(set(order.tolist())) == len(order) and shown.any(0)[order].all()
+        owners = [set(np.flatnonzero(shown[:, t]).tolist()) for t in order]
+        frames_shown = shown.reshape(len(shown), shape.frames, -1).any(-1).sum(1)
+        for i in range(len(shown)):  # each object in every frame it shows in
+            assert sum(i in o for o in owners) >= frames_shown[i]
+        for i, obj in enumerate(sample.scene.objects):  # a still object: its centre token
+            if not obj.moves():
+                cells = {int(t) % shape.tokens_per_frame for t in order if cover[i, t] >= 0.5}
+                assert len(cells) == 1
+        first = set().union(*owners[: len(shown)])
+        assert first == set(range(len(shown)))  # the first round shows every object
 
 
 def test_attention_supervision_matches_eager_attention():
@@ -305,33 +483,75 @@ def test_attention_supervision_matches_eager_attention():
     assert seen_losses["first"] == pytest.approx(float(want), rel=1e-4)
 
 
+def _train_argv(out: Path, *extra: str) -> list[str]:
+    small = ["--batch", "2", "--questions", "2", "--val-limit", "6", "--test-limit", "6"]
+    small += ["--subset-steps", "0", "--sparse-steps", "0"]  # a test names the phases it runs
+    return ["--out", str(out), *small, "--threads", "1", "--log-every", "1", *extra]
+
+
 def test_training_smoke_writes_loadable_weights(tmp_path):
     from ustc.lab import train
 
-    train.main(
-        [
-            "--out",
-            str(tmp_path),
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--questions",
-            "2",
-            "--val-limit",
-            "6",
-            "--test-limit",
-            "6",
-            "--threads",
-            "1",
-            "--log-every",
-            "1",
-        ]
-    )
+    train.main(_train_argv(tmp_path, "--steps", "2"))
     record = json.loads((tmp_path / "lab.json").read_text())
     assert record["test"]["n"] == 6 and record["videos_seen"] == 4
+    assert [p["step"] for p in record["log"]] == [1, 2]
+    assert not (tmp_path / train.CHECKPOINT).exists()  # a finished schedule ships the model alone
     model = load_model(tmp_path)
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    """--stop then --resume gives the same weights, log and curve as one run of the schedule,
+    stopped inside phase 1, inside phase 2 and at the start of phase 3."""
+    from safetensors.torch import load_file
+
+    from ustc.lab import train
+
+    schedule = ["--steps", "2", "--eval-every", "1"]
+    schedule += ["--subset-steps", "3", "--sparse-steps", "2"]  # after _train_argv's zeros
+    train.main(_train_argv(tmp_path / "straight", *schedule))
+    train.main(_train_argv(tmp_path / "split", *schedule, "--stop", "1"))
+    assert (tmp_path / "split" / train.CHECKPOINT).is_file()
+    for stop in ("3", "5"):
+        train.main(_train_argv(tmp_path / "split", *schedule, "--stop", stop, "--resume"))
+    train.main(_train_argv(tmp_path / "split", *schedule, "--resume"))
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, split = (
+        json.loads((tmp_path / d / "lab.json").read_text()) for d in ("straight", "split")
+    )
+    assert split["log"] == straight["log"] and split["resumed_at"] == [1, 3, 5]
+    assert [p["val"] for p in split["curve"]] == [p["val"] for p in straight["curve"]]
+    assert split["test"] == {**straight["test"], "seconds": split["test"]["seconds"]}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--steps", "0", "--steps must be >= 1"),
+        ("--subset-steps", "-1", "--subset-steps must be >= 0"),
+        ("--sparse-steps", "-5", "--sparse-steps must be >= 0"),
+        ("--subset-share", "1.5", r"--subset-share must be in \[0, 1\]"),
+    ],
+)
+def test_bad_training_arguments_raise_before_any_work(tmp_path, flag, value, message):
+    from ustc.lab import train
+
+    with pytest.raises(ValueError, match=message):
+        train.main(_train_argv(tmp_path, flag, value))
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_refuses_another_schedule_or_a_missing_checkpoint(tmp_path):
+    from ustc.lab import train
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        train.main(_train_argv(tmp_path, "--steps", "4", "--resume"))
+    train.main(_train_argv(tmp_path, "--steps", "4", "--eval-every", "1", "--stop", "1"))
+    with pytest.raises(ValueError, match="--lr 0.0015 .checkpoint. vs 0.001"):
+        train.main(_train_argv(tmp_path, "--steps", "4", "--lr", "1e-3", "--resume"))
 
 
 # ----------------------------------------------------------------------------- shipped weights
@@ -340,32 +560,67 @@ SHIPPED = (weights_path() / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
-def test_shipped_weights_answer_questions():
+def test_shipped_weights_meet_the_labs_acceptance():
+    """On a reduced set (the first 100 test questions): the shipped model answers, the oracle at
+    2 % keeps nearly all of it, random 2 % loses much of it.  lab.json holds the full split."""
     record = lab.training_record()
     assert record["test"]["overall"] >= 90.0
     size = (weights_path() / "model.safetensors").stat().st_size
-    assert size < 8 * 2**20
+    assert size < 20 * 2**20
     model = load_model()
-    res = evaluate(None, model=model, split="test", limit=60, progress=False)
-    assert res.overall >= 80.0
-    rnd = evaluate(
-        None, model=model, split="test", limit=60, progress=False, selector=random_selector(0.02)
-    )
-    assert rnd.overall <= res.overall - 15.0
+    data = samples("test", 100)
+    res = evaluate(None, model=model, data=data, progress=False)
+    assert res.overall >= 85.0
+    picks = {
+        name: evaluate(None, model=model, data=data, progress=False, selector=select)
+        for name, select in (("random", random_selector(0.02)), ("oracle", oracle_selector(0.02)))
+    }
+    assert picks["random"].overall <= res.overall - 20.0
+    assert picks["oracle"].overall >= 0.9 * res.overall
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
+def test_the_trainers_defaults_are_the_shipped_schedule():
+    """``python -m ustc.lab.train --out ustc/lab/weights`` runs the recorded schedule."""
+    from ustc.lab import train
+
+    defaults = train.parser().parse_args(["--out", "x"])
+    recorded = lab.training_record()["settings"]
+    assert {k: getattr(defaults, k) for k in train.SCHEDULE} == {
+        k: recorded[k] for k in train.SCHEDULE
+    }
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
+def test_training_from_scratch_follows_the_shipped_run():
+    """The reduced retraining check: the first logged stretch of the recorded schedule, retrained
+    from scratch, has the shipped run's losses (training is deterministic for a thread count)."""
+    from ustc.lab import train
+
+    record = lab.training_record()
+    settings, first = record["settings"], record["log"][0]
+    argv = ["--out", "unused", "--stop", str(first["step"]), "--log-every", str(first["step"])]
+    for key in (*train.SCHEDULE, "threads"):
+        argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    args = train.parser().parse_args(argv)
+    got = train.run_steps(args)
+    assert got["step"] == first["step"]
+    for key in ("answer", "aux"):
+        assert got[key] == pytest.approx(first[key], abs=2e-3)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
 def test_retraining_reproduces_the_shipped_accuracy(tmp_path: Path, request):
-    """Retrain from scratch with the recorded settings (tens of CPU minutes)."""
+    """Retrain from scratch with the recorded settings (over an hour of CPU time)."""
     from ustc.lab import train
 
     if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("retraining takes tens of minutes: select it with -m slow")
+        pytest.skip("retraining takes over an hour: select it with -m slow")
 
     settings = lab.training_record()["settings"]
     argv = ["--out", str(tmp_path)]
-    for key in ("steps", "batch", "questions", "lr", "warmup", "aux_weight", "seed", "threads"):
+    for key in (*train.SCHEDULE, "threads"):
         argv += [f"--{key.replace('_', '-')}", str(settings[key])]
     record = train.train(train.parser().parse_args(argv))
     shipped = lab.training_record()["test"]["overall"]

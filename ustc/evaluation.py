@@ -114,6 +114,13 @@ class Benchmark(ABC):
     def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
         """Score ``config``.  May load (and cache) the model on first use."""
 
+    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult | None:
+        """Scores of a selection that keeps the tokens each question's evidence is in, within
+        the budget of ``retention``: whether that budget can hold the evidence at all.  Only a
+        benchmark that knows where its evidence is (the lab's generator does) can say; None
+        elsewhere."""
+        return None
+
     def spec(self) -> dict[str, Any]:
         """Name and constructor values: what identifies this benchmark in the results store."""
         values = {
@@ -284,17 +291,20 @@ class LabBenchmark(Benchmark):
             model=self._load(),
             data=self._samples(),
         )
-        return BenchmarkResult(
-            scores={k: float(v) for k, v in out.per_family.items()},
-            n=int(out.n),
-            tokens=_numbers(out.tokens),
-            timings=_numbers(out.timings),
-            # the letter chosen for every question: what a reproducibility check compares
-            details={
-                "overall": float(out.overall),
-                "answers": "".join("ABCD"[a] for a in out.answers),
-            },
+        return _lab_result(out)
+
+    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult:
+        from ustc.lab.evaluate import evaluate as lab_evaluate
+        from ustc.lab.evaluate import oracle_selector
+
+        out = lab_evaluate(
+            None,
+            progress=progress,
+            model=self._load(),
+            data=self._samples(),
+            selector=oracle_selector(retention),
         )
+        return _lab_result(out)
 
     def spec(self) -> dict[str, Any]:
         """Split, limit, folder and a digest of the weights: retrained weights in the same folder
@@ -306,6 +316,21 @@ class LabBenchmark(Benchmark):
     @property
     def columns(self) -> tuple[str, ...]:
         return tuple(self._import("ustc.lab.scenes").FAMILIES)
+
+
+def _lab_result(out: Any) -> BenchmarkResult:
+    """A :class:`ustc.lab.EvalResult` as the benchmark's result."""
+    return BenchmarkResult(
+        scores={k: float(v) for k, v in out.per_family.items()},
+        n=int(out.n),
+        tokens=_numbers(out.tokens),
+        timings=_numbers(out.timings),
+        # the letter chosen for every question: what a reproducibility check compares
+        details={
+            "overall": float(out.overall),
+            "answers": "".join("ABCD"[a] for a in out.answers),
+        },
+    )
 
 
 def _numbers(values: Any) -> dict[str, float]:

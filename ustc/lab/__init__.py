@@ -2,7 +2,8 @@
 something on a CPU.
 
 - :mod:`ustc.lab.scenes`   procedural videos of coloured shapes and multiple-choice questions
-                           (families: stationary, hit, count, order, rare).
+                           (families: stationary, hit, count, order, rare), 8 frames of
+                           10 x 10 visual tokens.
 - :mod:`ustc.lab.model`    the micro LLaVA-OneVision (small SigLIP + small Qwen2), its word-level
                            tokenizer and prompt format, loading of the shipped weights.
 - :mod:`ustc.lab.train`    ``python -m ustc.lab.train --out DIR``: training from scratch.
@@ -13,13 +14,21 @@ something on a CPU.
     lab.evaluate(None, model=model).overall                   # uncompressed test accuracy
     lab.evaluate(lab.default_config(), model=model)           # the method at 2 %, K = 2
     lab.evaluate(None, model=model, selector=lab.random_selector(0.02))   # random 2 %
+    lab.evaluate(None, model=model, selector=lab.oracle_selector(0.02))   # keeps the evidence
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ustc.lab.evaluate import EvalResult, evaluate, random_selector, samples
+from ustc.lab.evaluate import (
+    EvalResult,
+    evaluate,
+    evidence_order,
+    oracle_selector,
+    random_selector,
+    samples,
+)
 from ustc.lab.model import (
     LAB_LAYER,
     LLM_LAYERS,
@@ -83,10 +92,12 @@ __all__ = [
     "check",
     "default_config",
     "evaluate",
+    "evidence_order",
     "flops_spec",
     "lab_model_config",
     "load_model",
     "make_sample",
+    "oracle_selector",
     "prompt",
     "random_selector",
     "samples",

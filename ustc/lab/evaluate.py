@@ -38,8 +38,8 @@ from ustc.lab.model import (
 )
 from ustc.lab.scenes import FAMILIES, Sample
 
-#: (features (B, N, D), frames F) -> kept indices (B, M) into N, sorted ascending
-Selector = Callable[[Tensor, int], Tensor]
+#: (features (B, N, D), frames F, the batch's samples) -> kept indices (B, M) into N, ascending
+Selector = Callable[[Tensor, int, Sequence[Sample]], Tensor]
 
 
 @dataclass
@@ -74,7 +74,8 @@ class EvalResult:
 
 
 def samples(split: str = "test", limit: int | None = None) -> list[Sample]:
-    """The first ``limit`` samples of ``split`` (its default size when ``limit`` is None)."""
+    """The first ``limit`` samples of ``split`` (its default size when ``limit`` is None), with
+    their scenes (what :func:`oracle_selector` reads)."""
     size = scenes.split_size(split)
     if limit is None:
         if size is None:
@@ -82,7 +83,12 @@ def samples(split: str = "test", limit: int | None = None) -> list[Sample]:
         limit = size
     if limit < 1:
         raise ValueError(f"limit must be a positive number of questions, got {limit}")
-    return [scenes.make_sample(split, i) for i in range(limit)]
+    return [scenes.make_sample(split, i, keep_scene=True) for i in range(limit)]
+
+
+def _budget(retention: float, frames: int, tokens: int) -> int:
+    """F * clamp(round(r * P), 1, P): the number of visual tokens every method keeps."""
+    return CompressionConfig(retention=retention, merger="none").budget(frames, tokens // frames)
 
 
 def random_selector(retention: float, seed: int = 0) -> Selector:
@@ -92,13 +98,107 @@ def random_selector(retention: float, seed: int = 0) -> Selector:
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def select(features: Tensor, frames: int) -> Tensor:
+    def select(features: Tensor, frames: int, batch: Sequence[Sample] = ()) -> Tensor:
         b, n, _ = features.shape
-        m = CompressionConfig(retention=retention, merger="none").budget(frames, n // frames)
         scores = torch.rand(b, n, generator=gen)
+        m = _budget(retention, frames, n)
         return scores.topk(m, dim=1).indices.sort(dim=1).values.to(features.device)
 
     return select
+
+
+def oracle_selector(retention: float) -> Selector:
+    """Keep the tokens that show what the question is about, then fill the budget uniformly.
+
+    The generator knows which tokens show every object (:func:`evidence_order`).  Keeping them
+    first, within the same F*clamp(round(r*P), 1, P) budget as every method, shows whether the
+    budget can hold the evidence at all: the ceiling a selection could reach at that retention.
+    Not a registered strategy (no method can see the scene).
+    """
+
+    def select(features: Tensor, frames: int, batch: Sequence[Sample]) -> Tensor:
+        b, n, _ = features.shape
+        if len(batch) != b or any(s.scene is None for s in batch):
+            raise ValueError("the oracle needs the batch's samples with their scenes")
+        m = _budget(retention, frames, n)
+        rows = [np.sort(evidence_order(s, n)[:m]) for s in batch]
+        return torch.from_numpy(np.stack(rows)).to(features.device)
+
+    return select
+
+
+def _spread(frames: np.ndarray) -> list[int]:
+    """The frames in an order whose every prefix is spread over the video: the first one, then
+    always the frame farthest from those already taken (the earliest on a tie)."""
+    chosen = [int(frames[0])]
+    while len(chosen) < len(frames):
+        gap = np.min(np.abs(frames[:, None] - np.array(chosen)[None]), axis=1)
+        chosen.append(int(frames[int(np.argmax(gap))]))
+    return chosen
+
+
+def evidence_order(sample: Sample, tokens: int, min_cover: float = 0.1) -> np.ndarray:
+    """Every visual token of ``sample`` (N = F * P of them) in the oracle's order of priority.
+
+    1. One token per (object, frame), the one the object covers most, taken round-robin over the
+       objects so that every prefix shows each of them: the object the answer names first (the
+       one that stays still, was hit, appears briefly), then the hitter, then the rest in drawing
+       order; each object's frames spread over the video, starting with its first appearance.
+    2. The other tokens that show an object, most covered first.
+    3. The rest, evenly spaced over the video (the uniform fill).
+    """
+    scene = sample.scene
+    if scene is None:
+        raise ValueError("evidence_order needs a sample made with keep_scene=True")
+    cover = scenes.token_cover(scene)  # (n_objects, F, P)
+    frames, per_frame = cover.shape[1:]
+    if frames * per_frame != tokens:
+        raise ValueError(f"the scene has {frames} x {per_frame} tokens, the model {tokens}")
+    q = sample.question
+    named = (
+        [o.colour for o in scene.objects].index(q.options[q.answer])
+        if q.family in ("stationary", "hit", "rare")
+        else None
+    )
+    objects = [i for i in (named, scene.hitter) if i is not None]
+    objects += [i for i in range(len(scene.objects)) if i not in objects]
+    visits = [_spread(np.flatnonzero(cover[i].max(-1) >= min_cover)) for i in objects]
+    taken: list[int] = []
+    seen = np.zeros(tokens, dtype=bool)
+    for round_ in range(frames):
+        for i, frames_of in zip(objects, visits, strict=True):
+            if round_ >= len(frames_of):
+                continue
+            t = frames_of[round_]
+            for p in np.argsort(-cover[i, t], kind="stable"):
+                if cover[i, t, p] < min_cover:
+                    break
+                if not seen[t * per_frame + p]:
+                    taken.append(t * per_frame + int(p))
+                    seen[taken[-1]] = True
+                    break
+    shown = cover[objects].reshape(len(objects), -1)
+    for i in np.argsort(-shown.max(0), kind="stable"):
+        if shown[:, i].max() < min_cover:
+            break
+        if not seen[i]:
+            taken.append(int(i))
+            seen[i] = True
+    rest = np.flatnonzero(~seen)
+    order = np.argsort(_van_der_corput(len(rest)), kind="stable")
+    return np.concatenate([np.array(taken, dtype=np.int64), rest[order]])
+
+
+def _van_der_corput(n: int) -> np.ndarray:
+    """The base-2 radical inverse of 0 .. n-1: sorting by it makes every prefix evenly spaced."""
+    out = np.zeros(n)
+    index = np.arange(n)
+    scale = 0.5
+    while index.any():
+        out += (index & 1) * scale
+        index >>= 1
+        scale /= 2
+    return out
 
 
 class _TokenCounter:
@@ -125,7 +225,9 @@ class _TokenCounter:
 
 
 @torch.no_grad()
-def _forward_selected(model: Any, ids: Tensor, px: Tensor, select: Selector, frames: int) -> Tensor:
+def _forward_selected(
+    model: Any, ids: Tensor, px: Tensor, select: Selector, frames: int, batch: Sequence[Sample]
+) -> Tensor:
     """Logits at the last position with only the selected visual tokens entering the LLM.
 
     The kept tokens keep their original positions (gapped ``position_ids``), as the compressor
@@ -139,7 +241,7 @@ def _forward_selected(model: Any, ids: Tensor, px: Tensor, select: Selector, fra
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     ).pooler_output
     n = feats.shape[1] - 1
-    keep = select(feats[:, :n], frames)  # (B, M)
+    keep = select(feats[:, :n], frames, batch)  # (B, M)
     b = ids.shape[0]
     first = int((ids[0] == VIDEO_TOKEN_ID).nonzero()[0])
     pos_video = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype)], 1) + first
@@ -219,7 +321,9 @@ def evaluate(
             ids = torch.tensor([prompts[i] for i in batch])
             px = pixel_values(np.stack([data[i].frames for i in batch]))
             if selector is not None:
-                logits = _forward_selected(model, ids, px, selector, frames)
+                logits = _forward_selected(
+                    model, ids, px, selector, frames, [data[i] for i in batch]
+                )
             else:
                 with torch.no_grad():
                     out = model(

@@ -72,10 +72,10 @@ class LabShape:
 
     frames: int = scenes.FRAMES
     size: int = scenes.SIZE
-    patch: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
+    patch: int = 4
+    vision_hidden: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
     hidden: int = 128
     intermediate: int = 256
     layers: int = LLM_LAYERS

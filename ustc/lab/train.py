@@ -2,6 +2,8 @@
 
     python -m ustc.lab.train --out ustc/lab/weights            # the shipped weights
     python -m ustc.lab.train --out /tmp/lab --steps 200        # a quick look
+    python -m ustc.lab.train --out DIR --stop 1000             # the first 1000 steps, then
+    python -m ustc.lab.train --out DIR --resume                # the rest of the schedule
 
 Each step renders ``--batch`` new videos of the training stream (sample indices
 ``step * batch ...``, never repeated) and asks ``--questions`` questions about each: the video's own
@@ -10,11 +12,21 @@ video and its KV cache is shared by that video's questions (mathematically the s
 each full prompt, ``--questions`` times cheaper on the visual tokens).  The loss is the language
 model's cross-entropy on the answer letter plus an auxiliary loss, through a linear probe that is
 thrown away after training, on the visual tokens entering the LLM: which colours and shapes each
-16 x 16 px token shows (the per-token labels the renderer knows).  The probe only speeds up
+8 x 8 px token shows (the per-token labels the renderer knows).  The probe only speeds up
 learning to see; the shipped model is a plain ``LlavaOnevisionForConditionalGeneration``.
 
+That is phase 1 (``--steps``).  A model trained on whole videos only cannot read the few tokens a
+compressor leaves it, so two more phases show it token subsets at their original positions, with
+a fresh optimiser and no probe: phase 2 (``--subset-steps``) mixes whole videos with subsets of
+every budget from 1 % to 100 %, phase 3 (``--sparse-steps``) concentrates on budgets of 1-10 %
+with object-balanced subsets (``_Trainer.subset``).  The subsets depend on the step and the
+scene, never on the question or on any method's choice.
+
 Writes ``model.safetensors`` and ``config.json`` (``save_pretrained``) and ``lab.json`` (settings,
-the validation curve, final validation and test accuracy) to ``--out``.
+the loss log, the validation curve, final validation and test accuracy, time and machine) to
+``--out``.  Every ``--eval-every`` steps it also writes ``checkpoint.pt`` (model, probe, optimiser,
+schedule, log), from which ``--resume`` continues bit for bit; the checkpoint is deleted when the
+schedule is complete.
 """
 
 from __future__ import annotations
@@ -22,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ustc.config import CompressionConfig
 from ustc.lab import scenes
-from ustc.lab.evaluate import evaluate, samples
+from ustc.lab.evaluate import evaluate, oracle_selector, samples
 from ustc.lab.model import (
     VIDEO_TOKEN_ID,
     LabShape,
@@ -41,16 +56,33 @@ from ustc.lab.model import (
     encode_prompts,
     pixel_values,
 )
+from ustc.models.compat import cache_keyword, output_cache
 
 
 def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
     """Which visual tokens show each object: (n_objects, N) bool."""
-    size = scene.background.shape[0]
-    cells = size // scenes.TOKEN_PX
-    masks = scenes.object_masks(scene, size)
-    n, frames = masks.shape[:2]
-    cover = masks.reshape(n, frames, cells, scenes.TOKEN_PX, cells, scenes.TOKEN_PX).mean((3, 5))
-    return (cover >= min_cover).reshape(n, frames * cells * cells)
+    cover = scenes.token_cover(scene)
+    return (cover >= min_cover).reshape(len(cover), -1)
+
+
+def _round_robin(
+    rng: np.random.Generator, cover: np.ndarray, frames: int, min_cover: float = 0.1
+) -> np.ndarray:
+    """One token per (object, frame) in which the object shows, the one it covers most (its
+    centre: the same token in every frame while the object stands still); objects in random
+    order, each object's frames in random order, taken round-robin.  cover: (n_objects, N)."""
+    per_frame = cover.shape[1] // frames
+    by_frame = cover.reshape(len(cover), frames, per_frame)
+    visits = [rng.permutation(np.flatnonzero(o.max(-1) >= min_cover)) for o in by_frame]
+    taken: list[int] = []
+    for round_ in range(frames):
+        for i in rng.permutation(len(cover)):
+            if round_ < len(visits[i]):
+                t = visits[i][round_]
+                token = t * per_frame + int(np.argmax(by_frame[i, t]))
+                if token not in taken:
+                    taken.append(token)
+    return np.array(taken, dtype=np.int64)
 
 
 def _evidence(
@@ -79,10 +111,13 @@ def _batch(
         picks = rng.choice(len(pool), size=questions - 1, replace=len(pool) < questions - 1)
         asked.append([s.question, *(pool[i] for i in picks)])
     open_ended = (rng.random(batch * questions) < open_ratio).tolist()
-    evidence = []
+    evidence, objects = [], []
     for s, qs in zip(data, asked, strict=True):
-        shown = _shown(s.scene)  # type: ignore[arg-type]
+        cover = scenes.token_cover(s.scene)  # type: ignore[arg-type]
+        cover = cover.reshape(len(cover), -1)
+        shown = cover >= 0.1
         evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
+        objects.append(cover)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
     colours = torch.from_numpy(np.stack([c for c, _ in labels]))
     shapes = torch.from_numpy(np.stack([s for _, s in labels]))
@@ -92,13 +127,24 @@ def _batch(
         "aux": torch.cat([colours, shapes], -1).flatten(1, 2),  # (B, N, 12)
         "open": open_ended,
         "evidence": torch.stack(evidence),  # (B * questions, N) bool
+        "objects": objects,  # B x (n_objects, N): how much of each token every object covers
     }
 
 
 def _loss(
-    model: Any, probe: torch.nn.Linear, tokenizer: Any, batch: dict[str, Any], shape: LabShape
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Answer cross-entropy (shared-prefix KV cache) and the auxiliary token-label loss."""
+    model: Any,
+    probe: torch.nn.Linear,
+    tokenizer: Any,
+    batch: dict[str, Any],
+    shape: LabShape,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Answer cross-entropy (shared-prefix KV cache), the auxiliary token-label loss of the probe
+    and the attention guidance; the training accuracy.
+
+    keep: (B, M) ascending indices of the visual tokens the LLM sees (the rest dropped, the kept
+    ones at their original positions, as a token compressor leaves them); None: all of them.
+    """
     inner = model.model
     lm = inner.language_model
     cfg = model.config
@@ -120,16 +166,30 @@ def _loss(
     cut = ids[0].index(VIDEO_TOKEN_ID) + shape.video_tokens
     b, q = len(batch["questions"]), len(batch["questions"][0])
     prefix = torch.tensor(ids[0][: cut - shape.video_tokens]).expand(b, -1)
+    start = prefix.shape[1]
+    evidence = batch["evidence"]
+    placed: dict[str, torch.Tensor] = {}
+    if keep is not None:
+        index = keep[..., None].expand(-1, -1, feats.shape[-1])
+        feats = torch.cat([feats[:, :n].gather(1, index), feats[:, n:]], 1)
+        newline = torch.full((b, 1), n, dtype=keep.dtype)
+        video = torch.cat([keep, newline], 1) + start
+        placed["position_ids"] = torch.cat([torch.arange(start).expand(b, -1), video], 1)
+        evidence = evidence.gather(1, keep.repeat_interleave(q, 0))
     embeds = torch.cat([inner.get_input_embeddings()(prefix), feats], 1)
-    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    cache = output_cache(lm(inputs_embeds=embeds, use_cache=True, **placed))
     cache.batch_repeat_interleave(q)
+    seen_tokens = feats.shape[1] - 1
 
     lengths = torch.tensor([len(x) - cut for x in ids])
     suffix = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)  # right padding: causal
     for i, x in enumerate(ids):
         suffix[i, : len(x) - cut] = torch.tensor(x[cut:])
     layer = lm.layers[-1].self_attn
-    keys = cache.layers[len(lm.layers) - 1].keys[:, :, len(prefix[0]) : len(prefix[0]) + n]
+    keys = cache.layers[len(lm.layers) - 1].keys[:, :, start : start + seen_tokens]
+    if keep is not None:  # the text continues after the video's last original position
+        after = start + n + 1 + torch.arange(suffix.shape[1])
+        placed = {"position_ids": after.expand(len(ids), -1)}
     seen: dict[str, Any] = {}
 
     def grab(module: Any, args: tuple, kwargs: dict) -> None:
@@ -138,10 +198,12 @@ def _loss(
 
     hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        hidden = lm(input_ids=suffix, past_key_values=cache, use_cache=False).last_hidden_state
+        hidden = lm(
+            input_ids=suffix, use_cache=False, **{cache_keyword(lm): cache}, **placed
+        ).last_hidden_state
     finally:
         hook.remove()
-    pointer = _pointer_loss(layer, seen, keys, lengths - 1, batch["evidence"])
+    pointer = _pointer_loss(layer, seen, keys, lengths - 1, evidence)
     pointer = pointer + _option_loss(
         layer, seen, suffix, lengths - 1, flat, with_options, tokenizer
     )
@@ -153,7 +215,7 @@ def _loss(
     target = torch.tensor(tokenizer.convert_tokens_to_ids(answers))
     answer = F.cross_entropy(logits, target)
     acc = float((logits.argmax(-1) == target).float().mean())
-    return answer, aux + pointer, acc
+    return answer, aux, pointer, acc
 
 
 def _option_loss(
@@ -220,50 +282,233 @@ def _pointer_loss(
     return -(mass[has]).mean() if has.any() else scores.sum() * 0
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    # denormal weights and gradients late in training make CPU kernels many times slower
-    torch.set_flush_denormal(True)
-    torch.manual_seed(args.seed)
-    shape = LabShape()
-    tokenizer = build_tokenizer()
-    model = build_model(shape, seed=args.seed).train()
-    probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
-    params = list(model.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+#: settings a resumed run must share with the checkpoint it continues (the rest may differ)
+SCHEDULE = (
+    "steps",
+    "batch",
+    "questions",
+    "lr",
+    "warmup",
+    "aux_weight",
+    "open_ratio",
+    "seed",
+    "subset_steps",
+    "subset_lr",
+    "subset_share",
+    "sparse_steps",
+    "sparse_lr",
+)
+CHECKPOINT = "checkpoint.pt"
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    val = samples("val", args.val_limit)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    curve: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
-    stop = args.steps if args.stop is None else min(args.stop, args.steps)
-    for step in range(stop):
-        batch = _batch(step, args.batch, args.questions, shape, args.open_ratio)
-        answer, aux, acc = _loss(model, probe, tokenizer, batch, shape)
+def _save_checkpoint(out: Path, state: dict[str, Any]) -> None:
+    """Written whole or not at all: a run killed while saving keeps the previous checkpoint."""
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out / CHECKPOINT)
+
+
+def _load_checkpoint(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no {CHECKPOINT} in {out} (a run writes one at every eval)"
+        )
+    state = torch.load(path, weights_only=False)
+    differ = [
+        f"--{k.replace('_', '-')} {state['settings'][k]} (checkpoint) vs {getattr(args, k)}"
+        for k in SCHEDULE
+        if state["settings"].get(k) != getattr(args, k)
+    ]
+    if differ:
+        raise ValueError(
+            "--resume continues the checkpoint's schedule; differs: " + "; ".join(differ)
+        )
+    return state
+
+
+@dataclass
+class _Trainer:
+    """The model, the throw-away probe and the optimiser of one training run."""
+
+    args: argparse.Namespace
+    shape: LabShape
+    tokenizer: Any
+    model: Any
+    probe: torch.nn.Linear
+    opt: torch.optim.Optimizer
+    sched: Any
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> _Trainer:
+        torch.set_num_threads(args.threads)
+        # denormal weights and gradients late in training make CPU kernels many times slower
+        torch.set_flush_denormal(True)
+        torch.manual_seed(args.seed)
+        shape = LabShape()
+        model = build_model(shape, seed=args.seed).train()
+        probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+        params = list(model.parameters()) + list(probe.parameters())
+        opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+        def lr_at(step: int) -> float:
+            if step < args.warmup:
+                return (step + 1) / args.warmup
+            frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        return cls(args, shape, build_tokenizer(), model, probe, opt, sched)
+
+    def phase(self, step: int) -> int:
+        """1: whole videos with the probe; 2: mixed token subsets (``--subset-steps``);
+        3: low-budget subsets (``--sparse-steps``)."""
+        args = self.args
+        if step < args.steps:
+            return 1
+        return 2 if step < args.steps + args.subset_steps else 3
+
+    def start_phase(self, phase: int) -> None:
+        """Phases 2 and 3 each start a fresh AdamW over the model alone (the probe is not
+        trained any more) at their peak rate, 20 warm-up steps, cosine to 10 % of it."""
+        args = self.args
+        steps, lr = (
+            (args.subset_steps, args.subset_lr) if phase == 2 else (args.sparse_steps, args.sparse_lr)
+        )
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01
+        )
+
+        def lr_at(step: int) -> float:
+            if step < 20:
+                return (step + 1) / 20
+            frac = (step - 20) / max(1, steps - 20)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
+
+    def subset(self, step: int, objects: list[np.ndarray]) -> torch.Tensor | None:
+        """The visual tokens phases 2 and 3 show at ``step``: (B, M) ascending, or None for the
+        whole videos.  objects: B x (n_objects, N), how much of each token every object covers
+        (a token shows an object from 10 % on).  A
+        function of ``step`` and the scenes only, never of the question or of a method's choice.
+
+        Phase 2: a share ``1 - --subset-share`` of the steps shows the whole videos, so that the
+        model does not unlearn them; the others one budget F*clamp(round(r*P), 1, P), r
+        log-uniform in [1 %, 100 %], each video's tokens drawn without replacement with weights
+        favouring the tokens that show an object by a factor log-uniform in [1, 1000] (1:
+        uniformly random tokens; 1000: nearly every object token first).
+
+        Phase 3: a fifth of the steps whole videos; the others r log-uniform in [1 %, 10 %], and
+        per video with even odds either phase 2's draw or an object-balanced one: one token per
+        (object, frame), the token the object covers most, objects and frames in random order and
+        taken round-robin so that every object is seen in as many frames as the budget allows,
+        the rest uniformly random.  This
+        is the shape of the evidence a good selection keeps at ultra-low retention, with nothing
+        of the question in it.
+        """
+        if self.phase(step) == 2:
+            rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
+            if rng.uniform() >= self.args.subset_share:
+                return None
+            high, balanced = 1.0, 0.0
+        else:
+            rng = np.random.default_rng([scenes.LAB_SEED, 9, step])
+            if rng.uniform() < 0.2:
+                return None
+            high, balanced = 0.1, 0.5
+        retention = float(np.exp(rng.uniform(np.log(0.01), np.log(high))))
+        shape = self.shape
+        m = CompressionConfig(retention=retention, merger="none").budget(
+            shape.frames, shape.tokens_per_frame
+        )
+        rows = []
+        for cover in objects:
+            shown = cover >= 0.1
+            favour = float(np.exp(rng.uniform(0.0, np.log(1000.0))))
+            weight = np.where(shown.any(0), favour, 1.0)
+            gumbel = np.log(weight) - np.log(-np.log(rng.uniform(size=weight.shape)))
+            order = np.argsort(-gumbel, kind="stable")
+            if balanced and rng.uniform() < balanced:
+                first = _round_robin(rng, cover, shape.frames)
+                rest = order[~np.isin(order, first)]
+                rest = rest[np.argsort(rng.uniform(size=len(rest)), kind="stable")]
+                order = np.concatenate([first, rest])
+            rows.append(np.sort(order[:m]))
+        return torch.from_numpy(np.stack(rows))
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimiser step on the videos of ``step``; the answer and auxiliary losses.  Steps
+        from ``--steps`` on show token subsets and train no probe."""
+        args = self.args
+        phase_two = self.phase(step) > 1
+        batch = _batch(step, args.batch, args.questions, self.shape, args.open_ratio)
+        keep = self.subset(step, batch["objects"]) if phase_two else None
+        answer, probe, guide, acc = _loss(
+            self.model, self.probe, self.tokenizer, batch, self.shape, keep
+        )
+        aux = guide if phase_two else probe + guide  # phase 2 trains no probe
         loss = answer + args.aux_weight * aux
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        params = list(self.model.parameters())
+        if not phase_two:
+            params += list(self.probe.parameters())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        run["answer"] += float(answer.detach())
-        run["aux"] += float(aux.detach())
-        run["acc"] += acc
+        self.opt.step()
+        self.sched.step()
+        return {"answer": float(answer.detach()), "aux": float(aux.detach()), "acc": acc}
+
+
+def run_steps(args: argparse.Namespace) -> dict[str, float]:
+    """Train from scratch up to ``--stop`` without evaluating or writing anything: the mean losses
+    of those steps (what ``lab.json``'s first ``log`` entry holds when ``--log-every`` is --stop)."""
+    trainer = _Trainer.build(args)
+    stop = args.steps if args.stop is None else min(args.stop, args.steps)  # phase 1 only
+    seen = [trainer.step(step) for step in range(stop)]
+    return {"step": stop, **{k: sum(x[k] for x in seen) / stop for k in seen[0]}}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    resumed = _load_checkpoint(out, args) if args.resume else None
+    trainer = _Trainer.build(args)
+    model, probe, shape = trainer.model, trainer.probe, trainer.shape
+    total = args.steps + args.subset_steps + args.sparse_steps
+    first, curve, log, before, resumed_at = 0, [], [], 0.0, []
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if resumed["step"] < args.steps:  # phase 1: its probe and optimiser go on
+            probe.load_state_dict(resumed["probe"])
+            trainer.opt.load_state_dict(resumed["opt"])
+            trainer.sched.load_state_dict(resumed["sched"])
+        elif trainer.phase(resumed["step"] - 1) == trainer.phase(resumed["step"]):
+            trainer.start_phase(trainer.phase(resumed["step"]))  # inside phase 2 or 3
+            trainer.opt.load_state_dict(resumed["opt"])
+            trainer.sched.load_state_dict(resumed["sched"])
+        torch.set_rng_state(resumed["rng"])
+        first, curve, before = resumed["step"], resumed["curve"], resumed["seconds"]
+        log = resumed["log"]
+        resumed_at = [*resumed.get("resumed_at", []), first]
+        print(f"resuming at step {first} ({before:.0f}s of training so far)", flush=True)
+    val = samples("val", args.val_limit)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter() - before
+    run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
+    stop = total if args.stop is None else min(args.stop, total)
+    for step in range(first, stop):
+        if step >= args.steps and trainer.phase(step) != trainer.phase(step - 1):
+            trainer.start_phase(trainer.phase(step))
+        losses = trainer.step(step)
+        for key, value in losses.items():
+            run[key] += value
         run["k"] += 1
         if (step + 1) % args.log_every == 0:
             k = run.pop("k")
+            log.append({"step": step + 1, **{key: value / k for key, value in run.items()}})
             print(
                 f"step {step + 1:5d}  answer {run['answer'] / k:.3f}  aux {run['aux'] / k:.3f}  "
-                f"train acc {100 * run['acc'] / k:5.1f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"train acc {100 * run['acc'] / k:5.1f}  lr {trainer.sched.get_last_lr()[0]:.2e}  "
                 f"{time.perf_counter() - start:6.0f}s",
                 flush=True,
             )
@@ -271,16 +516,34 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if (step + 1) % args.eval_every == 0 or step + 1 == stop:
             model.eval()
             res = evaluate(None, model=model, data=val, progress=False)
+            sparse = evaluate(
+                None, model=model, data=val, progress=False, selector=oracle_selector(0.02)
+            )
             model.train()
             point = {
                 "step": step + 1,
                 "seconds": time.perf_counter() - start,
                 "val": res.overall,
                 "val_per_family": res.per_family,
+                "val_oracle_2pct": sparse.overall,
             }
             curve.append(point)
-            print(f"  val {res.summary()}", flush=True)
+            print(f"  val {res.summary()}  oracle 2 % {sparse.overall:.1f}", flush=True)
             model.save_pretrained(out)
+            state = {
+                "step": step + 1,
+                "seconds": time.perf_counter() - start,
+                "curve": curve,
+                "log": log,
+                "resumed_at": resumed_at,
+                "settings": vars(args),
+                "model": model.state_dict(),
+                "probe": probe.state_dict(),
+                "opt": trainer.opt.state_dict(),
+                "sched": trainer.sched.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+            _save_checkpoint(out, state)
     train_seconds = time.perf_counter() - start
     model.eval()
     model.save_pretrained(out)
@@ -293,9 +556,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "steps_run": stop,
         "videos_seen": stop * args.batch,
+        "resumed_at": resumed_at,
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpus": os.cpu_count(),
         "curve": curve,
+        "log": log,
         "val": {"overall": final_val.overall, "per_family": final_val.per_family, "n": final_val.n},
         "test": {
             "overall": test.overall,
@@ -306,6 +572,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     with open(out / "lab.json", "w") as f:
         json.dump(record, f, indent=1)
+    if stop == total:  # the schedule is done: the shipped folder holds the model alone
+        (out / CHECKPOINT).unlink(missing_ok=True)
     print(f"test {test.summary()}", flush=True)
     return record
 
@@ -324,7 +592,7 @@ def parser() -> argparse.ArgumentParser:
         "--stop",
         type=int,
         default=None,
-        help="stop after this many steps of the --steps schedule (default: all)",
+        help="stop after this many steps of the whole schedule, all phases (default: all)",
     )
     p.add_argument("--batch", type=int, default=12, help="videos per step")
     p.add_argument(
@@ -334,6 +602,26 @@ def parser() -> argparse.ArgumentParser:
         help="questions per video (1: its own family, so the families stay balanced)",
     )
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument(
+        "--subset-steps",
+        type=int,
+        default=2000,
+        help="phase 2 after --steps: steps on random token subsets (0: none)",
+    )
+    p.add_argument("--subset-lr", type=float, default=5e-4, help="peak learning rate of phase 2")
+    p.add_argument(
+        "--subset-share",
+        type=float,
+        default=0.7,
+        help="share of phase-2 steps on token subsets (the others show whole videos)",
+    )
+    p.add_argument(
+        "--sparse-steps",
+        type=int,
+        default=2000,
+        help="phase 3 after phase 2: steps on low-budget (1-10 %%) token subsets (0: none)",
+    )
+    p.add_argument("--sparse-lr", type=float, default=5e-4, help="peak learning rate of phase 3")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument(
@@ -344,16 +632,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from {CHECKPOINT} in --out (written at every eval; same schedule)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (1 is fastest on a shared 2-core machine; results are "
-        "deterministic for a given thread count)",
+        default=2,
+        help="torch threads (results are deterministic for a given thread count)",
     )
     p.add_argument("--val-limit", type=int, default=300)
     p.add_argument("--test-limit", type=int, default=None, help="test questions (default: all)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=250,
+        help="validate, save the weights and write the --resume checkpoint every N steps",
+    )
+    p.add_argument("--log-every", type=int, default=50)
     return p
 
 
@@ -362,6 +659,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "batch", "questions", "threads", "val_limit", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("subset_steps", "sparse_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.subset_share <= 1.0:
+        raise ValueError(f"--subset-share must be in [0, 1], got {args.subset_share}")
     train(args)
 
 

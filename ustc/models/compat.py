@@ -38,6 +38,27 @@ def cache_argument(kwargs: dict[str, Any]) -> Any:
     return None
 
 
+def cache_keyword(module: Any) -> str:
+    """The keyword ``module.forward`` takes the KV cache by (the first of :data:`CACHE_NAMES` in
+    its signature): what a caller that passes a cache in should use."""
+    import inspect
+
+    taken = inspect.signature(module.forward).parameters
+    for name in CACHE_NAMES:
+        if name in taken:
+            return name
+    raise ValueError(f"{type(module).__name__}.forward takes no KV cache argument{version_note()}")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned, whichever field name the release uses."""
+    for name in CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    raise ValueError(f"the output has no KV cache{version_note()}")
+
+
 def cache_length(cache: Any, layer: int) -> int:
     try:
         return int(cache.get_seq_length(layer))
