@@ -372,9 +372,10 @@ class _Trainer:
         """Phases 2 and 3 each start a fresh AdamW over the model alone (the probe is not
         trained any more) at their peak rate, 20 warm-up steps, cosine to 10 % of it."""
         args = self.args
-        steps, lr = (
-            (args.subset_steps, args.subset_lr) if phase == 2 else (args.sparse_steps, args.sparse_lr)
-        )
+        if phase == 2:
+            steps, lr = args.subset_steps, args.subset_lr
+        else:
+            steps, lr = args.sparse_steps, args.sparse_lr
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01
         )
@@ -390,8 +391,8 @@ class _Trainer:
     def subset(self, step: int, objects: list[np.ndarray]) -> torch.Tensor | None:
         """The visual tokens phases 2 and 3 show at ``step``: (B, M) ascending, or None for the
         whole videos.  objects: B x (n_objects, N), how much of each token every object covers
-        (a token shows an object from 10 % on).  A
-        function of ``step`` and the scenes only, never of the question or of a method's choice.
+        (a token shows an object from 10 % on).  A function of ``step`` and the scenes only,
+        never of the question or of a method's choice.
 
         Phase 2: a share ``1 - --subset-share`` of the steps shows the whole videos, so that the
         model does not unlearn them; the others one budget F*clamp(round(r*P), 1, P), r
@@ -403,9 +404,8 @@ class _Trainer:
         per video with even odds either phase 2's draw or an object-balanced one: one token per
         (object, frame), the token the object covers most, objects and frames in random order and
         taken round-robin so that every object is seen in as many frames as the budget allows,
-        the rest uniformly random.  This
-        is the shape of the evidence a good selection keeps at ultra-low retention, with nothing
-        of the question in it.
+        the rest uniformly random.  This is the shape of the evidence a good selection keeps at
+        ultra-low retention, with nothing of the question in it.
         """
         if self.phase(step) == 2:
             rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
@@ -441,18 +441,18 @@ class _Trainer:
         """One optimiser step on the videos of ``step``; the answer and auxiliary losses.  Steps
         from ``--steps`` on show token subsets and train no probe."""
         args = self.args
-        phase_two = self.phase(step) > 1
+        subsets = self.phase(step) > 1
         batch = _batch(step, args.batch, args.questions, self.shape, args.open_ratio)
-        keep = self.subset(step, batch["objects"]) if phase_two else None
+        keep = self.subset(step, batch["objects"]) if subsets else None
         answer, probe, guide, acc = _loss(
             self.model, self.probe, self.tokenizer, batch, self.shape, keep
         )
-        aux = guide if phase_two else probe + guide  # phase 2 trains no probe
+        aux = guide if subsets else probe + guide  # phases 2 and 3 train no probe
         loss = answer + args.aux_weight * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.model.parameters())
-        if not phase_two:
+        if not subsets:
             params += list(self.probe.parameters())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.opt.step()
