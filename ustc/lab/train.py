@@ -45,9 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ustc.config import CompressionConfig
 from ustc.lab import scenes
-from ustc.lab.evaluate import evaluate, oracle_selector, samples
+from ustc.lab.evaluate import _budget, evaluate, oracle_selector, samples
 from ustc.lab.model import (
     VIDEO_TOKEN_ID,
     LabShape,
@@ -419,9 +418,7 @@ class _Trainer:
             high, balanced = 0.1, 0.5
         retention = float(np.exp(rng.uniform(np.log(0.01), np.log(high))))
         shape = self.shape
-        m = CompressionConfig(retention=retention, merger="none").budget(
-            shape.frames, shape.tokens_per_frame
-        )
+        m = _budget(retention, shape.frames, shape.frames * shape.tokens_per_frame)
         rows = []
         for cover in objects:
             shown = cover >= 0.1
