@@ -234,7 +234,7 @@ def test_the_lab_is_in_the_papers_regime():
 def test_objects_cover_several_tokens_and_the_background_repeats():
     covered, repeated = [], []
     for s in samples("val", 20):
-        shown = scenes.token_cover(s.scene) >= 0.1  # (objects, F, P)
+        shown = scenes.token_cover(s.scene) >= scenes.MIN_COVER  # (objects, F, P)
         per_frame = shown.sum(-1)
         covered += per_frame[per_frame > 0].tolist()
         background = ~shown.any(0)  # (F, P)
@@ -269,14 +269,14 @@ def test_evidence_order_shows_every_object_in_every_prefix(test_samples):
         order = evidence_order(s, n)
         assert sorted(order.tolist()) == list(range(n))
         cover = scenes.token_cover(s.scene).reshape(len(s.scene.objects), -1)
-        shows = cover >= 0.1
+        shows = cover >= scenes.MIN_COVER
         k = len(s.scene.objects)
         assert all(shows[:, order[:k]].any(1))  # every object in the first k tokens
         q = s.question
         if q.family in ("stationary", "hit", "rare"):
             named = [o.colour for o in s.scene.objects].index(q.options[q.answer])
             assert shows[named, order[0]]
-        pairs = int((cover.reshape(k, shape.frames, -1).max(-1) >= 0.1).sum())
+        pairs = int((cover.reshape(k, shape.frames, -1).max(-1) >= scenes.MIN_COVER).sum())
         assert shows[:, order[:pairs]].any(0).all()  # the (object, frame) tokens come first
         object_tokens = int(shows.any(0).sum())
         assert not shows[:, order[object_tokens:]].any()  # then the fill
@@ -396,8 +396,9 @@ def test_a_subset_of_every_token_is_the_whole_video_and_positions_stay():
 
 
 def test_phase_three_subsets_are_low_budget_and_object_balanced():
-    """Phase 3 shows 1-10 % budgets (or, on a fifth of its steps, whole videos), and its
-    object-balanced draw visits every object once before any object twice."""
+    """Phase 3 shows 1-10 % budgets (or, on a fifth of its steps, whole videos); its
+    object-balanced draws visit every object once before any object twice, and the dense one then
+    shows the other object tokens, most covered first."""
     from ustc.lab import train
 
     shape = LabShape()
@@ -421,7 +422,7 @@ def test_phase_three_subsets_are_low_budget_and_object_balanced():
         sample = scenes.make_sample("train", index, keep_scene=True)
         cover = scenes.token_cover(sample.scene)
         cover = cover.reshape(len(cover), -1)
-        shown = cover >= 0.1
+        shown = cover >= scenes.MIN_COVER
         order = train._round_robin(rng, cover, shape.frames)
         assert len(set(order.tolist())) == len(order) and shown.any(0)[order].all()
         owners = [set(np.flatnonzero(shown[:, t]).tolist()) for t in order]
@@ -434,6 +435,18 @@ def test_phase_three_subsets_are_low_budget_and_object_balanced():
                 assert len(cells) == 1
         first = set().union(*owners[: len(shown)])
         assert first == set(range(len(shown)))  # the first round shows every object
+
+        every = rng.permutation(cover.shape[1])
+        for dense in (False, True):
+            head = train._round_robin(np.random.default_rng(index), cover, shape.frames)
+            got = train._balanced(np.random.default_rng(index), cover, shape.frames, every, dense)
+            assert sorted(got.tolist()) == list(range(cover.shape[1]))
+            assert got[: len(head)].tolist() == head.tolist()
+            tail = cover.max(0)[got[len(head) :]]
+            objects_next = tail[: int((tail >= scenes.MIN_COVER).sum())]
+            assert dense == bool(
+                (objects_next >= scenes.MIN_COVER).all() and (np.diff(objects_next) <= 0).all()
+            )
 
 
 def test_attention_supervision_matches_eager_attention():

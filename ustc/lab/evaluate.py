@@ -137,7 +137,7 @@ def _spread(frames: np.ndarray) -> list[int]:
     return chosen
 
 
-def evidence_order(sample: Sample, tokens: int, min_cover: float = 0.1) -> np.ndarray:
+def evidence_order(sample: Sample, tokens: int, min_cover: float = scenes.MIN_COVER) -> np.ndarray:
     """Every visual token of ``sample`` (N = F * P of them) in the oracle's order of priority.
 
     1. One token per (object, frame), the one the object covers most, taken round-robin over the

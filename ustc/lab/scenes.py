@@ -35,6 +35,7 @@ SPLIT_SIZE: dict[str, int] = {"val": 300, "test": 600}
 FRAMES = 8
 SIZE = 80
 TOKEN_PX = 8  # one pooled LLaVA-OV token covers 2 x 2 SigLIP patches of 4 px
+MIN_COVER = 0.1  # a token shows an object when the object covers this share of its pixels
 
 # Four colours, four counts, four shapes: every question lists its four options in this fixed
 # order, so the answer letter is a fixed function of what the video shows.  The model only has to
@@ -177,7 +178,7 @@ def token_cover(scene: Scene) -> np.ndarray:
     return cover.reshape(n, frames, cells * cells)
 
 
-def token_labels(scene: Scene, min_cover: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def token_labels(scene: Scene, min_cover: float = MIN_COVER) -> tuple[np.ndarray, np.ndarray]:
     """Which colours and shapes each pooled visual token shows: (F, T, 4) and (F, T, 4) float.
 
     A token shows an object when the object covers at least ``min_cover`` of its pixels.

@@ -58,14 +58,14 @@ from ustc.lab.model import (
 from ustc.models.compat import cache_keyword, output_cache
 
 
-def _shown(scene: scenes.Scene, min_cover: float = 0.1) -> np.ndarray:
+def _shown(scene: scenes.Scene, min_cover: float = scenes.MIN_COVER) -> np.ndarray:
     """Which visual tokens show each object: (n_objects, N) bool."""
     cover = scenes.token_cover(scene)
     return (cover >= min_cover).reshape(len(cover), -1)
 
 
 def _round_robin(
-    rng: np.random.Generator, cover: np.ndarray, frames: int, min_cover: float = 0.1
+    rng: np.random.Generator, cover: np.ndarray, frames: int, min_cover: float = scenes.MIN_COVER
 ) -> np.ndarray:
     """One token per (object, frame) in which the object shows, the one it covers most (its
     centre: the same token in every frame while the object stands still); objects in random
@@ -82,6 +82,21 @@ def _round_robin(
                 if token not in taken:
                     taken.append(token)
     return np.array(taken, dtype=np.int64)
+
+
+def _balanced(
+    rng: np.random.Generator, cover: np.ndarray, frames: int, order: np.ndarray, dense: bool
+) -> np.ndarray:
+    """Phase 3's object-balanced reordering of ``order`` (every token once): ``_round_robin``'s
+    tokens, then the others in random order, or (``dense``) the other tokens that show an object
+    first, most covered first.  cover: (n_objects, N)."""
+    first = _round_robin(rng, cover, frames)
+    rest = order[~np.isin(order, first)]
+    rest = rest[np.argsort(rng.uniform(size=len(rest)), kind="stable")]
+    if dense:
+        most = cover.max(0)[rest]
+        rest = rest[np.argsort(np.where(most >= scenes.MIN_COVER, -most, 1.0), kind="stable")]
+    return np.concatenate([first, rest])
 
 
 def _evidence(
@@ -114,7 +129,7 @@ def _batch(
     for s, qs in zip(data, asked, strict=True):
         cover = scenes.token_cover(s.scene)  # type: ignore[arg-type]
         cover = cover.reshape(len(cover), -1)
-        shown = cover >= 0.1
+        shown = cover >= scenes.MIN_COVER
         evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
         objects.append(cover)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
@@ -400,11 +415,13 @@ class _Trainer:
         uniformly random tokens; 1000: nearly every object token first).
 
         Phase 3: a fifth of the steps whole videos; the others r log-uniform in [1 %, 10 %], and
-        per video with even odds either phase 2's draw or an object-balanced one: one token per
-        (object, frame), the token the object covers most, objects and frames in random order and
-        taken round-robin so that every object is seen in as many frames as the budget allows,
-        the rest uniformly random.  This is the shape of the evidence a good selection keeps at
-        ultra-low retention, with nothing of the question in it.
+        per video, a third each, phase 2's draw or one of two object-balanced ones
+        (``_balanced``): one token per (object, frame), the token the object covers most,
+        objects and frames in random order and taken round-robin so that every object is seen in
+        as many frames as the budget allows; then either uniformly random tokens or (dense) the
+        other tokens that show an object, most covered first.  These are the shapes of the
+        evidence a good selection keeps at ultra-low and at low retention, with nothing of the
+        question in them.
         """
         if self.phase(step) == 2:
             rng = np.random.default_rng([scenes.LAB_SEED, 8, step])
@@ -415,22 +432,20 @@ class _Trainer:
             rng = np.random.default_rng([scenes.LAB_SEED, 9, step])
             if rng.uniform() < 0.2:
                 return None
-            high, balanced = 0.1, 0.5
+            high, balanced = 0.1, 2 / 3
         retention = float(np.exp(rng.uniform(np.log(0.01), np.log(high))))
         shape = self.shape
         m = _budget(retention, shape.frames, shape.frames * shape.tokens_per_frame)
         rows = []
         for cover in objects:
-            shown = cover >= 0.1
+            shown = cover >= scenes.MIN_COVER
             favour = float(np.exp(rng.uniform(0.0, np.log(1000.0))))
             weight = np.where(shown.any(0), favour, 1.0)
             gumbel = np.log(weight) - np.log(-np.log(rng.uniform(size=weight.shape)))
             order = np.argsort(-gumbel, kind="stable")
-            if balanced and rng.uniform() < balanced:
-                first = _round_robin(rng, cover, shape.frames)
-                rest = order[~np.isin(order, first)]
-                rest = rest[np.argsort(rng.uniform(size=len(rest)), kind="stable")]
-                order = np.concatenate([first, rest])
+            draw = rng.uniform() if balanced else 1.0  # phase 2 draws nothing here
+            if draw < balanced:
+                order = _balanced(rng, cover, shape.frames, order, dense=draw < balanced / 2)
             rows.append(np.sort(order[:m]))
         return torch.from_numpy(np.stack(rows))
 
@@ -615,7 +630,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparse-steps",
         type=int,
-        default=2000,
+        default=3000,
         help="phase 3 after phase 2: steps on low-budget (1-10 %%) token subsets (0: none)",
     )
     p.add_argument("--sparse-lr", type=float, default=5e-4, help="peak learning rate of phase 3")
