@@ -547,6 +547,14 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
         ("--subset-steps", "-1", "--subset-steps must be >= 0"),
         ("--sparse-steps", "-5", "--sparse-steps must be >= 0"),
         ("--subset-share", "1.5", r"--subset-share must be in \[0, 1\]"),
+        ("--device", "tpu", r"--device must be a torch device"),
+        ("--device", "meta", r"--device must be cpu or cuda\[:N\], got 'meta'"),
+        pytest.param(
+            "--device",
+            "cuda",
+            "sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_training_arguments_raise_before_any_work(tmp_path, flag, value, message):

@@ -242,20 +242,19 @@ def _forward_selected(
     ).pooler_output
     n = feats.shape[1] - 1
     keep = select(feats[:, :n], frames, batch)  # (B, M)
-    b = ids.shape[0]
+    b, device = ids.shape[0], feats.device
     first = int((ids[0] == VIDEO_TOKEN_ID).nonzero()[0])
-    pos_video = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype)], 1) + first
-    before = torch.arange(first).expand(b, -1)
-    after = torch.arange(first + n + 1, ids.shape[1]).expand(b, -1)
-    positions = torch.cat([before, pos_video, after], 1)
-    idx = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype)], 1)
+    idx = torch.cat([keep, torch.full((b, 1), n, dtype=keep.dtype, device=device)], 1)
+    before = torch.arange(first, device=device).expand(b, -1)
+    after = torch.arange(first + n + 1, ids.shape[1], device=device).expand(b, -1)
+    positions = torch.cat([before, idx + first, after], 1)
     video = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
     embed = inner.get_input_embeddings()
     embeds = torch.cat([embed(ids[:, :first]), video, embed(ids[:, first + n + 1 :])], 1)
     out = model(
         inputs_embeds=embeds,
         position_ids=positions,
-        attention_mask=torch.ones(positions.shape, dtype=torch.long),
+        attention_mask=torch.ones_like(positions),
         logits_to_keep=1,
     )
     return out.logits[:, -1]
@@ -291,7 +290,8 @@ def evaluate(
     t0 = time.perf_counter()
     data = list(data) if data is not None else samples(split, limit)
     data_seconds = time.perf_counter() - t0
-    letters = torch.tensor(letter_ids(tokenizer))
+    device = next(model.parameters()).device
+    letters = torch.tensor(letter_ids(tokenizer), device=device)
     p = _tokens_per_frame(model)
     video_tokens = frames * p + 1
 
@@ -318,8 +318,8 @@ def evaluate(
         ]
         bar = _progress(len(data), progress)
         for batch in batches:
-            ids = torch.tensor([prompts[i] for i in batch])
-            px = pixel_values(np.stack([data[i].frames for i in batch]))
+            ids = torch.tensor([prompts[i] for i in batch], device=device)
+            px = pixel_values(np.stack([data[i].frames for i in batch])).to(device)
             if selector is not None:
                 logits = _forward_selected(
                     model, ids, px, selector, frames, [data[i] for i in batch]

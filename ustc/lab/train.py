@@ -1,7 +1,8 @@
-"""Train the lab's micro Video-LLM from scratch on generated videos (CPU, deterministic).
+"""Train the lab's micro Video-LLM from scratch on generated videos (deterministic on the CPU).
 
     python -m ustc.lab.train --out ustc/lab/weights            # the shipped weights
     python -m ustc.lab.train --out /tmp/lab --steps 200        # a quick look
+    python -m ustc.lab.train --out /tmp/lab --device cuda      # on a GPU (not bit-identical)
     python -m ustc.lab.train --out DIR --stop 1000             # the first 1000 steps, then
     python -m ustc.lab.train --out DIR --resume                # the rest of the schedule
 
@@ -162,8 +163,9 @@ def _loss(
     inner = model.model
     lm = inner.language_model
     cfg = model.config
+    device = next(model.parameters()).device
     feats = inner.get_video_features(
-        pixel_values_videos=pixel_values(batch["frames"]),
+        pixel_values_videos=pixel_values(batch["frames"]).to(device),
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     ).pooler_output  # (B, N + 1, D)
@@ -172,37 +174,40 @@ def _loss(
     # inflate their norm far above the text embeddings', which starves the LLM of its say
     visual = feats[:, :n]
     visual = visual * torch.rsqrt(visual.pow(2).mean(-1, keepdim=True) + 1e-6)
-    aux = F.binary_cross_entropy_with_logits(probe(visual), batch["aux"])
+    aux = F.binary_cross_entropy_with_logits(probe(visual), batch["aux"].to(device))
 
     flat = [q for qs in batch["questions"] for q in qs]
     with_options = [not o for o in batch["open"]]
     ids = encode_prompts(tokenizer, flat, shape.video_tokens, with_options)
     cut = ids[0].index(VIDEO_TOKEN_ID) + shape.video_tokens
     b, q = len(batch["questions"]), len(batch["questions"][0])
-    prefix = torch.tensor(ids[0][: cut - shape.video_tokens]).expand(b, -1)
+    prefix = torch.tensor(ids[0][: cut - shape.video_tokens], device=device).expand(b, -1)
     start = prefix.shape[1]
-    evidence = batch["evidence"]
+    evidence = batch["evidence"].to(device)
     placed: dict[str, torch.Tensor] = {}
     if keep is not None:
+        keep = keep.to(device)
         index = keep[..., None].expand(-1, -1, feats.shape[-1])
         feats = torch.cat([feats[:, :n].gather(1, index), feats[:, n:]], 1)
-        newline = torch.full((b, 1), n, dtype=keep.dtype)
+        newline = torch.full((b, 1), n, dtype=keep.dtype, device=device)
         video = torch.cat([keep, newline], 1) + start
-        placed["position_ids"] = torch.cat([torch.arange(start).expand(b, -1), video], 1)
+        before = torch.arange(start, device=device).expand(b, -1)
+        placed["position_ids"] = torch.cat([before, video], 1)
         evidence = evidence.gather(1, keep.repeat_interleave(q, 0))
     embeds = torch.cat([inner.get_input_embeddings()(prefix), feats], 1)
     cache = output_cache(lm(inputs_embeds=embeds, use_cache=True, **placed))
     cache.batch_repeat_interleave(q)
     seen_tokens = feats.shape[1] - 1
 
-    lengths = torch.tensor([len(x) - cut for x in ids])
+    lengths = torch.tensor([len(x) - cut for x in ids], device=device)
     suffix = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)  # right padding: causal
     for i, x in enumerate(ids):
         suffix[i, : len(x) - cut] = torch.tensor(x[cut:])
+    suffix = suffix.to(device)
     layer = lm.layers[-1].self_attn
     keys = cache.layers[len(lm.layers) - 1].keys[:, :, start : start + seen_tokens]
     if keep is not None:  # the text continues after the video's last original position
-        after = start + n + 1 + torch.arange(suffix.shape[1])
+        after = start + n + 1 + torch.arange(suffix.shape[1], device=device)
         placed = {"position_ids": after.expand(len(ids), -1)}
     seen: dict[str, Any] = {}
 
@@ -221,12 +226,12 @@ def _loss(
     pointer = pointer + _option_loss(
         layer, seen, suffix, lengths - 1, flat, with_options, tokenizer
     )
-    last = hidden[torch.arange(len(ids)), lengths - 1]
+    last = hidden[torch.arange(len(ids), device=device), lengths - 1]
     logits = model.lm_head(last)
     answers = [
         x.letter if o else x.options[x.answer] for x, o in zip(flat, with_options, strict=True)
     ]
-    target = torch.tensor(tokenizer.convert_tokens_to_ids(answers))
+    target = torch.tensor(tokenizer.convert_tokens_to_ids(answers), device=device)
     answer = F.cross_entropy(logits, target)
     acc = float((logits.argmax(-1) == target).float().mean())
     return answer, aux, pointer, acc
@@ -254,7 +259,8 @@ def _option_loss(
         ids = suffix[i].tolist()
         at = next(j for j in range(len(ids) - 2) if ids[j : j + 3] == [newline, letter, dot])
         target.append(at + 3)
-    idx = torch.tensor(rows)
+    device = suffix.device
+    idx = torch.tensor(rows, device=device)
     hidden, (cos, sin) = seen["hidden"][idx], seen["rope"]
     cos, sin = (x.expand(len(suffix), -1, -1)[idx] for x in (cos, sin))
     d = attn.head_dim
@@ -265,10 +271,10 @@ def _option_loss(
 
     k = rope(attn.k_proj(hidden)[..., :d])  # kv head 0, (R, Ls, d)
     q = rope(attn.q_proj(hidden)[..., d : 2 * d])  # head 1 (shares kv head 0)
-    q_last = q[torch.arange(len(rows)), last[idx]]
+    q_last = q[torch.arange(len(rows), device=device), last[idx]]
     scores = torch.einsum("rd,rsd->rs", q_last, k) / math.sqrt(d)
-    causal = torch.arange(k.shape[1])[None] > last[idx, None]
-    return F.cross_entropy(scores.masked_fill(causal, -1e4), torch.tensor(target))
+    causal = torch.arange(k.shape[1], device=device)[None] > last[idx, None]
+    return F.cross_entropy(scores.masked_fill(causal, -1e4), torch.tensor(target, device=device))
 
 
 def _pointer_loss(
@@ -281,7 +287,7 @@ def _pointer_loss(
     the suffix; evidence: (BQ, N) bool.  This teaches the model where to look; it is a training
     signal only and leaves no trace in the model.
     """
-    rows = torch.arange(len(last))
+    rows = torch.arange(len(last), device=last.device)
     h = seen["hidden"][rows, last]  # (BQ, D)
     d = keys.shape[-1]
     q = attn.q_proj(h)[:, :d]  # head 0
@@ -328,7 +334,7 @@ def _load_checkpoint(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(
             f"--resume: no {CHECKPOINT} in {out} (a run writes one at every eval)"
         )
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     differ = [
         f"--{k.replace('_', '-')} {state['settings'][k]} (checkpoint) vs {getattr(args, k)}"
         for k in SCHEDULE
@@ -360,8 +366,9 @@ class _Trainer:
         torch.set_flush_denormal(True)
         torch.manual_seed(args.seed)
         shape = LabShape()
-        model = build_model(shape, seed=args.seed).train()
+        model = build_model(shape, seed=args.seed).train().to(args.device)
         probe = torch.nn.Linear(shape.hidden, len(scenes.COLOUR_NAMES) + len(scenes.SHAPES))
+        probe = probe.to(args.device)  # initialised on the CPU, like the model: same start anywhere
         params = list(model.parameters()) + list(probe.parameters())
         opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
@@ -572,6 +579,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         "curve": curve,
         "log": log,
         "val": {"overall": final_val.overall, "per_family": final_val.per_family, "n": final_val.n},
@@ -654,6 +662,11 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="torch threads (results are deterministic for a given thread count)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: cpu or cuda[:N] (the shipped weights were trained on the CPU)",
+    )
     p.add_argument("--val-limit", type=int, default=300)
     p.add_argument("--test-limit", type=int, default=None, help="test questions (default: all)")
     p.add_argument(
@@ -676,7 +689,22 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.subset_share <= 1.0:
         raise ValueError(f"--subset-share must be in [0, 1], got {args.subset_share}")
+    _check_device(args.device)
     train(args)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a ``--device`` torch cannot parse or this machine does not have, before any work."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {name!r}"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
 
 
 if __name__ == "__main__":
