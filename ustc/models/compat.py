@@ -12,7 +12,7 @@ def describe(value: Any) -> str:
 
 
 #: the transformers releases the adapters are tested with (README, CI)
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 
 
 def version_note() -> str:
