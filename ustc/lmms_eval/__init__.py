@@ -13,6 +13,8 @@
 ``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``          ``more_backbones.py``
 ``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``      ``more_backbones.py``
 ``internvl_ustc``           ``InternVLForConditionalGeneration``            ``more_backbones.py``
+``glm4v_ustc``              ``Glm4vForConditionalGeneration``               ``more_backbones.py``
+``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``            ``more_backbones.py``
 ==========================  ==============================================  =====================
 
 Registered through lmms-eval's plugin mechanism, the entry point group ``lmms_eval.models``
@@ -43,6 +45,8 @@ from ustc.lmms_eval.base import (
 )
 from ustc.lmms_eval.llava_onevision import LlavaOneVisionUSTC
 from ustc.lmms_eval.more_backbones import (
+    Glm4vMoeUSTC,
+    Glm4vUSTC,
     InternVLUSTC,
     LlavaNextVideoUSTC,
     Qwen2VLUSTC,
@@ -70,6 +74,8 @@ def manifests() -> list[Any]:
 
 __all__ = [
     "BACKBONES",
+    "Glm4vMoeUSTC",
+    "Glm4vUSTC",
     "InternVLUSTC",
     "LlavaNextVideoUSTC",
     "LlavaOneVisionUSTC",

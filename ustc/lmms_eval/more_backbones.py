@@ -10,6 +10,8 @@
 ``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``
 ``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``
 ``internvl_ustc``           ``InternVLForConditionalGeneration``
+``glm4v_ustc``              ``Glm4vForConditionalGeneration``
+``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``
 ==========================  ==============================================
 
 Each is a declaration: the shared machinery of :mod:`ustc.lmms_eval.base` loads the model,
@@ -86,3 +88,21 @@ class InternVLUSTC(USTCModel):
     model_class = "InternVLForConditionalGeneration"
     default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
     default_frames = 16
+
+
+@register
+class Glm4vUSTC(USTCModel):
+    """GLM-4.1V whose video tokens are compressed by ustc."""
+
+    name = "glm4v_ustc"
+    model_class = "Glm4vForConditionalGeneration"
+    default_checkpoint = "zai-org/GLM-4.1V-9B-Thinking"
+
+
+@register
+class Glm4vMoeUSTC(Glm4vUSTC):
+    """GLM-4.5V (MoE LLM) whose video tokens are compressed by ustc."""
+
+    name = "glm4v_moe_ustc"
+    model_class = "Glm4vMoeForConditionalGeneration"
+    default_checkpoint = "zai-org/GLM-4.5V"

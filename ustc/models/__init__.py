@@ -20,6 +20,8 @@ model class                                            adapter
 ``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
 ``LlavaNextVideoForConditionalGeneration``             ``LlavaNextVideoHandle``
 ``InternVLForConditionalGeneration``                   ``InternVLHandle``
+``Glm4vForConditionalGeneration``,                     ``Glm4vHandle`` (GLM-4.1V, GLM-4.5V: one
+``Glm4vMoeForConditionalGeneration``                   run per frame pair, timestamps between)
 =====================================================  ==========================================
 """
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.glm4v import Glm4vHandle
 from ustc.models.internvl import InternVLHandle
 from ustc.models.llava_next_video import LlavaNextVideoHandle
 from ustc.models.llava_onevision import LlavaOnevisionHandle
@@ -49,11 +52,14 @@ ADAPTERS: dict[str, type[Handle]] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
     "LlavaNextVideoForConditionalGeneration": LlavaNextVideoHandle,
     "InternVLForConditionalGeneration": InternVLHandle,
+    "Glm4vForConditionalGeneration": Glm4vHandle,
+    "Glm4vMoeForConditionalGeneration": Glm4vHandle,
 }
 
 __all__ = [
     "ADAPTERS",
     "CompressionStats",
+    "Glm4vHandle",
     "Handle",
     "InternVLHandle",
     "LastRun",
