@@ -15,6 +15,7 @@
 ``internvl_ustc``           ``InternVLForConditionalGeneration``            ``more_backbones.py``
 ``glm4v_ustc``              ``Glm4vForConditionalGeneration``               ``more_backbones.py``
 ``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``            ``more_backbones.py``
+``video_llama_3_ustc``      ``VideoLlama3ForConditionalGeneration``         ``more_backbones.py``
 ==========================  ==============================================  =====================
 
 Registered through lmms-eval's plugin mechanism, the entry point group ``lmms_eval.models``
@@ -54,6 +55,7 @@ from ustc.lmms_eval.more_backbones import (
     Qwen3_5USTC,
     Qwen3VLMoeUSTC,
     Qwen3VLUSTC,
+    VideoLlama3USTC,
 )
 from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
 
@@ -86,6 +88,7 @@ __all__ = [
     "Qwen3_5USTC",
     "Qwen2_5_VLUSTC",
     "USTCModel",
+    "VideoLlama3USTC",
     "config_from_model_args",
     "config_to_model_args",
     "default_device",

@@ -12,6 +12,7 @@
 ``internvl_ustc``           ``InternVLForConditionalGeneration``
 ``glm4v_ustc``              ``Glm4vForConditionalGeneration``
 ``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``
+``video_llama_3_ustc``      ``VideoLlama3ForConditionalGeneration``
 ==========================  ==============================================
 
 Each is a declaration: the shared machinery of :mod:`ustc.lmms_eval.base` loads the model,
@@ -21,6 +22,8 @@ it also has the manual layout for machines without torchvision; the others need 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ustc.lmms_eval.base import USTCModel, register
 from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
@@ -106,3 +109,21 @@ class Glm4vMoeUSTC(Glm4vUSTC):
     name = "glm4v_moe_ustc"
     model_class = "Glm4vMoeForConditionalGeneration"
     default_checkpoint = "zai-org/GLM-4.5V"
+
+
+@register
+class VideoLlama3USTC(USTCModel):
+    """VideoLLaMA3 whose video tokens are compressed by ustc.  Its processor's own differential
+    frame pruning is turned off (``use_token_compression = False``): the adapter selects its
+    budget over the full F x P grid and refuses pruned inputs."""
+
+    name = "video_llama_3_ustc"
+    model_class = "VideoLlama3ForConditionalGeneration"
+    default_checkpoint = "lkhl/VideoLLaMA3-2B-Image-HF"
+    default_frames = 32
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        video = getattr(self.processor, "video_processor", None)
+        if video is not None:
+            video.use_token_compression = False

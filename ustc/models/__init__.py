@@ -22,6 +22,8 @@ model class                                            adapter
 ``InternVLForConditionalGeneration``                   ``InternVLHandle``
 ``Glm4vForConditionalGeneration``,                     ``Glm4vHandle`` (GLM-4.1V, GLM-4.5V: one
 ``Glm4vMoeForConditionalGeneration``                   run per frame pair, timestamps between)
+``VideoLlama3ForConditionalGeneration``                ``VideoLlama3Handle`` (the processor's own
+                                                       frame pruning must be off)
 =====================================================  ==========================================
 """
 
@@ -40,6 +42,7 @@ from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
 from ustc.models.qwen2_vl import Qwen2VLHandle
 from ustc.models.qwen3_vl import Qwen3_5Handle, Qwen3VLHandle
+from ustc.models.video_llama_3 import VideoLlama3Handle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
@@ -54,6 +57,7 @@ ADAPTERS: dict[str, type[Handle]] = {
     "InternVLForConditionalGeneration": InternVLHandle,
     "Glm4vForConditionalGeneration": Glm4vHandle,
     "Glm4vMoeForConditionalGeneration": Glm4vHandle,
+    "VideoLlama3ForConditionalGeneration": VideoLlama3Handle,
 }
 
 __all__ = [
@@ -69,6 +73,7 @@ __all__ = [
     "Qwen3VLHandle",
     "Qwen3_5Handle",
     "Qwen2VLHandle",
+    "VideoLlama3Handle",
     "adapter_for",
     "attach",
 ]
