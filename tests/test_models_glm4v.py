@@ -116,9 +116,10 @@ def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
     return model
 
 
-def glm4v_processor():
+def glm4v_processor(sample_frames=False):
     """The real ``Glm4vProcessor``: its PIL image processor, its video processor (patch 4, frames
-    kept at 32 x 32 .. 48 x 48 px, no resampling of the frames given) and the tiny tokenizer."""
+    kept at 32 x 32 .. 48 x 48 px; its own sampling by fps, on in the checkpoints, only with
+    ``sample_frames``) and the tiny tokenizer."""
     from transformers import Glm4vImageProcessorPil, Glm4vProcessor, Glm4vVideoProcessor
 
     pixels = 48 * 48 * 8
@@ -126,13 +127,22 @@ def glm4v_processor():
         patch_size=4,
         size={"shortest_edge": 32 * 32, "longest_edge": pixels},
         max_image_size={"longest_edge": pixels},
-        do_sample_frames=False,
+        do_sample_frames=sample_frames,
     )
     return Glm4vProcessor(
         image_processor=Glm4vImageProcessorPil(patch_size=4),
         tokenizer=tiny_tokenizer(SPECIALS),
         video_processor=video,
+        chat_template=CHAT_TEMPLATE,
     )
+
+
+#: a minimal chat template (the checkpoint's wraps the video marker the same way)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'video' %}"
+    "<|begin_of_video|><|video|><|end_of_video|> {% else %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endfor %}"
+)
 
 
 def _prompt(prefix, suffix, seed):
@@ -608,3 +618,25 @@ def test_lmms_eval_manifest_names_both_glm_classes():
     ids = {m.model_id: m.simple_class_path for m in manifests()}
     assert ids["glm4v_ustc"] == "ustc.lmms_eval.more_backbones.Glm4vUSTC"
     assert ids["glm4v_moe_ustc"] == "ustc.lmms_eval.more_backbones.Glm4vMoeUSTC"
+
+
+@needs_torchvision
+def test_lmms_eval_model_answers_through_the_real_processor():
+    """Through the lmms-eval model with the real processor (sampling by fps on, as the
+    checkpoints ship it): the plugin turns that sampling off (lmms-eval gives sampled frames,
+    without metadata), and the prompt it builds is compressed as the adapter's tests check."""
+    pytest.importorskip("lmms_eval")
+    from ustc.lmms_eval import Glm4vUSTC
+
+    processor = glm4v_processor(sample_frames=True)
+    lm = Glm4vUSTC(
+        model=tiny_glm4v(), processor=processor, max_frames_num=4, retention=0.25, layer=1
+    )
+    assert processor.video_processor.do_sample_frames is False
+    video = (np.random.default_rng(0).random((4, 32, 32, 3)) * 255).astype(np.uint8)
+    inputs = lm._inputs("what is the colour ?", [video])
+    assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]]
+    with torch.no_grad():
+        lm.model.generate(**lm._to_device(inputs), max_new_tokens=2)
+    assert lm.handle.stats.tokens_in == lm.config.budget(2, 16) < 32
+    lm.handle.remove()

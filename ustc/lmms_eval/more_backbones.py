@@ -93,13 +93,26 @@ class InternVLUSTC(USTCModel):
     default_frames = 16
 
 
+def _set_video_processor(processor: Any, **settings: Any) -> None:
+    """Set attributes of the processor's video processor, where it has one."""
+    video = getattr(processor, "video_processor", None)
+    if video is not None:
+        for name, value in settings.items():
+            setattr(video, name, value)
+
+
 @register
 class Glm4vUSTC(USTCModel):
-    """GLM-4.1V whose video tokens are compressed by ustc."""
+    """GLM-4.1V whose video tokens are compressed by ustc.  The frames are sampled before the
+    processor (``max_frames_num``), so its own sampling by fps is turned off."""
 
     name = "glm4v_ustc"
     model_class = "Glm4vForConditionalGeneration"
     default_checkpoint = "zai-org/GLM-4.1V-9B-Thinking"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _set_video_processor(self.processor, do_sample_frames=False)
 
 
 @register
@@ -124,6 +137,4 @@ class VideoLlama3USTC(USTCModel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        video = getattr(self.processor, "video_processor", None)
-        if video is not None:
-            video.use_token_compression = False
+        _set_video_processor(self.processor, use_token_compression=False)
