@@ -502,6 +502,44 @@ def test_moe_class_bit_identical_off_and_decode_matches_recompute():
     assert cache_lengths(out.past_key_values) == [n + 3] + [kept + 3] * 2
 
 
+def test_beam_search_with_several_returned_sequences():
+    """Skipped where transformers itself cannot beam-search a GLM-4V video (5.25's
+    ``_expand_multimodal_outputs`` counts a video's placeholders by ``video_token_id``, which
+    GLM-4V does not write): the unattached model is tried first."""
+    import transformers
+
+    model = tiny_glm4v(layers=2)
+    inputs = glm4v_inputs(model, batch=2)
+
+    def beams():
+        with torch.no_grad():
+            return model.generate(
+                **inputs.kwargs,
+                max_new_tokens=3,
+                num_beams=2,
+                num_return_sequences=2,
+                return_dict_in_generate=True,
+            )
+
+    try:
+        beams()
+    except ValueError as exc:
+        pytest.skip(
+            f"transformers {transformers.__version__} cannot beam-search a GLM-4V video even "
+            f"without ustc ({exc})"
+        )
+    handle = attach(model, ON)
+    out = beams()
+    handle.remove()
+    n = inputs.input_ids.shape[1]
+    assert out.sequences.shape == (4, n + 3)
+    assert torch.equal(out.sequences[:, :n], inputs.input_ids.repeat_interleave(2, dim=0))
+    budget = ON.budget(inputs.frames, inputs.tokens_per_frame)
+    entering = n - inputs.frames * inputs.tokens_per_frame + budget
+    assert out.past_key_values.layers[0].keys.shape[-2] == entering + 2
+    assert torch.equal(handle.last.vision_scores[0], handle.last.vision_scores[1])
+
+
 def test_manual_decoding_without_generate_matches_generate():
     model = tiny_glm4v()
     inputs = glm4v_inputs(model)
@@ -553,6 +591,20 @@ def test_each_row_of_a_padded_batch_equals_its_prompt_alone(side, merger):
         shift = n - row.input_ids.shape[1] if side == "left" else 0
         kept = torch.isin(last.input_positions[i], row.video_columns() + shift).sum()
         assert int(kept) == config.budget(row.frames, row.tokens_per_frame)
+
+
+def test_trailing_tokens_are_the_fewest_over_the_rows():
+    """After the last run: <|end_of_image|>, the timestamp's digits, <|end_of_video|>; rows
+    whose timestamps differ in length count the shortest; a row without <|end_of_video|>: 0."""
+    model = tiny_glm4v(layers=1)
+    handle = attach(model, ON.replace(merger="none"))
+    v, e, end = IMAGE_TOKEN, IMAGE_END, VIDEO_END
+    ids = torch.tensor([[7, v, v, e, 2, 3, end, 8], [7, v, v, e, 2, end, 8, 8]])
+    last = torch.tensor([2, 2])
+    assert handle.trailing(ids, last) == 3
+    assert handle.trailing(ids[:1], last[:1]) == 4
+    assert handle.trailing(torch.tensor([[7, v, v, e, 2, 8]]), last[:1]) == 0
+    handle.remove()
 
 
 def test_unsupported_inputs_raise_clear_errors():

@@ -24,6 +24,7 @@ from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
 
 from ustc import MERGERS, CompressionConfig, Compressor
 from ustc.models import VideoLlama3Handle, attach
+from ustc.models.attention import text_to_visual_attention
 
 torch.set_num_threads(1)
 
@@ -383,6 +384,64 @@ def test_vision_scores_equal_eager_attention_maps(layer, height):
     assert torch.equal(handle.last.compression.indices, want.indices)
 
 
+def test_text_attention_at_layer_k_matches_eager_weights():
+    k = 1
+    model = tiny_video_llama_3(attn="eager")
+    inputs = vl3_inputs(model, batch=2)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["rope"] = kwargs["position_embeddings"]
+
+    layer = model.model.language_model.layers[k]
+    probe = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = attach(model, ON.replace(merger="none"))
+    with torch.no_grad():
+        weights = model(**inputs.kwargs, output_attentions=True).attentions[k]
+    handle.remove()
+    probe.remove()
+    columns = handle.last.input_positions
+    visual = torch.isin(columns, inputs.video_columns()).nonzero()[:, 1].view(2, -1)
+    ts = int(visual[:, -1].max()) + 1  # the question follows the last frame's placeholders
+    with torch.no_grad():
+        recomputed = text_to_visual_attention(
+            layer.self_attn,
+            layer.input_layernorm(captured["hidden"]),
+            *captured["rope"],
+            ts,
+            visual,
+        )
+    eager = (
+        weights[:, :, ts:]
+        .mean(dim=1)
+        .gather(2, visual[:, None].expand(-1, recomputed.shape[1], -1))
+    )
+    torch.testing.assert_close(recomputed, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_beam_search_with_several_returned_sequences():
+    model = tiny_video_llama_3(layers=2)
+    inputs = vl3_inputs(model, batch=2)
+    handle = attach(model, ON)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs.kwargs,
+            max_new_tokens=3,
+            num_beams=2,
+            num_return_sequences=2,
+            return_dict_in_generate=True,
+        )
+    handle.remove()
+    n = inputs.input_ids.shape[1]
+    assert out.sequences.shape == (4, n + 3)
+    assert torch.equal(out.sequences[:, :n], inputs.input_ids.repeat_interleave(2, dim=0))
+    budget = ON.budget(inputs.frames, inputs.tokens_per_frame)
+    entering = n - inputs.frames * inputs.tokens_per_frame + budget
+    assert out.past_key_values.layers[0].keys.shape[-2] == entering + 2
+    assert torch.equal(handle.last.vision_scores[0], handle.last.vision_scores[1])
+
+
 @pytest.mark.parametrize("merger", MERGERS.names())
 def test_generate_end_to_end_with_every_merger(merger):
     model = tiny_video_llama_3(layers=2)
@@ -491,13 +550,17 @@ def test_flops_spec_is_the_qwen2_5_7b_llm_and_the_processors_default_sampling():
 
 @needs_torchvision
 def test_flops_spec_tokens_per_frame_is_what_the_video_processor_gives():
+    """The default video processor on the spec's frames of 448 x 448 (read from its output:
+    the token-count helpers of some releases skip the per-frame share of the pixel budget)."""
     from transformers import VideoLlama3VideoProcessor
 
     from ustc.flops import MODEL_SPECS
 
     spec = MODEL_SPECS["videollama3-7b"]
-    patches = VideoLlama3VideoProcessor().get_num_of_video_patches(spec.frames, 448, 448)
-    assert patches // 4 == spec.visual_tokens
+    frames = np.zeros((spec.frames, 448, 448, 3), dtype=np.uint8)
+    out = VideoLlama3VideoProcessor()(videos=[frames], use_token_compression=False)
+    t, h, w = out["video_grid_thw"][0].tolist()
+    assert (t, h * w // 4) == (spec.frames, spec.tokens_per_frame)
 
 
 def test_lmms_eval_manifest_names_video_llama_3():
