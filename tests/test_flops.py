@@ -347,6 +347,8 @@ def test_builtin_specs_match_public_sizes():
         "qwen2-vl-7b",
         "llava-next-video-7b",
         "internvl3.5-8b",
+        "glm-4.1v-9b",
+        "videollama3-7b",
     }
     with pytest.raises(ValueError, match="built-in models"):
         ModelSpec.builtin("llava-13b")

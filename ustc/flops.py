@@ -296,6 +296,26 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     # default: 32 frames at 448 x 448 -> 16 frame pairs of 14 x 14 merged tokens (patch 16, 2 x 2
     # merger).
     "qwen3-vl-8b": ModelSpec("qwen3-vl-8b", **_QWEN3_8B, frames=16, tokens_per_frame=196),
+    # DAMO-NLP-SG/VideoLLaMA3-7B: the Qwen2.5-7B LLM (sizes as Qwen2-7B).  Sampling: transformers'
+    # VideoLlama3VideoProcessor defaults spread 768 * 28 * 28 pixels over the frames, so 32 frames
+    # of 448 x 448 become 112 x 112 -> 4 x 4 tokens each (patch 14, 2 x 2 pooling; its own frame
+    # pruning off, as ustc's adapter needs).  A checkpoint's own processor config may allow more.
+    "videollama3-7b": ModelSpec("videollama3-7b", **_QWEN2_7B, frames=32, tokens_per_frame=16),
+    # zai-org/GLM-4.1V-9B-Thinking: the GLM-4-9B LLM (the defaults of transformers'
+    # Glm4vTextConfig; q/k/v biases and the extra post-attention / post-MLP norms are not
+    # multiply-adds of note, gate_up + down is a 3-matrix SwiGLU).  Sampling is dynamic; default:
+    # 32 frames at 448 x 448 -> 16 frame pairs of 16 x 16 merged tokens (patch 14, 2 x 2 merge).
+    "glm-4.1v-9b": ModelSpec(
+        "glm-4.1v-9b",
+        num_layers=40,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_heads=32,
+        num_kv_heads=2,
+        vocab_size=151552,
+        frames=16,
+        tokens_per_frame=256,
+    ),
 }
 
 

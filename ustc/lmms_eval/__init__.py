@@ -13,6 +13,9 @@
 ``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``          ``more_backbones.py``
 ``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``      ``more_backbones.py``
 ``internvl_ustc``           ``InternVLForConditionalGeneration``            ``more_backbones.py``
+``glm4v_ustc``              ``Glm4vForConditionalGeneration``               ``more_backbones.py``
+``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``            ``more_backbones.py``
+``video_llama_3_ustc``      ``VideoLlama3ForConditionalGeneration``         ``more_backbones.py``
 ==========================  ==============================================  =====================
 
 Registered through lmms-eval's plugin mechanism, the entry point group ``lmms_eval.models``
@@ -43,6 +46,8 @@ from ustc.lmms_eval.base import (
 )
 from ustc.lmms_eval.llava_onevision import LlavaOneVisionUSTC
 from ustc.lmms_eval.more_backbones import (
+    Glm4vMoeUSTC,
+    Glm4vUSTC,
     InternVLUSTC,
     LlavaNextVideoUSTC,
     Qwen2VLUSTC,
@@ -50,6 +55,7 @@ from ustc.lmms_eval.more_backbones import (
     Qwen3_5USTC,
     Qwen3VLMoeUSTC,
     Qwen3VLUSTC,
+    VideoLlama3USTC,
 )
 from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
 
@@ -70,6 +76,8 @@ def manifests() -> list[Any]:
 
 __all__ = [
     "BACKBONES",
+    "Glm4vMoeUSTC",
+    "Glm4vUSTC",
     "InternVLUSTC",
     "LlavaNextVideoUSTC",
     "LlavaOneVisionUSTC",
@@ -80,6 +88,7 @@ __all__ = [
     "Qwen3_5USTC",
     "Qwen2_5_VLUSTC",
     "USTCModel",
+    "VideoLlama3USTC",
     "config_from_model_args",
     "config_to_model_args",
     "default_device",

@@ -10,6 +10,9 @@
 ``qwen3_5_moe_ustc``        ``Qwen3_5MoeForConditionalGeneration``
 ``llava_next_video_ustc``   ``LlavaNextVideoForConditionalGeneration``
 ``internvl_ustc``           ``InternVLForConditionalGeneration``
+``glm4v_ustc``              ``Glm4vForConditionalGeneration``
+``glm4v_moe_ustc``          ``Glm4vMoeForConditionalGeneration``
+``video_llama_3_ustc``      ``VideoLlama3ForConditionalGeneration``
 ==========================  ==============================================
 
 Each is a declaration: the shared machinery of :mod:`ustc.lmms_eval.base` loads the model,
@@ -19,6 +22,8 @@ it also has the manual layout for machines without torchvision; the others need 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ustc.lmms_eval.base import USTCModel, register
 from ustc.lmms_eval.qwen2_5_vl import Qwen2_5_VLUSTC
@@ -86,3 +91,50 @@ class InternVLUSTC(USTCModel):
     model_class = "InternVLForConditionalGeneration"
     default_checkpoint = "OpenGVLab/InternVL3-8B-hf"
     default_frames = 16
+
+
+def _set_video_processor(processor: Any, **settings: Any) -> None:
+    """Set attributes of the processor's video processor, where it has one."""
+    video = getattr(processor, "video_processor", None)
+    if video is not None:
+        for name, value in settings.items():
+            setattr(video, name, value)
+
+
+@register
+class Glm4vUSTC(USTCModel):
+    """GLM-4.1V whose video tokens are compressed by ustc.  The frames are sampled before the
+    processor (``max_frames_num``), so its own sampling by fps is turned off."""
+
+    name = "glm4v_ustc"
+    model_class = "Glm4vForConditionalGeneration"
+    default_checkpoint = "zai-org/GLM-4.1V-9B-Thinking"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _set_video_processor(self.processor, do_sample_frames=False)
+
+
+@register
+class Glm4vMoeUSTC(Glm4vUSTC):
+    """GLM-4.5V (MoE LLM) whose video tokens are compressed by ustc."""
+
+    name = "glm4v_moe_ustc"
+    model_class = "Glm4vMoeForConditionalGeneration"
+    default_checkpoint = "zai-org/GLM-4.5V"
+
+
+@register
+class VideoLlama3USTC(USTCModel):
+    """VideoLLaMA3 whose video tokens are compressed by ustc.  Its processor's own differential
+    frame pruning is turned off (``use_token_compression = False``): the adapter selects its
+    budget over the full F x P grid and refuses pruned inputs."""
+
+    name = "video_llama_3_ustc"
+    model_class = "VideoLlama3ForConditionalGeneration"
+    default_checkpoint = "lkhl/VideoLLaMA3-2B-Image-HF"
+    default_frames = 32
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _set_video_processor(self.processor, use_token_compression=False)

@@ -20,6 +20,10 @@ model class                                            adapter
 ``Qwen2VLForConditionalGeneration``                    ``Qwen2VLHandle``
 ``LlavaNextVideoForConditionalGeneration``             ``LlavaNextVideoHandle``
 ``InternVLForConditionalGeneration``                   ``InternVLHandle``
+``Glm4vForConditionalGeneration``,                     ``Glm4vHandle`` (GLM-4.1V, GLM-4.5V: one
+``Glm4vMoeForConditionalGeneration``                   run per frame pair, timestamps between)
+``VideoLlama3ForConditionalGeneration``                ``VideoLlama3Handle`` (the processor's own
+                                                       frame pruning must be off)
 =====================================================  ==========================================
 """
 
@@ -31,12 +35,14 @@ from torch import nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import CompressionStats, Handle, LastRun
+from ustc.models.glm4v import Glm4vHandle
 from ustc.models.internvl import InternVLHandle
 from ustc.models.llava_next_video import LlavaNextVideoHandle
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.qwen2_5_vl import Qwen2_5_VLHandle
 from ustc.models.qwen2_vl import Qwen2VLHandle
 from ustc.models.qwen3_vl import Qwen3_5Handle, Qwen3VLHandle
+from ustc.models.video_llama_3 import VideoLlama3Handle
 
 #: model class name -> adapter; subclasses of these classes are accepted too
 ADAPTERS: dict[str, type[Handle]] = {
@@ -49,11 +55,15 @@ ADAPTERS: dict[str, type[Handle]] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLHandle,
     "LlavaNextVideoForConditionalGeneration": LlavaNextVideoHandle,
     "InternVLForConditionalGeneration": InternVLHandle,
+    "Glm4vForConditionalGeneration": Glm4vHandle,
+    "Glm4vMoeForConditionalGeneration": Glm4vHandle,
+    "VideoLlama3ForConditionalGeneration": VideoLlama3Handle,
 }
 
 __all__ = [
     "ADAPTERS",
     "CompressionStats",
+    "Glm4vHandle",
     "Handle",
     "InternVLHandle",
     "LastRun",
@@ -63,6 +73,7 @@ __all__ = [
     "Qwen3VLHandle",
     "Qwen3_5Handle",
     "Qwen2VLHandle",
+    "VideoLlama3Handle",
     "adapter_for",
     "attach",
 ]

@@ -39,6 +39,9 @@ class Qwen2_5_VLHandle(Handle):
     video_in_runs = False
     #: what the placeholder-count error adds about the processor's layout
     placeholder_note = ""
+    #: the config attribute holding the id of the video placeholder token (GLM-4V writes a
+    #: video's frames with its image placeholder)
+    placeholder_token = "video_token_id"
 
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
         blocks = model.model.visual.blocks
@@ -126,7 +129,7 @@ class Qwen2_5_VLHandle(Handle):
                 "uses 1-D positions"
             )
         merge = self.model.config.vision_config.spatial_merge_size
-        token = self.model.config.video_token_id
+        token = getattr(self.model.config, self.placeholder_token)
         if self.video_in_runs:
             columns, counts = placeholder_columns(ids, token)
             starts, last = columns[:, 0], columns.amax(dim=1)
@@ -143,10 +146,14 @@ class Qwen2_5_VLHandle(Handle):
                 )
             frames.append(t)
             per_frame.append((h // merge) * (w // merge))
+        return VideoLayout(starts, frames, per_frame, self.trailing(ids, last), columns=columns)
+
+    def trailing(self, ids: Tensor, last: Tensor) -> int:
+        """Structural tokens right after each row's last placeholder (``last``, (B,)) that are
+        not question text for the merger (``VideoLayout.trailing``): Qwen's <|vision_end|>."""
         vision_end = getattr(self.model.config, "vision_end_token_id", None)
         after = ids.gather(1, (last + 1).clamp(max=ids.shape[1] - 1)[:, None])[:, 0]
-        trailing = int(bool((last + 1 < ids.shape[1]).all()) and bool((after == vision_end).all()))
-        return VideoLayout(starts, frames, per_frame, trailing, columns=columns)
+        return int(bool((last + 1 < ids.shape[1]).all()) and bool((after == vision_end).all()))
 
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device
