@@ -174,6 +174,29 @@ def test_the_navigation_bar_fits_one_row():
     assert len(titles) <= 6 and sum(len(t) + 4 for t in titles) <= 60, titles
 
 
+#: wording of the tools this project was built with, which a user does not have
+INTERNAL = re.compile(
+    r"`device` tool|device tool|device machine|\blent\b|\bsessions?\b|\bthe lead\b|"
+    r"carry list|KINDS\.md|device README|run\(command=",
+    re.I,
+)
+
+
+def test_user_facing_text_speaks_of_the_users_machine_not_of_internal_tools():
+    """README, docs, analysis and benchmarks tell a user what to type on their own machine
+    (`bash benchmarks/gpu.sh OUT_DIR`), not how the project's build sessions ran things."""
+    files = [ROOT / "README.md", *_pages()]
+    for folder in ("analysis", "benchmarks"):
+        files += [p for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".sh", ".txt", ".md")]
+    found = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
+    assert not found, "\n".join(found)
+
+
 def test_the_docs_name_the_labs_question_families_and_no_path_outside_the_project():
     from ustc.lab.scenes import FAMILIES
 
