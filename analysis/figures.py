@@ -315,30 +315,34 @@ def _lab_inputs(params: dict[str, Any]) -> dict[str, Any]:
     return {"params": params, "lab_weights": lab_weights_digest()}
 
 
+def _compress_lab(params: dict[str, Any], start: int, count: int) -> tuple[Any, Any, dict]:
+    """Lab videos ``start ..`` of ``params["split"]`` compressed by each of ``params["methods"]``
+    at ``params["retention"]``: (one of the configs, their VideoTokens, {name: result})."""
+    from analysis.common import lab_samples, load_lab_model, parse_methods, video_tokens
+    from ustc.compressor import Compressor
+
+    methods = parse_methods(",".join(params["methods"]), params["retention"])
+    tokens = video_tokens(load_lab_model(), lab_samples(params["split"], start, count))
+    results = {
+        name: Compressor(config).compress(tokens.features, tokens.scores)
+        for name, config in methods.items()
+    }
+    return next(iter(methods.values())), tokens, results
+
+
 def fig4_data(inputs: dict[str, Any]) -> dict[str, Any]:
     """Per method: the kept tokens' attention percentiles and max similarities (12 videos)."""
     from analysis.attention_similarity import kept_token_stats
-    from analysis.common import (
-        lab_samples,
-        load_lab_model,
-        method_label,
-        parse_methods,
-        video_tokens,
-    )
-    from ustc.compressor import Compressor
+    from analysis.common import method_label
 
     p = inputs["params"]
-    methods = parse_methods(",".join(p["methods"]), p["retention"])
-    model = load_lab_model()
-    tokens = video_tokens(model, lab_samples(p["split"], p["start"], p["limit"]))
+    config, tokens, results = _compress_lab(p, p["start"], p["limit"])
     stats = {}
-    for name, config in methods.items():
-        result = Compressor(config).compress(tokens.features, tokens.scores)
+    for name, result in results.items():
         att, sim = kept_token_stats(tokens.scores, result)
         stats[method_label(name)] = {"attention": _rounded(att), "similarity": _rounded(sim)}
     f, n = tokens.scores.shape[1:]
-    budget = next(iter(methods.values())).budget(f, n)
-    return {"stats": stats, "budget": budget, "tokens": f * n, "videos": p["limit"]}
+    return {"stats": stats, "budget": config.budget(f, n), "tokens": f * n, "videos": p["limit"]}
 
 
 def draw_fig4(data: dict[str, Any]) -> Figure:
@@ -391,37 +395,29 @@ def draw_fig6(data: dict[str, Any]) -> Figure:
 
 
 def figs3_data(inputs: dict[str, Any]) -> dict[str, Any]:
-    """One lab video: its frames and, per method, the compression's indices/assignment/status."""
-    from analysis.common import (
-        lab_samples,
-        load_lab_model,
-        method_label,
-        parse_methods,
-        video_tokens,
-    )
-    from ustc.compressor import Compressor
+    """One lab video, per method: the compression's indices, assignment and status (the frames
+    are a function of the split and index: drawn again from the lab, not stored)."""
+    from analysis.common import method_label
+    from ustc.lab.scenes import make_sample
 
     p = inputs["params"]
-    methods = parse_methods(",".join(p["methods"]), p["retention"])
-    model = load_lab_model()
-    sample = lab_samples(p["split"], p["index"], 1)[0]
-    tokens = video_tokens(model, [sample])
-    rows = {}
-    for name, config in methods.items():
-        r = Compressor(config).compress(tokens.features, tokens.scores)
-        rows[method_label(name)] = {
+    config, tokens, results = _compress_lab(p, p["index"], 1)
+    rows = {
+        method_label(name): {
             "indices": r.indices[0].tolist(),
             "assignment": r.assignment[0].tolist(),
             "status": r.status[0].tolist(),
         }
+        for name, r in results.items()
+    }
+    sample = make_sample(p["split"], p["index"])
     f, n = tokens.scores.shape[1:]
     return {
         "rows": rows,
         "question": sample.question.text,
         "family": sample.family,
-        "budget": next(iter(methods.values())).budget(f, n),
+        "budget": config.budget(f, n),
         "tokens": f * n,
-        # the frames are a function of (split, index): drawn again from the lab, not stored
     }
 
 
