@@ -312,7 +312,37 @@ FIGS3 = {"split": "test", "index": 0, "retention": 0.1, "methods": ["ours", "att
 
 
 def _lab_inputs(params: dict[str, Any]) -> dict[str, Any]:
-    return {"params": params, "lab_weights": lab_weights_digest()}
+    """What a lab figure is made from: its settings, the lab weights and the videos it uses."""
+    if "index" in params:
+        indices = [params["index"]]
+    else:
+        indices = list(range(params["start"], params["start"] + params["limit"]))
+    return {
+        "params": params,
+        "lab_weights": lab_weights_digest(),
+        "videos": lab_videos_digest(params["split"], indices),
+    }
+
+
+def lab_videos_digest(split: str, indices: Sequence[int]) -> str:
+    """SHA-256 over the lab videos ``indices`` of ``split``: frames, question and answer (a
+    change of the scene generator changes it; generating 12 videos takes milliseconds)."""
+    from ustc.lab.scenes import make_sample
+
+    parts = []
+    for i in indices:
+        sample = make_sample(split, i)
+        q = sample.question
+        parts.append(
+            [
+                hashlib.sha256(sample.frames.tobytes()).hexdigest(),
+                q.text,
+                q.options,
+                q.answer,
+                sample.family,
+            ]
+        )
+    return digest(parts)
 
 
 def _compress_lab(params: dict[str, Any], start: int, count: int) -> tuple[Any, Any, dict]:

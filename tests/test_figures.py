@@ -88,6 +88,24 @@ def test_retrained_lab_weights_or_a_new_png_make_a_figure_stale(tmp_path, monkey
     assert figures.stale(fig4) == ["fig4: not written yet"]
 
 
+def test_other_lab_videos_make_a_lab_figure_stale(monkeypatch):
+    """A change of the scene generator (other frames for the same index) is a changed input."""
+    from ustc.lab import scenes
+
+    fig6 = figures.FIGURES_BY_NAME["fig6"]
+    make_sample = scenes.make_sample
+
+    def brighter(split, index, *args, **kwargs):
+        sample = make_sample(split, index, *args, **kwargs)
+        if index == 3:
+            sample.frames = sample.frames.copy()
+            sample.frames[0, 0, 0] += 1
+        return sample
+
+    monkeypatch.setattr(scenes, "make_sample", brighter)
+    assert figures.stale(fig6) == ["fig6: its inputs changed"]
+
+
 def test_the_check_command_names_stale_figures(tmp_path, monkeypatch, capsys):
     assert figures.main(["--check", "fig5", "frames"]) == 0
     monkeypatch.setattr(figures, "FIGURES", tmp_path)
