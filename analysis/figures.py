@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -608,9 +609,20 @@ def write(figure: DocFigure) -> Path:
         "inputs": inputs,
         "data": data if figure.uses_lab_model else "= inputs",
     }
-    # keys in insertion order: the order of a figure's rows and legends
-    figure.record.write_text(json.dumps(record, indent=1) + "\n")
+    figure.record.write_text(record_text(record))
     return figure.png
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """A record as JSON: keys in insertion order (the order of a figure's rows and legends),
+    one line per list of numbers."""
+    text = json.dumps(record, indent=1)
+    return (
+        re.sub(
+            r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text
+        )
+        + "\n"
+    )
 
 
 def stale(figure: DocFigure) -> list[str]:
