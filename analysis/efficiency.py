@@ -295,10 +295,21 @@ def write_outputs(data: dict[str, Any], out: str | Path, stem: str) -> list[Path
 
 # ----------------------------------------------------------------------------- GPU figures
 
-#: where a GPU session commits what ``benchmarks/gpu.sh`` wrote (docs/performance.md renders it)
+#: where the committed output of ``benchmarks/gpu.sh`` lies (docs/performance.md renders it)
 GPU_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "h200"
-#: the device call that measures them (the ``device`` tool's ``run``), and the render after it
-GPU_COMMAND = "run(command='bash benchmarks/gpu.sh \"$OUT\"', timeout_s=540)"
+#: what a user with a CUDA GPU types to measure them, and the render after it
+GPU_COMMAND = "bash benchmarks/gpu.sh benchmarks/h200"
+#: the files ``benchmarks/gpu.sh`` writes into its folder
+GPU_FILES = (
+    "env.json",
+    "pytest.xml",
+    "compressor-bfloat16.json",
+    "efficiency-sdpa.json",
+    "efficiency-flash.json",
+    "compressor-scaling.json",
+    "compressor-float32.json",
+    "gpu.log",
+)
 GPU_RENDER = "python analysis/efficiency.py --gpu benchmarks/h200 --update-docs docs/performance.md"
 #: issue 18's targets
 TARGET_MS, TARGET_MIB, TARGET_PREFILL = 5.0, 2048.0, 22.0
@@ -316,18 +327,25 @@ def _ms(value: float | None) -> str:
 
 def gpu_report(folder: str | Path | None = GPU_RESULTS) -> str:
     """Markdown of ``benchmarks/gpu.sh``'s JSON files in ``folder`` beside the paper's Table 6,
-    with issue 18's targets checked; "not measured yet" and the commands when there are none."""
+    with issue 18's targets checked; "not measured yet", the commands a user types and what they
+    need and write, when there are none."""
     folder = Path(folder) if folder is not None else None
     if folder is None or not (folder / "env.json").is_file():
         return "\n".join(
             [
-                "**Not measured yet.**  A session lent the H200 runs, through the `device` tool,",
+                "**Not measured yet.**  On a machine with an NVIDIA GPU and a CUDA build of torch,",
+                "from the repository root:",
                 "",
                 f"    {GPU_COMMAND}",
+                "    " + GPU_RENDER,
                 "",
-                "copies the files it returns into `benchmarks/h200/`, and renders this section with",
-                "",
-                f"    {GPU_RENDER}",
+                "`bash benchmarks/gpu.sh OUT_DIR` loads no weights: the 7B architecture is",
+                "randomly initialised (its timings are those of real weights), about 16 GB in",
+                "bfloat16 before activations. Its CUDA tests need pytest and hypothesis;",
+                "the flash-attention row runs only where flash-attn is installed. It writes",
+                ", ".join(f"`{name}`" for name in GPU_FILES[:-1]) + f" and `{GPU_FILES[-1]}`",
+                "(everything printed) into OUT_DIR (default `results/gpu`), each step under its own",
+                "time limit; a failed step is named at the end and the other steps still run.",
                 "",
                 "**Paper, Table 6 (LLaVA-OV-7B, 32 frames, RTX 4090 / A100)**",
                 "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 18 on one H200, in one call: every figure as JSON in one folder, in under 8 minutes.
+# Issue 18 on one CUDA GPU (sized for an H200), in one command: every figure as JSON in one folder.
 #
-#   bash benchmarks/gpu.sh "$OUT"            # on the device machine (folder: $OUT, or results/gpu)
+#   bash benchmarks/gpu.sh OUT_DIR           # on a machine with a CUDA GPU (default results/gpu)
 #   bash benchmarks/gpu.sh --smoke /tmp/g    # the same steps on the CPU at toy sizes, in seconds
 #
 # Steps, each under its own time limit (seconds), each writing one file:
@@ -15,7 +15,8 @@
 #   compressor-scaling.json (150)   32 -> 256 frames, bf16: time and max_memory_allocated
 #   compressor-float32.json (120)   32 x 196 x 3584 float32: every combination
 #   gpu.log                    everything printed
-# The machine needs nothing carried: benchmarks/gpu-wheels.txt says why, and how if that changes.
+# Needs a CUDA build of torch, ustc's dependencies, pytest and hypothesis; loads no weights (the
+# 7B architecture is randomly initialised).  Offline machines: benchmarks/gpu-wheels.txt.
 set -uo pipefail
 
 smoke=0
@@ -28,7 +29,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried as the device README says
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels put there for an offline machine
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi

@@ -90,8 +90,8 @@ def tiny_llava_onevision(
     """LLaVA-OneVision (also the class of LLaVA-Video): SigLIP 2 layers + Qwen2 ``layers`` layers.
 
     image 28 / patch 4 -> 7 x 7 patches -> bilinear pooling to 4 x 4 = 16 tokens per frame (the real
-    model: 27 x 27 -> 14 x 14 = 196).  image 52 / patch 2 -> 26 x 26 -> 13 x 13 = 169, the
-    LLaVA-Video layout.
+    model: 27 x 27 -> 14 x 14 = 196, also for LLaVA-Video weights).  image 52 / patch 2 -> 26 x 26
+    -> 13 x 13 = 169, the per-frame count the paper gives LLaVA-Video.
     """
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(

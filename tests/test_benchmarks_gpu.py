@@ -64,7 +64,12 @@ def test_gpu_report_renders_the_smoke_run_beside_table6(smoke_run):
 def test_gpu_report_without_figures_says_how_to_measure(tmp_path):
     report = efficiency.gpu_report(tmp_path)
     assert report.startswith("**Not measured yet.**")
-    assert 'bash benchmarks/gpu.sh "$OUT"' in report and efficiency.GPU_RENDER in report
+    # what a user with a CUDA machine types, needs and gets: no internal tool's call
+    assert efficiency.GPU_COMMAND in report and efficiency.GPU_RENDER in report
+    assert "bash benchmarks/gpu.sh OUT_DIR" in report and "CUDA build of torch" in report
+    assert "loads no weights" in report and "pytest and hypothesis" in report
+    assert all(f"`{name}`" in report for name in efficiency.GPU_FILES)
+    assert "run(" not in report and "session" not in report and "`device`" not in report
 
 
 def test_performance_page_shows_the_committed_gpu_figures(tmp_path):

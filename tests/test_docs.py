@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,24 +46,168 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
     assert not sorted(pages - set(nav)), f"pages missing from the nav: {sorted(pages - set(nav))}"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("mkdocs") is None,
-    reason="mkdocs is not installed (pip install -e '.[docs]')",
+needs_mkdocs = pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("latex2mathml") is None,
+    reason="mkdocs or latex2mathml is not installed (pip install -e '.[docs]')",
 )
-def test_the_site_builds_without_warnings(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-        cwd=ROOT,
+#: proxies on a closed port: a build that reached for the network would fail
+NO_NETWORK = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "no_proxy": "",
+}
+#: a <script>, <link> or <img> that loads from another host
+REMOTE = re.compile(r"<(script|link|img)\b[^>]*\b(src|href)=\"(https?:)?//", re.I)
+
+
+def _mkdocs_build(config_dir: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=config_dir,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **NO_NETWORK},
     )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site, built once with --strict and no network."""
+    out = tmp_path_factory.mktemp("site")
+    result = _mkdocs_build(ROOT, out)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "WARNING" not in log, log
-    assert (tmp_path / "index.html").is_file()
-    assert (tmp_path / "stages" / "merging" / "index.html").is_file()
-    assert (tmp_path / "assets" / "architecture.png").is_file()
+    return out
+
+
+@needs_mkdocs
+def test_the_site_builds_without_warnings(site):
+    assert (site / "index.html").is_file()
+    assert (site / "stages" / "merging" / "index.html").is_file()
+    assert (site / "assets" / "architecture.png").is_file()
+    assert not (site / "hooks").exists(), "the build hook is not part of the site"
+
+
+def _page_html(site: Path, page: str) -> str:
+    stem = page.removesuffix(".md")
+    html = site / ("index.html" if stem == "index" else f"{stem}/index.html")
+    return html.read_text()
+
+
+@needs_mkdocs
+def test_the_site_loads_nothing_from_the_network_and_its_equations_are_mathml(site):
+    """Offline, every page shows: no remote script, stylesheet or image, and the equations are
+    MathML typeset at build time (no MathJax, no raw TeX)."""
+    pages = [p.relative_to(DOCS).as_posix() for p in _pages()]
+    for page in pages:
+        html = _page_html(site, page)
+        assert not REMOTE.findall(html), f"{page} loads {REMOTE.findall(html)} from the network"
+        assert "mathjax" not in html.lower(), page
+    with_tex = [p for p in pages if re.search(r"\\\(|\\\[", (DOCS / p).read_text())]
+    assert "equations.md" in with_tex
+    for page in with_tex:
+        html = _page_html(site, page)
+        text = re.sub(r"<pre\b.*?</pre>|<code>.*?</code>", "", html, flags=re.S)
+        assert text.count("<math") >= (DOCS / page).read_text().count("\\("), page
+        assert not re.search(r"\\\(|\\\[|\\\)|\\\]", text), f"{page} shows raw TeX"
+    equations = _page_html(site, "equations.md")
+    numbers = re.findall(r'class="equation-number">\((\d+)\)<', equations)
+    assert numbers == [str(i) for i in range(1, 11)]
+    # code blocks are highlighted at build time (the theme's highlight.js is on a CDN)
+    assert 'class="codehilite"' in _page_html(site, "architecture.md")
+
+
+def _hook():
+    spec = importlib.util.spec_from_file_location("mathml_hook", DOCS / "hooks" / "mathml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_mkdocs
+def test_tex_that_cannot_be_typeset_fails_the_build(tmp_path):
+    hook = _hook()
+    assert "<math" in hook.to_mathml(r"\frac{a}{b}", display=False)
+    with pytest.raises(hook.MathError, match=r"\\argh"):
+        hook.to_mathml(r"x = \argh y", display=True)
+    # the whole build fails, naming the page and the formula
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# T\n\nFine: \\(x^2\\). Not: \\(\\argh x\\).\n")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config = {
+        "site_name": "t",
+        "markdown_extensions": config["markdown_extensions"],
+        "hooks": [str(DOCS / "hooks" / "mathml.py")],
+    }
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    result = _mkdocs_build(tmp_path, tmp_path / "site")
+    assert result.returncode != 0
+    assert "index.md" in result.stderr and "\\argh" in result.stderr, result.stderr
+
+
+def test_long_code_names_wrap_between_words_not_inside_them():
+    """Table cells hold names like `tests/test_x.py:test_a_long_name`: they may wrap after
+    / . : or _, never inside a word (no `overflow-wrap: anywhere`, no `word-break: break-all`)."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    css = "".join((DOCS / c).read_text() for c in config["extra_css"])
+    assert not re.search(r"overflow-wrap:\s*anywhere|word-break:\s*break-all", css)
+    hook = _hook()
+    cell = "<td><code>tests/test_scoring.py:test_attention_probs</code></td>"
+    assert hook.render(cell) == (
+        "<td><code>tests/<wbr>test_<wbr>scoring.<wbr>py:<wbr>test_<wbr>attention_<wbr>probs"
+        "</code></td>"
+    )
+    block = "<pre><code>tests/test_scoring.py:test_attention_probs</code></pre>"
+    assert hook.render(block) == block
+    assert hook.render("<code>ustc.attach</code>") == "<code>ustc.attach</code>"
+
+
+def test_the_navigation_bar_fits_one_row():
+    """The theme's top bar shows the nav's first level: at 1280 px about 60 characters fit."""
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    titles = [next(iter(e)) if isinstance(e, dict) else e for e in nav]
+    assert len(titles) <= 6 and sum(len(t) + 4 for t in titles) <= 60, titles
+
+
+#: wording of the tools this project was built with, which a user does not have
+INTERNAL = re.compile(
+    r"`device` tool|device tool|device machine|\blent\b|\bsessions?\b|\bthe lead\b|"
+    r"carry list|KINDS\.md|device README|run\(command=",
+    re.I,
+)
+
+
+def test_user_facing_text_speaks_of_the_users_machine_not_of_internal_tools():
+    """README, docs, analysis and benchmarks tell a user what to type on their own machine
+    (`bash benchmarks/gpu.sh OUT_DIR`), not how the project's build sessions ran things."""
+    files = [ROOT / "README.md", *_pages()]
+    for folder in ("analysis", "benchmarks"):
+        files += [p for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".sh", ".txt", ".md")]
+    found = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_docs_name_the_labs_question_families_and_no_path_outside_the_project():
+    from ustc.lab.scenes import FAMILIES
+
+    words = {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+    for page in [ROOT / "README.md", *_pages()]:
+        text = page.read_text()
+        for count in re.findall(r"\b(\w+) question families", text):
+            assert count == words[len(FAMILIES)], f"{page.name} says {count} question families"
+        # files of the machine the docs were written on, not of a user's checkout
+        outside = re.findall(r"(?<![\w./-])(?:shared/|/work/|/root/|/home/|\.\./\.\./)\S*", text)
+        assert not outside, f"{page.name} points outside the project: {outside}"
 
 
 def missing_symbols(text: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from transformers import (
 from ustc.config import CompressionConfig
 from ustc.flops import (
     GENERATED_TOKENS,
+    LLAVA_VIDEO_ADAPTER_P,
     MODEL_SPECS,
     VANILLA,
     ModelSpec,
@@ -35,6 +37,7 @@ from ustc.flops import (
     exact_layer,
     fastv,
     format_tables,
+    llava_video_layout_note,
     main,
     paper_rows,
     reproduce,
@@ -44,6 +47,7 @@ from ustc.flops import (
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 OV7 = MODEL_SPECS["llava-onevision-7b"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,3 +673,35 @@ def test_exact_count_matches_measurement_on_a_qwen3_vl_language_model():
     fv, tc = _measure(FullRun(lm, GENERATED), embeds)
     _assert_close(fv, expected, "fvcore")
     _assert_close(tc, expected, "FlopCounterMode")
+
+
+def test_llava_video_tables_say_the_adapter_runs_196_tokens_per_frame():
+    """Table 2 counts the paper's P = 169; transformers' LLaVA-OneVision class (what the adapter
+    runs LLaVA-Video weights in) pools 27 x 27 SigLIP patches to 14 x 14 = 196. The table output,
+    docs/flops.md and docs/models.md say so, with counts computed here again."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    config = LlavaOnevisionConfig()  # the real checkpoints' vision geometry: 384 px, patch 14
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    patches = torch.zeros(1, side * side, 2)
+    pooled = LlavaOnevisionModel.apply_pooling(SimpleNamespace(config=config), patches)
+    assert (side, pooled.shape[1]) == (27, LLAVA_VIDEO_ADAPTER_P)
+    paper = MODEL_SPECS["llava-video-7b"]
+    assert paper.tokens_per_frame == 169 == (side // 2) ** 2
+    ran = paper.with_video(tokens_per_frame=LLAVA_VIDEO_ADAPTER_P)
+    full = [eq_s3(s, TokenSchedule.from_config(VANILLA, s)).tera for s in (paper, ran)]
+    assert f"{full[0]:.1f} T -> {full[1]:.1f} T (+21%)" == "80.9 T -> 98.1 T (+21%)"
+    note = llava_video_layout_note()
+    assert "P = 169" in note[0] and "14 x 14 = 196" in note[0]
+    assert f"vanilla 10816 -> 12544 tokens, {full[0]:.1f} T -> {full[1]:.1f} T (+21%)" in note[1]
+    assert "\n".join(note) in format_tables()
+    flops_page = (ROOT / "docs" / "flops.md").read_text()
+    assert note[1].strip() in flops_page and note[2].split(": ")[1] in flops_page
+    models = (ROOT / "docs" / "models.md").read_text()
+    row = next(line for line in models.splitlines() if "LLaVA-Video checkpoints" in line)
+    assert "196" in row and "26x26" not in row
+    checkpoints = (ROOT / "docs" / "real-checkpoints.md").read_text()
+    row = next(line for line in checkpoints.splitlines() if line.startswith("| LLaVA-Video-7B"))
+    assert "64 x 196 in this class" in row

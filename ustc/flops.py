@@ -266,6 +266,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         frames=32,
         tokens_per_frame=196,
     ),
+    # P = 169 as the paper counts it; ustc's adapter runs 196 (see LLAVA_VIDEO_ADAPTER_P)
     "llava-video-7b": ModelSpec("llava-video-7b", **_QWEN2_7B, frames=64, tokens_per_frame=169),
     # The paper gives no FLOPs for Qwen2.5-VL; its sampling is dynamic.  Default: 32 frames at
     # 448 x 448 -> 16 temporal patches of 16 x 16 merged tokens.
@@ -725,6 +726,47 @@ def _explain(result: RowResult, merge_at: MergeAt) -> str:
     return "no convention found (see docs/flops.md)"
 
 
+#: LLaVA-Video's visual tokens per frame in the adapter: the paper's P = 169 is 13 x 13, the
+#: original LLaVA-Video code's 2 x 2 pooling with stride 2 of the 27 x 27 SigLIP patches
+#: (384 px / 14; floor(27 / 2) = 13, the 27th row and column dropped); transformers' ``LlavaOnevisionForConditionalGeneration``, the
+#: class ustc.attach runs LLaVA-Video weights in, pools the same patches bilinearly to
+#: ceil(27 / 2) = 14 x 14 = 196 (``apply_pooling``; its processor writes as many placeholders).
+LLAVA_VIDEO_ADAPTER_P = 196
+
+
+def llava_video_layout_note(merge_at: MergeAt = "output") -> list[str]:
+    """Lines saying that Table 2's LLaVA-Video rows count P = 169 while the adapter runs
+    :data:`LLAVA_VIDEO_ADAPTER_P`, with the Eq. S3 counts of both layouts (vanilla, and 2 % / 1 %
+    with text-aware merging) and the command that gives the adapter's."""
+    paper = MODEL_SPECS["llava-video-7b"]
+    ran = paper.with_video(tokens_per_frame=LLAVA_VIDEO_ADAPTER_P)
+    p_paper, p_ran = paper.tokens_per_frame, ran.tokens_per_frame
+    parts = []
+    for label, config in (
+        ("vanilla", VANILLA),
+        ("2% w/o M", CompressionConfig(retention=0.02, merger="none")),
+        ("2%/1%", CompressionConfig(retention=0.02)),
+    ):
+        a, b = (
+            eq_s3(spec, TokenSchedule.from_config(config, spec, merge_at=merge_at))
+            for spec in (paper, ran)
+        )
+        n_a = TokenSchedule.from_config(config, paper, merge_at=merge_at).visual[0]
+        n_b = TokenSchedule.from_config(config, ran, merge_at=merge_at).visual[0]
+        parts.append(
+            f"{label} {n_a} -> {n_b} tokens, {a.tera:.1f} T -> {b.tera:.1f} T "
+            f"({b.total / a.total - 1:+.0%})"
+        )
+    return [
+        f"LLaVA-Video-7B: Table 2 counts P = {p_paper} (13 x 13: the original LLaVA-Video code "
+        f"pools 2 x 2 with stride 2, floor(27 / 2) = 13); ustc's adapter runs transformers' LlavaOnevision class, which pools "
+        f"the same 27 x 27 patches bilinearly to 14 x 14 = {p_ran}:",
+        "  " + "; ".join(parts) + ".",
+        f"  What the adapter runs: ustc-flops --model llava-video-7b --tokens-per-frame {p_ran} "
+        "--retention 0.02 --merger text-aware",
+    ]
+
+
 def format_tables(merge_at: MergeAt = "output") -> str:
     """The FLOPs columns of Tables 1-3, ours next to the paper's, as plain text."""
     results = reproduce(merge_at=merge_at)
@@ -765,6 +807,7 @@ def format_tables(merge_at: MergeAt = "output") -> str:
         "the shares that reproduce them.",
         "VisionZip, FastVID and LLaVA-Scissor print the FLOPs of 'Ours (w/o M)', HoliTom those "
         "of 'Ours', at the same retention.",
+        *llava_video_layout_note(merge_at),
         "",
         f"{matched}/{len(results)} printed FLOPs rows reproduced (T and ratio).",
     ]
