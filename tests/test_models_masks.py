@@ -1,0 +1,100 @@
+"""Every attention implementation transformers offers (``ustc/models/masks.py``).
+
+flex_attention hands the decoder layers a ``BlockMask``, which cannot be cut: it is rebuilt for
+the merged sequence.  A function registered through ``AttentionInterface`` runs as sdpa does.
+Each gives the greedy tokens sdpa gives, for a single prompt and a padded batch, and what cannot
+be supported is refused at ``attach``.  FlashAttention 2/3 and kernels-hub implementations need a
+GPU: ``benchmarks/gpu.sh`` runs their checks (``benchmarks/gpu_attention.py``).
+"""
+
+import pytest
+import torch
+from models_helpers import (
+    internvl_video_inputs,
+    llava_video_inputs,
+    tiny_internvl,
+    tiny_llava_next_video,
+    tiny_llava_onevision,
+)
+from test_models_padded import pad_batch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ustc import CompressionConfig
+from ustc.models import attach
+
+torch.set_num_threads(1)
+
+STEPS = 5
+MERGING = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
+#: transformers' flex_attention support is per model class: these three classes have it
+FLEX = {
+    "llava-onevision": (tiny_llava_onevision, llava_video_inputs),
+    "llava-next-video": (tiny_llava_next_video, llava_video_inputs),
+    "internvl": (tiny_internvl, internvl_video_inputs),
+}
+
+calls = {"n": 0}
+
+
+def counted_sdpa(*args, **kwargs):
+    """A user's attention function: sdpa, counting its calls (it must really run)."""
+    calls["n"] += 1
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+AttentionInterface.register("ustc_test_attention", counted_sdpa)
+AttentionInterface.register("ustc_test_masked", counted_sdpa)
+AttentionMaskInterface.register("ustc_test_masked", sdpa_mask)
+
+
+def generate(build, inputs, attn, config, batch_side=None):
+    model = build(attn=attn)
+    rows = [inputs(model, prefix=3, suffix=9, seed=1), inputs(model, prefix=6, suffix=4, seed=2)]
+    kwargs = rows[0].kwargs if batch_side is None else pad_batch(rows, batch_side)
+    with attach(model, config) as handle, torch.no_grad():
+        out = model.generate(**kwargs, max_new_tokens=STEPS)
+        assert handle.stats.tokens_after_merge < handle.stats.tokens_in
+    return out
+
+
+@pytest.mark.parametrize(
+    "backbone, side",
+    [
+        ("llava-onevision", None),
+        ("llava-onevision", "left"),
+        ("llava-next-video", "left"),
+        # a padded batch of InternVL fails under flex_attention in torch's CPU compiler without
+        # ustc attached as well (inductor's C++ build), so only the single prompt is checked
+        ("internvl", None),
+    ],
+)
+def test_flex_attention_gives_the_tokens_of_sdpa(backbone, side):
+    build, inputs = FLEX[backbone]
+    want = generate(build, inputs, "sdpa", MERGING, side)
+    got = generate(build, inputs, "flex_attention", MERGING, side)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["ustc_test_attention", "ustc_test_masked"])
+@pytest.mark.parametrize("side", [None, "left"], ids=["single", "padded"])
+def test_a_registered_attention_function_gives_the_tokens_of_sdpa(name, side):
+    if name == "ustc_test_attention" and side is not None:
+        pytest.skip("without a registered mask function transformers passes no padding mask")
+    want = generate(tiny_llava_onevision, llava_video_inputs, "sdpa", MERGING, side)
+    calls["n"] = 0
+    got = generate(tiny_llava_onevision, llava_video_inputs, name, MERGING, side)
+    assert calls["n"] > 0
+    assert torch.equal(got, want)
+
+
+def test_unsupported_attention_is_refused_at_attach():
+    model = tiny_llava_onevision()
+    model.model.language_model.config._attn_implementation = "paged|sdpa"
+    with pytest.raises(ValueError, match="paged attention"):
+        attach(model, MERGING)
+    model.model.language_model.config._attn_implementation = "no_such_attention"
+    with pytest.raises(ValueError, match="not registered in transformers' AttentionInterface"):
+        attach(model, MERGING)
+    assert getattr(model, "_ustc_handle", None) is None
