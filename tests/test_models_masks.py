@@ -17,12 +17,14 @@ from models_helpers import (
     tiny_llava_onevision,
 )
 from test_models_padded import pad_batch
+from torch.nn.attention.flex_attention import create_mask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ustc import CompressionConfig
 from ustc.models import attach
+from ustc.models.masks import rebuilt_mask
 
 torch.set_num_threads(1)
 
@@ -59,29 +61,65 @@ def generate(build, inputs, attn, config, batch_side=None):
     return out
 
 
-@pytest.mark.parametrize(
-    "backbone, side",
-    [
-        ("llava-onevision", None),
-        ("llava-onevision", "left"),
-        ("llava-next-video", "left"),
-        # a padded batch of InternVL fails under flex_attention in torch's CPU compiler without
-        # ustc attached as well (inductor's C++ build), so only the single prompt is checked
-        ("internvl", None),
-    ],
-)
-def test_flex_attention_gives_the_tokens_of_sdpa(backbone, side):
+@pytest.mark.parametrize("backbone", ["llava-onevision", "internvl"])
+def test_flex_attention_gives_the_tokens_of_sdpa(backbone):
+    # padded batches under flex_attention fail in torch's CPU compiler (inductor's C++ build)
+    # without ustc attached as well: benchmarks/gpu.sh runs them on a GPU; the padded masks
+    # themselves are checked below
     build, inputs = FLEX[backbone]
-    want = generate(build, inputs, "sdpa", MERGING, side)
-    got = generate(build, inputs, "flex_attention", MERGING, side)
+    want = generate(build, inputs, "sdpa", MERGING)
+    got = generate(build, inputs, "flex_attention", MERGING)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", ["ustc_test_attention", "ustc_test_masked"])
-@pytest.mark.parametrize("side", [None, "left"], ids=["single", "padded"])
+@pytest.mark.parametrize("queries", [None, 1], ids=["prefill", "decode"])
+def test_the_rebuilt_block_mask_is_the_cut_eager_mask(queries):
+    """A padded batch at a layer >= K: the BlockMask built for flex_attention allows exactly
+    what the eager mask cut to the kept columns allows."""
+    model = tiny_llava_onevision(attn="flex_attention")
+    handle = attach(model, MERGING)
+    lm = handle.language_model()
+    # kept columns of three rows of different lengths, -1 on the left: padding slots
+    keep = torch.tensor([[-1, -1, 0, 2, 3, 5, 6], [0, 1, 2, 3, 4, 5, 6], [-1, 0, 1, 2, 4, 5, 6]])
+    valid = keep >= 0
+    q = keep.shape[1] if queries is None else queries
+    hidden = torch.zeros(3, q, 64)
+    kwargs = {}
+    if queries is not None:  # decode: the layer's cache holds all but the new token
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        for index in range(len(handle.decoder_layers())):
+            cache.update(
+                torch.zeros(3, 2, keep.shape[1] - q, 16),
+                torch.zeros(3, 2, keep.shape[1] - q, 16),
+                index,
+            )
+        kwargs["cache"] = cache
+    block = rebuilt_mask(handle, 1, hidden, valid, kwargs)
+    dense = create_mask(block.mask_mod, 3, 1, q, keep.shape[1])
+    rows = torch.arange(keep.shape[1] - q, keep.shape[1])
+    causal = torch.arange(keep.shape[1])[None, :] <= rows[:, None]
+    want = (causal[None] & valid[:, None, :])[:, None]
+    real = valid[:, None, -q:, None]  # padding query rows attend to anything: not compared
+    assert torch.equal(dense & real, want & real)
+    lm.config._attn_implementation = "eager"
+    eager = rebuilt_mask(handle, 1, hidden, valid, kwargs)
+    assert torch.equal((eager == 0) & real, want & real)
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    "name, side",
+    [
+        ("ustc_test_attention", None),
+        # without a registered mask function transformers passes the function no padding mask:
+        # a padded batch needs one (AttentionMaskInterface.register)
+        ("ustc_test_masked", None),
+        ("ustc_test_masked", "left"),
+    ],
+)
 def test_a_registered_attention_function_gives_the_tokens_of_sdpa(name, side):
-    if name == "ustc_test_attention" and side is not None:
-        pytest.skip("without a registered mask function transformers passes no padding mask")
     want = generate(tiny_llava_onevision, llava_video_inputs, "sdpa", MERGING, side)
     calls["n"] = 0
     got = generate(tiny_llava_onevision, llava_video_inputs, name, MERGING, side)

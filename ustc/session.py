@@ -185,7 +185,9 @@ class VideoSession:
                 "inputs hold no video the attached compressor saw"
             )
         if self.handle.merge_active and prefix.hidden is None:
-            raise RuntimeError(f"the prepared forward never reached decoder layer {self.config.layer}")
+            raise RuntimeError(
+                f"the prepared forward never reached decoder layer {self.config.layer}"
+            )
         length = prefix.keep.shape[1]
         prefix.kv = [
             (layer.keys[..., :length, :], layer.values[..., :length, :])
@@ -231,7 +233,9 @@ class VideoSession:
             )
         return result
 
-    def enter_language_model(self, handle: Handle, kwargs: dict[str, Any], session: Session) -> None:
+    def enter_language_model(
+        self, handle: Handle, kwargs: dict[str, Any], session: Session
+    ) -> None:
         """Preparing: remember the prefix's kept columns.  Asking: the language model runs the
         question's tokens only, on a cache whose layers < K hold the prefix."""
         if session.keep.shape[0] != 1:
@@ -254,7 +258,12 @@ class VideoSession:
             kwargs["position_ids"] = kwargs["position_ids"][..., n_p:]
 
     def at_layer(
-        self, handle: Handle, index: int, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        handle: Handle,
+        index: int,
+        hidden: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> tuple[Tensor, tuple[Any, ...], dict[str, Any]]:
         """A decoder layer >= K in a prefill.  Preparing: keep the prefix entering layer K, then
         stop.  Asking: put the prefix back in front of the question (hidden states at K, the

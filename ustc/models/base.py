@@ -55,7 +55,6 @@ from ustc.compressor import CompressionResult, Compressor
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
 from ustc.models.attention import text_to_visual_attention
-from ustc.models.masks import check_attention, rebuilt_mask
 from ustc.models.compat import (
     CACHE_NAMES,
     cache_argument,
@@ -64,6 +63,7 @@ from ustc.models.compat import (
     describe,
     version_note,
 )
+from ustc.models.masks import check_attention, rebuilt_mask
 from ustc.models.sequence import (
     batch_rows,
     column_mask,
