@@ -3,8 +3,8 @@
 from ustc.compressor import CompressionResult, Compressor, MergeResult
 from ustc.config import CompressionConfig, merge_keep, visual_budget
 from ustc.models import attach
-from ustc.session import VideoSession, prepare
 from ustc.registry import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS
+from ustc.session import VideoSession, prepare
 
 __all__ = [
     "MERGERS",
