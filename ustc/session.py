@@ -39,7 +39,7 @@ prefix repeated per row); ``ask_many`` loops.  Qwen3.5's recurrent layers are no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -168,16 +168,23 @@ class VideoSession:
         """Run the prefix through ``generate()`` (the same argument forms as ``ask``: positions,
         cache keyword, encoder route) and stop it at layer K; without a merge, one greedy token
         is generated and every layer's cache is kept."""
+        handle = self.handle
+        # the prefix alone is no prompt: stats and last keep describing the last full prefill,
+        # only the time spent scoring and compressing is added
+        stats, last = replace(handle.stats), handle.last
         self.preparing = True
-        self.handle.resume = self
+        handle.resume = self
         try:
             with torch.no_grad():
                 self.model.generate(**self.inputs, max_new_tokens=1, do_sample=False)
         except _PrefixReady:
             pass
         finally:
-            self.handle.resume = None
+            handle.resume = None
             self.preparing = False
+            stats.score_seconds = handle.stats.score_seconds
+            stats.compress_seconds = handle.stats.compress_seconds
+            handle.stats, handle.last = stats, last
         prefix = self.prefix
         if prefix is None or self._encoding is None or self._cache is None:
             raise RuntimeError(
@@ -422,3 +429,88 @@ def _tensors(value: Any) -> list[Tensor]:
     if hasattr(value, "values") and callable(value.values):
         return [t for v in value.values() for t in _tensors(v)]
     return []
+
+
+class SessionCache:
+    """Prepared videos kept for the next questions: at most ``size`` sessions, least recently
+    used evicted first (logged), keyed by the video's identity and the compression config.
+
+    ``ask(inputs, settings)`` splits one prompt (1, n) after its video, prepares the prefix or
+    reuses it, and asks the rest.  ``size=0`` turns reuse off (every call prepares afresh and
+    keeps nothing).
+    """
+
+    def __init__(self, size: int, log: Any = None) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"session cache size must be an integer >= 0, got {size!r}")
+        self.size = size
+        self.log = log
+        self.sessions: dict[tuple[str, str], VideoSession] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def ask(
+        self, model: nn.Module, handle: Handle, inputs: dict[str, Any], **generate_kwargs: Any
+    ) -> Any:
+        """``model.generate(**inputs, **generate_kwargs)`` through a prepared session of the
+        prompt's video (one row, no padding)."""
+        prefix, question = split_after_video(handle, inputs)
+        key = (repr(handle.config), video_key(prefix))
+        session = self.sessions.pop(key, None)
+        if session is not None and session.handle is not handle:
+            session = None  # prepared under another compressor
+        if session is None:
+            self.misses += 1
+            session = prepare(model, prefix, handle.config)
+        else:
+            self.hits += 1
+        if self.size:
+            self.sessions[key] = session  # most recently used last
+            while len(self.sessions) > self.size:
+                old_key, old = next(iter(self.sessions.items()))
+                del self.sessions[old_key]
+                old.close()
+                if self.log is not None:
+                    self.log(
+                        f"ustc session cache: evicted the prepared video {old_key[1][:12]} "
+                        f"({old.nbytes() / 2**20:.1f} MiB freed; at most {self.size} kept)"
+                    )
+        try:
+            return session.ask(question, **generate_kwargs)
+        finally:
+            if not self.size:
+                session.close()
+
+    def clear(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+
+
+def split_after_video(handle: Handle, inputs: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    """(prefix inputs, question ids): one prompt (1, n) cut after its video (and the token that
+    closes it: LLaVA-OV's newline, Qwen's <|vision_end|>)."""
+    ids = inputs["input_ids"]
+    layout = handle.video_layout(inputs, None)
+    cut = int(layout.grid_columns().amax()) + 1 + layout.trailing
+    if cut >= ids.shape[1]:
+        raise ValueError("the prompt ends with its video: there is no question to ask")
+    prefix = {
+        k: v[:, :cut] if isinstance(v, Tensor) and v.dim() == 2 and v.shape == ids.shape else v
+        for k, v in inputs.items()
+    }
+    return prefix, ids[:, cut:]
+
+
+def video_key(prefix: dict[str, Any]) -> str:
+    """A digest of the prefix's tensors (the video's pixels, grid, the tokens before it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(prefix):
+        value = prefix[name]
+        if isinstance(value, Tensor):
+            data = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
