@@ -63,7 +63,7 @@ from ustc.models.compat import (
     describe,
     version_note,
 )
-from ustc.models.masks import check_attention, rebuilt_mask
+from ustc.models.masks import check_attention, is_block_mask, rebuilt_mask
 from ustc.models.sequence import (
     batch_rows,
     column_mask,
@@ -758,10 +758,15 @@ class Handle:
             # preparing: stops the forward at layer K; asking: puts the prefix back in front
             hidden, args, kwargs = self.resume.at_layer(self, index, hidden, args, kwargs)
         mask = kwargs.get("attention_mask")
-        # a mask that is no tensor (flex_attention's BlockMask) cannot be cut: it is rebuilt
-        rebuild = mask if mask is not None and not isinstance(mask, Tensor) else None
+        # flex_attention's BlockMask cannot be cut: it is rebuilt for the kept columns
+        rebuild = mask if is_block_mask(mask) else None
         if rebuild is not None:
             mask = None
+        elif mask is not None and not isinstance(mask, Tensor):
+            raise ValueError(
+                f"decoder layer {index} received an attention mask of type "
+                f"{type(mask).__name__}, which cannot be cut to the merged tokens{version_note()}"
+            )
         if phase == "prefill":
             if index == self.config.layer:
                 hidden = self._merge(module, hidden, kwargs, session)

@@ -56,6 +56,15 @@ def check_attention(handle: Any) -> None:
     )
 
 
+def is_block_mask(mask: Any) -> bool:
+    """Whether ``mask`` is flex_attention's ``BlockMask`` (rebuilt, not cut, at layers >= K)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:  # torch without flex_attention
+        return False
+    return isinstance(mask, BlockMask)
+
+
 def rebuilt_mask(
     handle: Any, index: int, hidden: Tensor, valid: Tensor, layer_kwargs: dict[str, Any]
 ) -> Any:
