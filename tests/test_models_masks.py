@@ -136,3 +136,65 @@ def test_unsupported_attention_is_refused_at_attach():
     with pytest.raises(ValueError, match="not registered in transformers' AttentionInterface"):
         attach(model, MERGING)
     assert getattr(model, "_ustc_handle", None) is None
+
+
+# ------------------------------------------------------------------------------- GPU only
+# benchmarks/gpu.sh runs these on the lent GPU (its pytest step); here they are skipped.
+def _cuda_implementations() -> list:
+    import importlib.util
+
+    found = []
+    for name, package in (
+        ("flash_attention_2", "flash_attn"),
+        ("flash_attention_3", "flash_attn_interface"),
+        ("kernels-community/flash-attn", "kernels"),
+        ("flex_attention", "torch"),
+    ):
+        reason = None
+        if not torch.cuda.is_available():
+            reason = "needs CUDA"
+        elif importlib.util.find_spec(package) is None:
+            reason = f"needs {package}"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        found.append(pytest.param(name, marks=marks, id=name))
+    return found
+
+
+def _cuda_generate(attn: str, side, session: bool):
+    from test_session import split
+
+    import ustc
+
+    model = tiny_llava_onevision(attn=attn, layers=4, dtype=torch.bfloat16).cuda()
+    rows = [
+        llava_video_inputs(model, prefix=3, suffix=9, seed=1),
+        llava_video_inputs(model, prefix=6, suffix=4, seed=2),
+    ]
+    kwargs = rows[0].kwargs if side is None else pad_batch(rows, side)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    options = dict(max_new_tokens=STEPS, return_dict_in_generate=True, output_logits=True)
+    with attach(model, MERGING), torch.no_grad():
+        if session:
+            rows[0].kwargs = kwargs
+            prefix, question = split(rows[0], question_length=7)
+            prepared = ustc.prepare(model, prefix)
+            return prepared.ask(question, **options)
+        return model.generate(**kwargs, **options)
+
+
+@pytest.mark.parametrize("mode", ["single", "padded", "session"])
+@pytest.mark.parametrize("attn", _cuda_implementations())
+def test_cuda_attention_gives_the_tokens_of_sdpa_where_numerics_allow(attn, mode):
+    """bfloat16 on the GPU: each step's token equals sdpa's wherever sdpa's top two logits are
+    further apart than the two implementations' logits differ (a near tie may flip)."""
+    side = "left" if mode == "padded" else None
+    want = _cuda_generate("sdpa", side, mode == "session")
+    got = _cuda_generate(attn, side, mode == "session")
+    for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
+        gap = (a.float() - b.float()).abs().amax(dim=-1)
+        top = b.float().topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > 2 * gap
+        chosen_got, chosen_want = a.argmax(-1), b.argmax(-1)
+        assert torch.equal(chosen_got[clear], chosen_want[clear]), f"step {step}"
+        if not bool(clear.all()):
+            break  # a near tie may flip: the later steps continue different sequences
