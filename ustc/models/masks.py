@@ -83,18 +83,20 @@ def rebuilt_mask(
     padding = None if bool(valid.all()) else valid
     taken = inspect.signature(create_causal_mask).parameters
     q, kv = hidden.shape[1], valid.shape[1]
-    if "layer_idx" in taken:  # transformers >= 5.2x: sizes from the cache of this layer
+    if "layer_idx" in taken:  # transformers >= 5.17: sizes from the cache of this layer
         if cache is not None and int(cache.get_seq_length(index)) + q != kv:
             raise RuntimeError(
                 f"decoder layer {index} holds {int(cache.get_seq_length(index))} cached tokens "
                 f"and receives {q}, but the merged sequence has {kv}{version_note()}"
             )
+        # the cache keyword: ``cache`` from 5.24 on, ``past_key_values`` before
+        name = "cache" if "cache" in taken else "past_key_values"
         return create_causal_mask(
             config=config,
             inputs_embeds=hidden,
             attention_mask=padding,
-            cache=cache,
             layer_idx=index if cache is not None else None,
+            **{name: cache},
         )
     # older releases: sizes from the 2-D mask and the positions of the queries, no cache
     cache_position = torch.arange(kv - q, kv, device=hidden.device)
