@@ -2,6 +2,8 @@
 
     python benchmarks/ask_many.py                          # small LLaVA-OneVision on the CPU
     python benchmarks/ask_many.py --size 7b --device cuda  # the 7B architecture on a GPU
+    python benchmarks/ask_many.py --output benchmarks/ask_many-cpu.json \
+        --update-docs docs/performance.md                  # the figures of docs/performance.md
 
 For Q = 1, 3, 10 questions about one video (random weights, the model of
 ``benchmarks/efficiency.py``), the wall time of
@@ -12,14 +14,16 @@ For Q = 1, 3, 10 questions about one video (random weights, the model of
 and the peak memory of each (a fresh process per figure: peak RSS on the CPU, peak allocated
 memory on CUDA), beside the prediction
 
-    reuse(Q) = Q * alone(1) - (Q - 1) * S,
+    reuse(Q) = alone(Q) - (Q - 1) * S,
     S = vision + compression + prefill * (K n' / (K n' + (L - K) n'')) * (n_p' / n')
 
 S is what a question no longer pays: the vision tower and the external compression, and the
 prefix's share (n_p' of the n' tokens entering the LLM) of the layers below K, whose share of the
 prefill is K n' of the K n' + (L - K) n'' token-layers (n'' tokens after the merge at K).  The
-components are measured on one question asked alone, in the same run.  Times are medians of
-``--repeats`` runs after a warm-up.
+components are measured on one question asked alone, in the same run; the table compares the
+measured saving alone(Q) - reuse(Q) with (Q - 1) * S.  Times are medians of ``--repeats`` rounds
+after a warm-up round, alone and reuse interleaved in each round so that a burst of load on a
+shared machine hits both; one torch thread by default (``--threads``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import ustc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import SIZES, build, make_inputs  # noqa: E402
-from timing import median_seconds, sync  # noqa: E402
+from timing import sync  # noqa: E402
 
 COUNTS = (1, 3, 10)
 QUESTION_TOKENS = 20
@@ -142,7 +146,7 @@ def peak_memory(args, reuse: bool, count: int) -> float:
     """Peak memory (MiB) of a fresh process asking ``count`` questions."""
     command = [sys.executable, __file__, "--worker", "reuse" if reuse else "alone", str(count)]
     command += ["--size", args.size, "--device", args.device, "--retention", str(args.retention)]
-    command += ["--new-tokens", str(args.new_tokens)]
+    command += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -183,8 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--counts", type=int, nargs="*", default=list(COUNTS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--update-docs", type=Path, help="render the figures into this page")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.worker:
         worker(args)
         return []
@@ -195,66 +202,124 @@ def main(argv: list[str] | None = None) -> list[dict]:
     saved += part["prefill_s"] * part["below_k_share"] * part["prefix_in"] / part["n_in"]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     layers = len(handle.decoder_layers())
-    print(
-        f"# {machine}; LLaVA-OneVision {args.size} (random weights), {frames} frames, sdpa, "
+    setup_line = (
+        f"{machine}; LLaVA-OneVision {args.size} (random weights), {frames} frames, sdpa, "
         f"retention {args.retention:g}, text-aware merge at K={handle.config.layer} of "
         f"L={layers}, questions of {QUESTION_TOKENS} tokens, {args.new_tokens} new tokens"
     )
-    print(
-        f"# one question alone: vision {part['vision_s'] * 1e3:.1f} ms, compression "
+    parts_line = (
+        f"one question alone: vision {part['vision_s'] * 1e3:.1f} ms, compression "
         f"{part['process_s'] * 1e3:.1f} ms, prefill {part['prefill_s'] * 1e3:.1f} ms "
         f"(n'={part['n_in']}, n''={part['n_after']}, prefix n_p'={part['prefix_in']}); "
         f"S = {saved * 1e3:.1f} ms saved per extra question"
     )
+    print(f"# {setup_line}\n# {parts_line}")
     rows = []
-    alone_one = None
     for count in args.counts:
         asked = questions(count, args.device)
-        alone = median_seconds(
-            lambda asked=asked: run(model, prefix, asked, False, args.new_tokens),
-            args.repeats,
-            args.device,
-        )
-        reuse = median_seconds(
-            lambda asked=asked: run(model, prefix, asked, True, args.new_tokens),
-            args.repeats,
-            args.device,
-        )
-        if alone_one is None:
-            alone_one = alone / count
-        predicted = count * alone_one - (count - 1) * saved
+        # alone and reuse interleaved, so that a burst of load on the shared machine hits both
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for repeat in range(args.repeats + 1):
+            for reuse_mode in (False, True):
+                sync(args.device)
+                start = time.perf_counter()
+                run(model, prefix, asked, reuse_mode, args.new_tokens)
+                sync(args.device)
+                if repeat:  # the first round is a warm-up
+                    times[reuse_mode].append(time.perf_counter() - start)
+        alone, reuse = statistics.median(times[False]), statistics.median(times[True])
+        predicted_saved = (count - 1) * saved
         row = {
             "questions": count,
             "alone_s": alone,
             "reuse_s": reuse,
-            "predicted_reuse_s": predicted,
-            "measured_over_predicted": reuse / predicted,
+            "predicted_reuse_s": alone - predicted_saved,
             "saved_s": alone - reuse,
-            "predicted_saved_s": (count - 1) * saved,
+            "predicted_saved_s": predicted_saved,
+            # the saving measured over the predicted one (1 question: nothing to save)
+            "saved_over_predicted": (alone - reuse) / predicted_saved if count > 1 else None,
         }
         if not args.no_memory:
             row["alone_peak_mib"] = peak_memory(args, False, count)
             row["reuse_peak_mib"] = peak_memory(args, True, count)
         rows.append(row)
-    header = f"{'Q':>3}{'alone s':>10}{'reuse s':>10}{'predicted':>11}{'ratio':>8}{'saved s':>10}{'pred. saved':>12}"
+    header = (
+        f"{'Q':>3}{'alone s':>10}{'reuse s':>10}{'predicted':>11}{'saved s':>10}"
+        f"{'pred. saved':>12}{'ratio':>8}"
+    )
     if not args.no_memory:
         header += f"{'alone MiB':>11}{'reuse MiB':>11}"
     print(header)
     for row in rows:
         line = (
             f"{row['questions']:>3}{row['alone_s']:10.3f}{row['reuse_s']:10.3f}"
-            f"{row['predicted_reuse_s']:11.3f}{row['measured_over_predicted']:8.2f}"
-            f"{row['saved_s']:10.3f}{row['predicted_saved_s']:12.3f}"
+            f"{row['predicted_reuse_s']:11.3f}{row['saved_s']:10.3f}"
+            f"{row['predicted_saved_s']:12.3f}{_ratio(row):>8}"
         )
         if not args.no_memory:
             line += f"{row['alone_peak_mib']:11.0f}{row['reuse_peak_mib']:11.0f}"
         print(line)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(
-            json.dumps({"machine": machine, "components": part, "rows": rows}, indent=2)
-        )
+        result = {
+            "machine": machine,
+            "setup": setup_line,
+            "threads": args.threads,
+            "components": {**part, "saved_per_question_s": saved},
+            "command": " ".join(["python benchmarks/ask_many.py", *(argv or sys.argv[1:])]),
+            "rows": rows,
+        }
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        if args.update_docs:
+            update_docs(args.update_docs, result)
     return rows
+
+
+def _ratio(row: dict) -> str:
+    ratio = row["saved_over_predicted"]
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+START, END = "<!-- ask-many:start -->", "<!-- ask-many:end -->"
+
+
+def render(result: dict) -> str:
+    """The figures of docs/performance.md's section, from the JSON this script writes."""
+    part = result["components"]
+    lines = [
+        f"Measured on {result['setup']}, {result['threads']} torch thread(s), with",
+        "",
+        f"    {result['command']}",
+        "",
+        f"One question alone: vision tower {part['vision_s'] * 1e3:.0f} ms, compression "
+        f"{part['process_s'] * 1e3:.0f} ms, prefill {part['prefill_s'] * 1e3:.0f} ms "
+        f"(n' = {part['n_in']}, n'' = {part['n_after']}, the prefix n_p' = {part['prefix_in']}), "
+        f"so the predicted saving is S = {part['saved_per_question_s'] * 1e3:.0f} ms per extra "
+        "question. Times are medians of the repeats (alone and reuse interleaved).",
+        "",
+        "| questions | alone (s) | reuse (s) | predicted reuse (s) | saved (s) "
+        "| predicted saved (s) | saved / predicted | peak alone (MiB) | peak reuse (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        peaks = [row.get("alone_peak_mib"), row.get("reuse_peak_mib")]
+        peak_cells = " | ".join("-" if p is None else f"{p:.0f}" for p in peaks)
+        lines.append(
+            f"| {row['questions']} | {row['alone_s']:.2f} | {row['reuse_s']:.2f} | "
+            f"{row['predicted_reuse_s']:.2f} | {row['saved_s']:.2f} | "
+            f"{row['predicted_saved_s']:.2f} | {_ratio(row)} | {peak_cells} |"
+        )
+    return "\n".join(lines)
+
+
+def update_docs(page: Path, result: dict) -> None:
+    """Replace the text between the ask-many markers of ``page`` with ``render(result)``."""
+    text = page.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{page} has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    page.write_text(f"{head}{START}\n{render(result)}\n{END}{tail}")
 
 
 if __name__ == "__main__":

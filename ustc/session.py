@@ -469,11 +469,12 @@ class SessionCache:
             while len(self.sessions) > self.size:
                 old_key, old = next(iter(self.sessions.items()))
                 del self.sessions[old_key]
+                freed = old.nbytes()
                 old.close()
                 if self.log is not None:
                     self.log(
                         f"ustc session cache: evicted the prepared video {old_key[1][:12]} "
-                        f"({old.nbytes() / 2**20:.1f} MiB freed; at most {self.size} kept)"
+                        f"({freed / 2**20:.1f} MiB freed; at most {self.size} kept)"
                     )
         try:
             return session.ask(question, **generate_kwargs)
