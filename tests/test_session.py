@@ -182,3 +182,41 @@ def test_qwen3_5_is_refused_at_prepare():
     with pytest.raises(ValueError, match="recurrent state"):
         ustc.prepare(model, prefix, MERGING.replace(layer=1))
     assert getattr(model, "_ustc_handle", None) is None
+
+
+def test_the_hooks_refuse_another_video_while_a_session_is_asked():
+    model = tiny_llava_onevision(layers=4)
+    inputs = llava_video_inputs(model, suffix=9)
+    prefix, first = split(inputs, question_length=7)
+    session = ustc.prepare(model, prefix, MERGING)
+    other = llava_video_inputs(model, suffix=9, seed=7)
+    # what ask() sets while it runs, with a video other than the prepared one
+    session.asking, session.handle.resume = True, session
+    try:
+        with pytest.raises(ValueError, match="differs from the one it prepared"), torch.no_grad():
+            model.generate(**other.kwargs, max_new_tokens=2)
+    finally:
+        session.asking, session.handle.resume = False, None
+    session.close()
+
+
+def test_the_session_cache_misses_on_another_video_or_config():
+    from ustc.session import SessionCache
+
+    model = tiny_llava_onevision(layers=4)
+    first, second = llava_video_inputs(model, suffix=9), llava_video_inputs(model, suffix=9, seed=7)
+    cache = SessionCache(4)
+
+    def asked(handle, inputs):
+        got = cache.ask(model, handle, inputs.kwargs, max_new_tokens=STEPS)
+        with torch.no_grad():
+            return torch.equal(got, model.generate(**inputs.kwargs, max_new_tokens=STEPS))
+
+    with attach(model, MERGING) as handle:
+        assert asked(handle, first) and asked(handle, second) and asked(handle, first)
+    assert (cache.hits, cache.misses) == (1, 2)  # the first video reused once
+    # another compressor (another config): the first video is prepared afresh, not reused
+    with attach(model, MERGING.replace(retention=0.25)) as handle:
+        assert asked(handle, first)
+    assert (cache.hits, cache.misses) == (1, 3)
+    cache.clear()
