@@ -6,7 +6,10 @@
 #
 # Steps, each under its own time limit (seconds), each writing one file:
 #   env.json                   torch / transformers / device, bf16 products with float32 output?
-#   pytest.xml       (120)     the CUDA tests: pytest tests/test_{blocked,compressor,baselines}.py -k cuda
+#   pytest.xml       (180)     the CUDA tests: pytest tests/test_{blocked,compressor,baselines}.py -k cuda,
+#                              and tests/test_models_masks.py -k cuda (flash_attention_2/3, the
+#                              kernels-hub flash-attn and flex_attention give sdpa's greedy tokens
+#                              where the numerics allow: one prompt, a padded batch, a session)
 #   compressor-bfloat16.json (150)  32 x 196 x 3584 bf16: every combination vs the dense reference
 #                              and the blocked path, the registered baselines side by side
 #   efficiency-sdpa.json (270) benchmarks/efficiency.py --size 7b (Table 6: vision, process,
@@ -84,8 +87,8 @@ open(path, "w").write(json.dumps(env, indent=2))
 print(json.dumps(env))
 EOF
 
-step pytest 120 "$py" -m pytest tests/test_blocked.py tests/test_compressor.py \
-    tests/test_baselines.py -k cuda -q -p no:cacheprovider -rs --continue-on-collection-errors \
+step pytest 180 "$py" -m pytest tests/test_blocked.py tests/test_compressor.py \
+    tests/test_baselines.py tests/test_models_masks.py -k cuda -q -p no:cacheprovider -rs --continue-on-collection-errors \
     --junitxml="$out/pytest.xml"
 step compressor-bfloat16 150 "$py" benchmarks/compressor.py "${bench[@]}" --dtype bfloat16 \
     --data structured scenes --sections combinations baselines \

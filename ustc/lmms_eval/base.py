@@ -51,6 +51,7 @@ MODEL_ARGS = (
     "attn_implementation",
     "max_new_tokens",
     "batch_size",
+    "session_cache",
 )
 
 #: per-prompt inputs that are 1-D token sequences (B, n): left-padded when batched; every other
@@ -154,6 +155,9 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
     dtype:          ``auto`` (bfloat16 on CUDA, float32 on CPU) or a torch dtype name.
     max_frames_num: F, frames sampled uniformly per video.
     batch_size:     prompts per ``generate()`` call, LEFT-padded, one video each.
+    session_cache:  prepared videos kept (``ustc.session.SessionCache``): with batch_size 1,
+                    consecutive questions about one video reuse its vision encoding, compression
+                    and prefix below layer K; 0 turns the reuse off.
     model, processor, tokenizer: already built objects (tests, notebooks); ``pretrained`` is then
                     not loaded.
     **compression:  CompressionConfig fields and strategy parameters.
@@ -183,6 +187,7 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
         max_new_tokens: int = 16,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
+        session_cache: int | str = 4,
         model: Any = None,
         processor: Any = None,
         tokenizer: Any = None,
@@ -208,6 +213,9 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
             "max_frames_num", self.default_frames if max_frames_num is None else max_frames_num
         )
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        if str(session_cache) != "0":
+            session_cache = _positive_int("session_cache", session_cache)
+        self.session_cache_size = int(session_cache)
         if dtype != "auto" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"dtype must be 'auto' or a torch dtype name, got {dtype!r}")
         pretrained = pretrained or self.default_checkpoint
@@ -236,6 +244,20 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
         from ustc.models import attach
 
         self.handle = None if self.config.is_identity else attach(self.model, self.config)
+        self.sessions = self._session_cache()
+
+    def _session_cache(self) -> Any:
+        """The cache of prepared videos, or None where questions cannot share one."""
+        from loguru import logger
+
+        from ustc.models.qwen3_vl import Qwen3_5Handle
+        from ustc.session import SessionCache
+
+        if self.handle is None or self.session_cache_size == 0 or self.batch_size_per_gpu > 1:
+            return None
+        if isinstance(self.handle, Qwen3_5Handle):  # recurrent layers: nothing to share
+            return None
+        return SessionCache(self.session_cache_size, log=logger.info)
 
     # ------------------------------------------------------------------ backbone declarations
 
@@ -439,7 +461,11 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
         counts: list[tuple[int, int]] = [(0, 0)] * len(items)
         for rows in shapes.values():
             batch = self._to_device(left_pad([items[j] for j in rows], settings["pad_token_id"]))
-            sequences = self.model.generate(**batch, **settings)
+            if self.sessions is not None and len(rows) == 1 and settings["num_beams"] == 1:
+                # one question: its video's prepared session (vision, compression, prefix < K)
+                sequences = self.sessions.ask(self.model, self.handle, batch, **settings)
+            else:
+                sequences = self.model.generate(**batch, **settings)
             new = sequences[:, batch["input_ids"].shape[1] :]
             entered = self._tokens_entering([items[j] for j in rows])
             self._log_stats(len(rows))

@@ -63,6 +63,7 @@ from ustc.models.compat import (
     describe,
     version_note,
 )
+from ustc.models.masks import check_attention, is_block_mask, rebuilt_mask
 from ustc.models.sequence import (
     batch_rows,
     column_mask,
@@ -241,6 +242,7 @@ class _Forward:
     session: Session | None = None
     decode: Session | None = None  # this forward is a decode step of that session
     new_session: bool = False  # this forward is a compressed prefill: remember its cache
+    mask: Tensor | None = None  # a decode step's 2-D padding mask over the cached columns
     sliced: dict[int, Any] = field(default_factory=dict)
 
 
@@ -287,6 +289,9 @@ class Handle:
         self._capturing = False
         self._scores: list[Tensor] = []
         self._video: VideoCall | None = None
+        #: a prepared video being built or asked (``ustc.session``): shares the vision encoding,
+        #: the compression and the prefix's layers < K between questions; None otherwise
+        self.resume: Any = None
         layers = self.decoder_layers()
         if self.compressor.has_merger and config.layer > len(layers):
             raise ValueError(
@@ -295,6 +300,7 @@ class Handle:
                 "turns the in-LLM merge off)"
             )
         self.merge_active = self.compressor.has_merger and config.layer < len(layers)
+        check_attention(self)
         # at retention 1 nothing is selected, so Eq. (1) would be computed for nothing
         self.needs_scores = self.compressor.needs_attention and config.retention < 1.0
         try:
@@ -429,6 +435,9 @@ class Handle:
 
         @functools.wraps(original)
         def get_video_features(*args: Any, **kwargs: Any) -> Any:
+            if self.resume is not None and self.resume.asking:  # the prepared encoding
+                output, self._video = self.resume.encoded_video(self, args, kwargs)
+                return output
             self._capturing = self.needs_scores
             self._scores = []
             try:
@@ -441,6 +450,8 @@ class Handle:
             )
             self._scores = []
             self._video = video
+            if self.resume is not None:
+                self.resume.keep_encoding(output, video)
             return output
 
         setattr(base, name, get_video_features)
@@ -550,6 +561,7 @@ class Handle:
             kwargs["attention_mask"] = torch.cat(
                 [take_columns(mask[:, :n], session.keep, fill=0), mask[:, n:]], dim=1
             )
+            self._fwd.mask = kwargs["attention_mask"]
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self.decode_positions(session, length, batch, device)
         session.seen += length
@@ -620,7 +632,7 @@ class Handle:
             if mask is None
             else mask.to(device).bool()
         )
-        if self.merge_active:
+        if self.merge_active and not (self.resume is not None and self.resume.preparing):
             text = valid & (columns > (video_columns.amax(dim=1) + layout.trailing)[:, None])
             if not bool(text.any(dim=1).all()):
                 raise ValueError(
@@ -637,7 +649,11 @@ class Handle:
             grid = video_columns[rows, : f * p]
             features = take_columns(embeds[rows], grid).reshape(len(rows), f, p, -1)
             group_scores = None if scores is None else torch.stack([scores[i] for i in rows])
-            groups.append(Group(rows, f, p, self.compressor.compress(features, group_scores)))
+            if self.resume is not None:
+                result = self.resume.compress(self, len(groups), features, group_scores)
+            else:
+                result = self.compressor.compress(features, group_scores)
+            groups.append(Group(rows, f, p, result))
             group_features.append(features.reshape(len(rows), f * p, -1))
             for row in rows.tolist():
                 visual_counts[row] = groups[-1].compression.indices.shape[1]
@@ -709,6 +725,8 @@ class Handle:
             int(layout.starts[0]),
             groups=groups,
         )
+        if self.resume is not None:  # a prepared prefix: only what follows it runs below K
+            self.resume.enter_language_model(self, kwargs, session)
         return args, kwargs
 
     def _after_language_model(
@@ -736,12 +754,18 @@ class Handle:
             raise ValueError(
                 f"decoder layer {index} received no hidden_states tensor{version_note()}"
             )
+        if phase == "prefill" and self.resume is not None:
+            # preparing: stops the forward at layer K; asking: puts the prefix back in front
+            hidden, args, kwargs = self.resume.at_layer(self, index, hidden, args, kwargs)
         mask = kwargs.get("attention_mask")
-        if mask is not None and not isinstance(mask, Tensor):
+        # flex_attention's BlockMask cannot be cut: it is rebuilt for the kept columns
+        rebuild = mask if is_block_mask(mask) else None
+        if rebuild is not None:
+            mask = None
+        elif mask is not None and not isinstance(mask, Tensor):
             raise ValueError(
                 f"decoder layer {index} received an attention mask of type "
-                f"{type(mask).__name__}, which cannot be cut to the merged tokens; use sdpa, eager "
-                f"or flash attention{version_note()}"
+                f"{type(mask).__name__}, which cannot be cut to the merged tokens{version_note()}"
             )
         if phase == "prefill":
             if index == self.config.layer:
@@ -766,7 +790,11 @@ class Handle:
             kwargs["position_ids"] = self._sliced(
                 kwargs.get("position_ids"), lambda pos: gather_columns(pos, index_, b)
             )
-            if mask is not None:
+            if rebuild is not None:
+                kwargs["attention_mask"] = self._sliced(
+                    rebuild, lambda _: rebuilt_mask(self, index, hidden, keep >= 0, kwargs)
+                )
+            elif mask is not None:
                 kwargs["attention_mask"] = self._sliced(mask, lambda m: slice_mask(m, keep, keep))
             elif session.merge_pads:
                 kwargs["attention_mask"] = self._sliced(keep, lambda k: padding_mask(k, k.shape[1]))
@@ -779,7 +807,14 @@ class Handle:
             )
             later = torch.arange(n_in, width, device=keep.device).expand(keep.shape[0], -1)
             columns = torch.cat([keep, later], dim=1)
-            if mask is not None:
+            if rebuild is not None:
+                valid = columns >= 0
+                if self._fwd.mask is not None:
+                    valid = valid & take_columns(self._fwd.mask, columns, fill=0).bool()
+                kwargs["attention_mask"] = self._sliced(
+                    rebuild, lambda _: rebuilt_mask(self, index, hidden, valid, kwargs)
+                )
+            elif mask is not None:
                 kwargs["attention_mask"] = self._sliced(
                     mask, lambda m: slice_mask(m, None, columns)
                 )

@@ -167,6 +167,8 @@ class Qwen3VLHandle(Qwen2VLHandle):
             stack = self._stack
             if stack is None or not self._fwd.new_session or self._fwd.session is not stack.session:
                 return None
+            if self.resume is not None and self.resume.skips_layer(index):
+                return None  # a prepared prefix: its visual tokens below K are cached
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[:2] != stack.mask.shape:
                 raise RuntimeError(
