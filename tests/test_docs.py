@@ -176,7 +176,9 @@ def test_the_navigation_bar_fits_one_row():
 
 #: wording of the tools this project was built with, which a user does not have
 INTERNAL = re.compile(
-    r"`device` tool|device tool|device machine|\blent\b|\bsessions?\b|\bthe lead\b|"
+    r"`device` tool|device tool|device machine|\blent\b|\bthe lead\b|"
+    # a prepared video is a `VideoSession` (docs/sessions.md): only the build's sessions are internal
+    r"\b(?:this|other|earlier|later|developer|build|a developer's)\s+sessions?\b|\bsessions'|"
     r"carry list|KINDS\.md|device README|run\(command=",
     re.I,
 )
