@@ -100,17 +100,6 @@ def _balanced(
     return np.concatenate([first, rest])
 
 
-def _evidence(
-    scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None
-) -> np.ndarray:
-    """Visual tokens (N,) showing the object(s) the answer rests on: all objects for ``count``."""
-    shown = _shown(scene) if shown is None else shown
-    if q.family == "count":
-        return shown.any(0)
-    colour = q.text.split()[4] if q.family == "shape" else q.options[q.answer]
-    return shown[[o.colour == colour for o in scene.objects]].any(0)
-
-
 def _batch(
     step: int, batch: int, questions: int, shape: LabShape, open_ratio: float = 0.0
 ) -> dict[str, Any]:
@@ -131,7 +120,10 @@ def _batch(
         cover = scenes.token_cover(s.scene)  # type: ignore[arg-type]
         cover = cover.reshape(len(cover), -1)
         shown = cover >= scenes.MIN_COVER
-        evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
+        evidence += [
+            torch.from_numpy(scenes.evidence_tokens(s.scene, q, shown))  # type: ignore[arg-type]
+            for q in qs
+        ]
         objects.append(cover)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
     colours = torch.from_numpy(np.stack([c for c, _ in labels]))
