@@ -223,6 +223,17 @@ def test_bad_arguments_fail_before_any_model_loads(monkeypatch, argv, error, mes
         props.main(argv)
 
 
+def test_check_exits_1_unless_every_property_is_measured_and_holds(tmp_path, capsys):
+    build_model(seed=0).save_pretrained(tmp_path)
+    argv = ["--weights", str(tmp_path), "--limit", "3", "--threads", "1", "--no-accuracy"]
+    report = props.main(argv)
+    assert not report.passed
+    assert capsys.readouterr().out.rstrip().endswith("every property holds: no (not measured: 4)")
+    with pytest.raises(SystemExit) as stopped:
+        props.main([*argv, "--check"])
+    assert stopped.value.code == 1
+
+
 @pytest.mark.skipif(not SHIPPED, reason="no shipped lab weights")
 def test_the_command_on_the_shipped_weights_matches_its_reduced_record(capsys):
     """``--limit 10 --json`` prints the report's structure, and its figures are the ones recorded
