@@ -638,6 +638,12 @@ def test_a_bad_resume_is_one_line_and_leaves_the_checkpoint_untouched(
         assert re.search(message, err), err
         assert _files(folder) == before
     assert train.cli(_train_argv(out, *schedule, "--resume")) == 0  # the right one goes on
+    capsys.readouterr()
+    before = _files(out)
+    assert train.cli(_train_argv(out, *schedule, "--resume")) == 2  # finished: none left
+    err = capsys.readouterr().err
+    assert "lab.json records a finished run of 4 steps" in err and err.count("\n") == 1
+    assert _files(out) == before
 
 
 #: a schedule whose log entries (every 3 steps) straddle its checkpoints (every 2 steps)

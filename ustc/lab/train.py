@@ -66,12 +66,6 @@ from ustc.lab.model import (
 from ustc.models.compat import cache_keyword, output_cache
 
 
-def _shown(scene: scenes.Scene, min_cover: float = scenes.MIN_COVER) -> np.ndarray:
-    """Which visual tokens show each object: (n_objects, N) bool."""
-    cover = scenes.token_cover(scene)
-    return (cover >= min_cover).reshape(len(cover), -1)
-
-
 def _round_robin(
     rng: np.random.Generator, cover: np.ndarray, frames: int, min_cover: float = scenes.MIN_COVER
 ) -> np.ndarray:
@@ -342,9 +336,11 @@ def _load_checkpoint(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     path = out / CHECKPOINT
     if not path.is_file():
         done = ""
-        if (out / "lab.json").is_file():
-            steps = json.loads((out / "lab.json").read_text()).get("steps_run")
+        try:
+            steps = json.loads((out / "lab.json").read_text())["steps_run"]
             done = f"; its lab.json records a finished run of {steps} steps"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no record of a run there: the message above says it all
         raise MissingCheckpoint(
             f"--resume: no {CHECKPOINT} in {out} (a run writes one at every eval){done}"
         )
