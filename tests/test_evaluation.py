@@ -62,6 +62,22 @@ def test_registered_benchmarks_and_their_columns() -> None:
         LmmsEvalBenchmark(tasks="mvbench,activitynet")
 
 
+def test_normalized_places_a_score_between_random_and_oracle() -> None:
+    """Issue 27's figures: ours 55.2, random 36.0, oracle 94.5 -> 0.33; random is 0, the
+    oracle 1, nothing is clipped, and an oracle no better than random has no scale."""
+    assert evaluation.normalized(55.2, 36.0, 94.5) == pytest.approx(19.2 / 58.5)
+    assert round(evaluation.normalized(55.2, 36.0, 94.5), 2) == 0.33
+    assert evaluation.normalized(36.0, 36.0, 94.5) == 0.0
+    assert evaluation.normalized(94.5, 36.0, 94.5) == 1.0
+    assert evaluation.normalized(30.0, 40.0, 60.0) == pytest.approx(-0.5)
+    assert evaluation.normalized(70.0, 40.0, 60.0) == pytest.approx(1.5)
+    assert evaluation.normalized(50.0, 40.0, 40.0) is None
+    assert evaluation.normalized(50.0, 45.0, 40.0) is None
+    for bad in (float("nan"), float("inf"), None, True):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            evaluation.normalized(50.0, bad, 90.0)  # type: ignore[arg-type]
+
+
 def test_average_is_the_unweighted_column_mean() -> None:
     assert BenchmarkResult({"a": 50.0, "b": 40.0, "c": 30.0}, n=999).average == 40.0
     with pytest.raises(ValueError, match="at least one score"):

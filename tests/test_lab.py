@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -573,6 +576,161 @@ def test_resume_refuses_another_schedule_or_a_missing_checkpoint(tmp_path):
     train.main(_train_argv(tmp_path, "--steps", "4", "--eval-every", "1", "--stop", "1"))
     with pytest.raises(ValueError, match="--lr 0.0015 .checkpoint. vs 0.001"):
         train.main(_train_argv(tmp_path, "--steps", "4", "--lr", "1e-3", "--resume"))
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``folder`` with its bytes and modification time (ns)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_bad_resume_is_one_line_and_leaves_the_checkpoint_untouched(
+    tmp_path, capsys, monkeypatch
+):
+    """--resume of a missing, unreadable or mismatched checkpoint (another schedule, another model
+    shape, recorded or found in the parameters) is one line on stderr, exit status 2, and every
+    file of --out keeps its bytes and modification time."""
+    from ustc.lab import train
+
+    schedule = ["--steps", "4", "--eval-every", "1"]
+    empty = tmp_path / "empty"
+    assert train.cli(_train_argv(empty, *schedule, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: no checkpoint.pt") and err.count("\n") == 1
+    assert not empty.exists()
+
+    out = tmp_path / "run"
+    train.main(_train_argv(out, *schedule, "--stop", "1"))
+    state = torch.load(out / train.CHECKPOINT, weights_only=False)
+    old = tmp_path / "old"  # a checkpoint without a recorded shape, of another model
+    old.mkdir()
+    del state["shape"]
+    state["model"] = build_model(LabShape(vision_hidden=16)).state_dict()
+    torch.save(state, old / train.CHECKPOINT)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / train.CHECKPOINT).write_bytes((out / train.CHECKPOINT).read_bytes()[:1000])
+    capsys.readouterr()
+
+    def narrow() -> LabShape:
+        return LabShape(vision_hidden=16)
+
+    cases = [
+        (out, ["--lr", "1e-3"], r"--lr 0.0015 \(checkpoint\) vs 0.001", None),
+        (out, ["--steps", "5"], r"--steps 4 \(checkpoint\) vs 5", None),
+        (
+            out,
+            [],
+            r"model shape .*'vision_hidden': 32.* \(checkpoint\) vs .*'vision_hidden': 16",
+            narrow,
+        ),
+        (old, [], r"not this lab model's: model\.vision_tower.* \(checkpoint\) vs", None),
+        (broken, [], r"checkpoint.pt cannot be read as a checkpoint", None),
+    ]
+    for folder, changes, message, shape in cases:
+        before = _files(folder)
+        with monkeypatch.context() as patch:
+            if shape is not None:
+                patch.setattr(train, "LabShape", shape)
+            argv = _train_argv(folder, *schedule, *changes, "--resume")
+            assert train.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert re.search(message, err), err
+        assert _files(folder) == before
+    assert train.cli(_train_argv(out, *schedule, "--resume")) == 0  # the right one goes on
+    capsys.readouterr()
+    before = _files(out)
+    assert train.cli(_train_argv(out, *schedule, "--resume")) == 2  # finished: none left
+    err = capsys.readouterr().err
+    assert "lab.json records a finished run of 4 steps" in err and err.count("\n") == 1
+    assert _files(out) == before
+
+
+#: a schedule whose log entries (every 3 steps) straddle its checkpoints (every 2 steps)
+STOPPED = ["--steps", "3", "--subset-steps", "2", "--eval-every", "2", "--log-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from ustc.lab import train
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train.main(_train_argv(out, *STOPPED))
+    return out
+
+
+def _same_run(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra, rb = (json.loads((d / "lab.json").read_text()) for d in (a, b))
+    assert ra["log"] == rb["log"]
+    assert [p["val"] for p in ra["curve"]] == [p["val"] for p in rb["curve"]]
+    assert ra["test"] == {**rb["test"], "seconds": ra["test"]["seconds"]}
+
+
+def _steps_done(monkeypatch, train, at: int, action) -> list[int]:
+    """Patch the trainer's step: ``action()`` runs at the start of step ``at``; returns the list
+    the completed steps are appended to."""
+    done: list[int] = []
+    original = train._Trainer.step
+
+    def step(self, index: int) -> dict[str, float]:
+        if index == at:
+            action()
+        out = original(self, index)
+        done.append(index)
+        return out
+
+    monkeypatch.setattr(train._Trainer, "step", step)
+    return done
+
+
+def test_a_crashed_run_loses_at_most_the_steps_since_its_checkpoint(
+    tmp_path, monkeypatch, uninterrupted
+):
+    """An exception at step 3 (checkpoint after step 2): the resumed run repeats only step 2
+    and ends as the uninterrupted one, log entries included (the losses since the last entry
+    are part of the checkpoint)."""
+    from ustc.lab import train
+
+    def crash() -> None:
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as patch:
+        done = _steps_done(patch, train, 3, crash)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            train.main(_train_argv(tmp_path, *STOPPED))
+    saved = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)["step"]
+    assert done == [0, 1, 2] and saved == 2
+    assert len(done) - saved <= 2  # at most --eval-every steps lost
+    train.main(_train_argv(tmp_path, *STOPPED, "--resume"))
+    _same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_run_checkpoints_its_last_step_and_resumes(
+    tmp_path, monkeypatch, capsys, uninterrupted, signum
+):
+    """SIGTERM or SIGINT during step 2 (no checkpoint due after it): the step finishes, the
+    checkpoint is written after it, the run stops; nothing is lost, the signal handlers are
+    restored, and the resumed run ends as the uninterrupted one."""
+    from ustc.lab import train
+
+    previous = signal.getsignal(signum)
+    with monkeypatch.context() as patch:
+        done = _steps_done(patch, train, 2, lambda: os.kill(os.getpid(), signum))
+        with pytest.raises(
+            SystemExit, match=f"stopped by {signal.Signals(signum).name} after step 3"
+        ):
+            train.main(_train_argv(tmp_path, *STOPPED))
+    assert signal.getsignal(signum) is previous
+    saved = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)["step"]
+    assert done == [0, 1, 2] and saved == 3  # no step lost
+    assert not (tmp_path / "lab.json").exists()
+    train.main(_train_argv(tmp_path, *STOPPED, "--resume"))
+    _same_run(tmp_path, uninterrupted)
 
 
 # ----------------------------------------------------------------------------- shipped weights

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import time
 from abc import ABC, abstractmethod
@@ -43,6 +44,27 @@ from ustc.registry import Registry
 
 #: T of the paper's LLM (Qwen2-7B in LLaVA-OneVision-7B): the depth the paper's K refers to.
 PAPER_LLM_LAYERS = 28
+
+
+def normalized(method: float, random: float, oracle: float) -> float | None:
+    """(method - random) / (oracle - random): where a score lies between keeping random tokens
+    (0) and keeping the evidence (1), at the same budget and on the same questions.
+
+    Not clipped: below 0 is worse than random tokens, above 1 better than the oracle.  None when
+    oracle <= random: the benchmark does not separate the two at that budget, so no method's
+    place between them is defined (a table prints it as a dash).  Scores in any one unit (%).
+    """
+    values = {"method": method, "random": random, "oracle": oracle}
+    for name, value in values.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"normalized: {name} must be a finite number, got {value!r}")
+    if oracle <= random:
+        return None
+    return (method - random) / (oracle - random)
 
 
 @dataclass

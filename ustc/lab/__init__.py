@@ -8,6 +8,9 @@ something on a CPU.
                            tokenizer and prompt format, loading of the shipped weights.
 - :mod:`ustc.lab.train`    ``python -m ustc.lab.train --out DIR``: training from scratch.
 - :mod:`ustc.lab.evaluate` accuracy per family and overall for any ``CompressionConfig``.
+- :mod:`ustc.lab.properties` ``python -m ustc.lab.properties``: the lab's properties 1-4 of
+                           issue 27 (attention, feature geometry, text, oracle shape) with
+                           their thresholds.
 
     import ustc.lab as lab
     model = lab.load_model()                                  # shipped weights, CPU

@@ -107,13 +107,18 @@ def random_selector(retention: float, seed: int = 0) -> Selector:
     return select
 
 
-def oracle_selector(retention: float) -> Selector:
+def oracle_selector(retention: float, interior_seed: int | None = None) -> Selector:
     """Keep the tokens that show what the question is about, then fill the budget uniformly.
 
     The generator knows which tokens show every object (:func:`evidence_order`).  Keeping them
     first, within the same F*clamp(round(r*P), 1, P) budget as every method, shows whether the
     budget can hold the evidence at all: the ceiling a selection could reach at that retention.
     Not a registered strategy (no method can see the scene).
+
+    interior_seed: None keeps each object's centre token (the token it covers most) per frame;
+    a seed keeps a random interior token instead (:func:`evidence_order`'s ``interior``), drawn
+    from ``numpy.random.default_rng([interior_seed, sample.index])``: the same evidence in
+    another shape, which a model that learnt objects, not the oracle, reads as well.
     """
 
     def select(features: Tensor, frames: int, batch: Sequence[Sample]) -> Tensor:
@@ -121,7 +126,12 @@ def oracle_selector(retention: float) -> Selector:
         if len(batch) != b or any(s.scene is None for s in batch):
             raise ValueError("the oracle needs the batch's samples with their scenes")
         m = _budget(retention, frames, n)
-        rows = [np.sort(evidence_order(s, n)[:m]) for s in batch]
+        rows = []
+        for s in batch:
+            pick = (
+                None if interior_seed is None else np.random.default_rng([interior_seed, s.index])
+            )
+            rows.append(np.sort(evidence_order(s, n, interior=pick)[:m]))
         return torch.from_numpy(np.stack(rows)).to(features.device)
 
     return select
@@ -137,13 +147,25 @@ def _spread(frames: np.ndarray) -> list[int]:
     return chosen
 
 
-def evidence_order(sample: Sample, tokens: int, min_cover: float = scenes.MIN_COVER) -> np.ndarray:
+#: a token is inside an object when the object covers at least this share of its pixels
+INTERIOR_COVER = 0.5
+
+
+def evidence_order(
+    sample: Sample,
+    tokens: int,
+    min_cover: float = scenes.MIN_COVER,
+    interior: np.random.Generator | None = None,
+) -> np.ndarray:
     """Every visual token of ``sample`` (N = F * P of them) in the oracle's order of priority.
 
     1. One token per (object, frame), the one the object covers most, taken round-robin over the
        objects so that every prefix shows each of them: the object the answer names first (the
        one that stays still, was hit, appears briefly), then the hitter, then the rest in drawing
        order; each object's frames spread over the video, starting with its first appearance.
+       With ``interior`` (a generator), a random token of those the object covers at least
+       ``INTERIOR_COVER`` of (its interior) instead, drawn afresh per (object, frame); the most
+       covered one where no token is that covered.
     2. The other tokens that show an object, most covered first.
     3. The rest, evenly spaced over the video (the uniform fill).
     """
@@ -170,7 +192,12 @@ def evidence_order(sample: Sample, tokens: int, min_cover: float = scenes.MIN_CO
             if round_ >= len(frames_of):
                 continue
             t = frames_of[round_]
-            for p in np.argsort(-cover[i, t], kind="stable"):
+            candidates = np.argsort(-cover[i, t], kind="stable")
+            if interior is not None:
+                inside = candidates[cover[i, t, candidates] >= INTERIOR_COVER]
+                if len(inside):
+                    candidates = interior.permutation(inside)
+            for p in candidates:
                 if cover[i, t, p] < min_cover:
                     break
                 if not seen[t * per_frame + p]:
@@ -187,6 +214,19 @@ def evidence_order(sample: Sample, tokens: int, min_cover: float = scenes.MIN_CO
     rest = np.flatnonzero(~seen)
     order = np.argsort(_van_der_corput(len(rest)), kind="stable")
     return np.concatenate([np.array(taken, dtype=np.int64), rest[order]])
+
+
+def length_batches(prompts: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Indices of ``prompts`` in batches of at most ``size`` prompts of one length (no padding),
+    shortest prompts first, each batch in the prompts' order."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(prompts):
+        by_len[len(ids)].append(i)
+    return [
+        group[j : j + size]
+        for _, group in sorted(by_len.items())
+        for j in range(0, len(group), size)
+    ]
 
 
 def _van_der_corput(n: int) -> np.ndarray:
@@ -308,14 +348,7 @@ def evaluate(
     margins = [0.0] * len(data)
     try:
         prompts = encode_prompts(tokenizer, [s.question for s in data], video_tokens)
-        by_len: dict[int, list[int]] = defaultdict(list)
-        for i, ids in enumerate(prompts):
-            by_len[len(ids)].append(i)
-        batches = [
-            group[j : j + batch_size]
-            for _, group in sorted(by_len.items())
-            for j in range(0, len(group), batch_size)
-        ]
+        batches = length_batches(prompts, batch_size)
         bar = _progress(len(data), progress)
         for batch in batches:
             ids = torch.tensor([prompts[i] for i in batch], device=device)

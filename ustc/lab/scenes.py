@@ -193,6 +193,28 @@ def token_labels(scene: Scene, min_cover: float = MIN_COVER) -> tuple[np.ndarray
     return np.minimum(colours, 1.0), np.minimum(shapes, 1.0)
 
 
+def evidence_tokens(
+    scene: Scene, question: Question, shown: np.ndarray | None = None, min_cover: float = MIN_COVER
+) -> np.ndarray:
+    """The question's evidence: which of the N = F * T visual tokens show the object(s) its
+    answer rests on, in any frame: (N,) bool.
+
+    A token shows an object when the object covers at least ``min_cover`` of its pixels.  The
+    objects: for ``count`` every object; for ``shape`` the object the question names; for the
+    other families the object whose colour is the answer (the one that stays still, was hit,
+    appears first or last, appears briefly).  shown: (n_objects, N) bool, precomputed.
+    """
+    if shown is None:
+        shown = (token_cover(scene) >= min_cover).reshape(len(scene.objects), -1)
+    if question.family == "count":
+        return shown.any(0)
+    if question.family == "shape":
+        colour = next(w for w in question.text.split() if w in COLOURS)
+    else:
+        colour = question.options[question.answer]
+    return shown[[o.colour == colour for o in scene.objects]].any(0)
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A low-contrast grey texture (stripes, checks, blotches or a gradient) with a slight tint."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)

@@ -27,7 +27,11 @@ Writes ``model.safetensors`` and ``config.json`` (``save_pretrained``) and ``lab
 the loss log, the validation curve, final validation and test accuracy, time and machine) to
 ``--out``.  Every ``--eval-every`` steps it also writes ``checkpoint.pt`` (model, probe, optimiser,
 schedule, log), from which ``--resume`` continues bit for bit; the checkpoint is deleted when the
-schedule is complete.
+schedule is complete.  SIGINT or SIGTERM (Ctrl-C, a session's end) lets the step under way finish,
+writes the checkpoint and stops, so a stopped run loses nothing (a second signal, or a kill that
+cannot be caught, loses at most the steps since the last checkpoint).  ``--resume`` refuses,
+in one line and before writing anything, a checkpoint that is missing, unreadable, or written for
+another schedule (``SCHEDULE``) or model shape.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +64,6 @@ from ustc.lab.model import (
     pixel_values,
 )
 from ustc.models.compat import cache_keyword, output_cache
-
-
-def _shown(scene: scenes.Scene, min_cover: float = scenes.MIN_COVER) -> np.ndarray:
-    """Which visual tokens show each object: (n_objects, N) bool."""
-    cover = scenes.token_cover(scene)
-    return (cover >= min_cover).reshape(len(cover), -1)
 
 
 def _round_robin(
@@ -100,17 +101,6 @@ def _balanced(
     return np.concatenate([first, rest])
 
 
-def _evidence(
-    scene: scenes.Scene, q: scenes.Question, shown: np.ndarray | None = None
-) -> np.ndarray:
-    """Visual tokens (N,) showing the object(s) the answer rests on: all objects for ``count``."""
-    shown = _shown(scene) if shown is None else shown
-    if q.family == "count":
-        return shown.any(0)
-    colour = q.text.split()[4] if q.family == "shape" else q.options[q.answer]
-    return shown[[o.colour == colour for o in scene.objects]].any(0)
-
-
 def _batch(
     step: int, batch: int, questions: int, shape: LabShape, open_ratio: float = 0.0
 ) -> dict[str, Any]:
@@ -131,7 +121,10 @@ def _batch(
         cover = scenes.token_cover(s.scene)  # type: ignore[arg-type]
         cover = cover.reshape(len(cover), -1)
         shown = cover >= scenes.MIN_COVER
-        evidence += [torch.from_numpy(_evidence(s.scene, q, shown)) for q in qs]  # type: ignore[arg-type]
+        evidence += [
+            torch.from_numpy(scenes.evidence_tokens(s.scene, q, shown))  # type: ignore[arg-type]
+            for q in qs
+        ]
         objects.append(cover)
     labels = [scenes.token_labels(s.scene) for s in data]  # type: ignore[arg-type]
     colours = torch.from_numpy(np.stack([c for c, _ in labels]))
@@ -328,23 +321,105 @@ def _save_checkpoint(out: Path, state: dict[str, Any]) -> None:
     tmp.replace(out / CHECKPOINT)
 
 
+class BadInput(ValueError):
+    """A bad argument or ``--resume`` checkpoint, found before any training step: the command
+    prints it in one line (exit status 2) and nothing in ``--out`` has been written."""
+
+
+class MissingCheckpoint(BadInput, FileNotFoundError):
+    """``--resume`` without a checkpoint to continue."""
+
+
 def _load_checkpoint(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint ``--resume`` continues, refused (one-line error, nothing written) when it is
+    missing, unreadable, or written for another schedule or model shape."""
     path = out / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(
-            f"--resume: no {CHECKPOINT} in {out} (a run writes one at every eval)"
+        done = ""
+        try:
+            steps = json.loads((out / "lab.json").read_text())["steps_run"]
+            done = f"; its lab.json records a finished run of {steps} steps"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no record of a run there: the message above says it all
+        raise MissingCheckpoint(
+            f"--resume: no {CHECKPOINT} in {out} (a run writes one at every eval){done}"
         )
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        settings, step = state["settings"], int(state["step"])
+    except Exception as err:  # noqa: BLE001  (any unreadable file gets the same one-line error)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadInput(f"--resume: {path} cannot be read as a checkpoint ({first})") from err
     differ = [
-        f"--{k.replace('_', '-')} {state['settings'][k]} (checkpoint) vs {getattr(args, k)}"
+        f"--{k.replace('_', '-')} {settings.get(k)} (checkpoint) vs {getattr(args, k)}"
         for k in SCHEDULE
-        if state["settings"].get(k) != getattr(args, k)
+        if settings.get(k) != getattr(args, k)
     ]
+    recorded = state.get("shape")
+    if recorded is not None and recorded != LabShape().__dict__:
+        differ.append(f"model shape {recorded} (checkpoint) vs {LabShape().__dict__}")
     if differ:
-        raise ValueError(
+        raise BadInput(
             "--resume continues the checkpoint's schedule; differs: " + "; ".join(differ)
         )
+    total = args.steps + args.subset_steps + args.sparse_steps
+    if not 0 < step <= total:
+        raise BadInput(f"--resume: the checkpoint is at step {step}, outside 1..{total}")
     return state
+
+
+def _check_parameters(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose parameters are not this model's (names and shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    extra = sorted(set(saved) - set(own))
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} (checkpoint) vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
+    if missing or extra or shapes:
+        found = (
+            shapes[:2] + [f"missing {k}" for k in missing[:2]] + [f"extra {k}" for k in extra[:2]]
+        )
+        raise BadInput(
+            "--resume: the checkpoint's model is not this lab model's: " + "; ".join(found)
+        )
+
+
+class _StopRequest:
+    """SIGINT and SIGTERM while training: the step under way finishes, a checkpoint is written and
+    the run stops, so that nothing is lost; a second signal stops at once (the run then loses
+    the steps since its last checkpoint).  The previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(
+            f"{signal.Signals(signum).name}: finishing this step, then writing {CHECKPOINT} "
+            "(send it again to stop at once)",
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
 
 @dataclass
@@ -495,7 +570,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model, probe, shape = trainer.model, trainer.probe, trainer.shape
     total = args.steps + args.subset_steps + args.sparse_steps
     first, curve, log, before, resumed_at = 0, [], [], 0.0, []
+    # the losses since the last log entry: part of the checkpoint, so that a run resumed between
+    # two log entries writes the same next entry as one that was not stopped
+    run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
     if resumed is not None:
+        _check_parameters(model, resumed["model"])
         model.load_state_dict(resumed["model"])
         if resumed["step"] < args.steps:  # phase 1: its probe and optimiser go on
             probe.load_state_dict(resumed["probe"])
@@ -508,61 +587,78 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_rng_state(resumed["rng"])
         first, curve, before = resumed["step"], resumed["curve"], resumed["seconds"]
         log = resumed["log"]
+        run = dict(resumed.get("run", run))
         resumed_at = [*resumed.get("resumed_at", []), first]
         print(f"resuming at step {first} ({before:.0f}s of training so far)", flush=True)
     val = samples("val", args.val_limit)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter() - before
-    run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
     stop = total if args.stop is None else min(args.stop, total)
-    for step in range(first, stop):
-        if step >= args.steps and trainer.phase(step) != trainer.phase(step - 1):
-            trainer.start_phase(trainer.phase(step))
-        losses = trainer.step(step)
-        for key, value in losses.items():
-            run[key] += value
-        run["k"] += 1
-        if (step + 1) % args.log_every == 0:
-            k = run.pop("k")
-            log.append({"step": step + 1, **{key: value / k for key, value in run.items()}})
-            print(
-                f"step {step + 1:5d}  answer {run['answer'] / k:.3f}  aux {run['aux'] / k:.3f}  "
-                f"train acc {100 * run['acc'] / k:5.1f}  lr {trainer.sched.get_last_lr()[0]:.2e}  "
-                f"{time.perf_counter() - start:6.0f}s",
-                flush=True,
-            )
-            run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
-        if (step + 1) % args.eval_every == 0 or step + 1 == stop:
-            model.eval()
-            res = evaluate(None, model=model, data=val, progress=False)
-            sparse = evaluate(
-                None, model=model, data=val, progress=False, selector=oracle_selector(0.02)
-            )
-            model.train()
-            point = {
-                "step": step + 1,
-                "seconds": time.perf_counter() - start,
-                "val": res.overall,
-                "val_per_family": res.per_family,
-                "val_oracle_2pct": sparse.overall,
-            }
-            curve.append(point)
-            print(f"  val {res.summary()}  oracle 2 % {sparse.overall:.1f}", flush=True)
-            model.save_pretrained(out)
-            state = {
-                "step": step + 1,
-                "seconds": time.perf_counter() - start,
-                "curve": curve,
-                "log": log,
-                "resumed_at": resumed_at,
-                "settings": vars(args),
-                "model": model.state_dict(),
-                "probe": probe.state_dict(),
-                "opt": trainer.opt.state_dict(),
-                "sched": trainer.sched.state_dict(),
-                "rng": torch.get_rng_state(),
-            }
-            _save_checkpoint(out, state)
+
+    def checkpoint(steps_done: int) -> None:
+        """Write the state after ``steps_done`` steps: what --resume continues from."""
+        state = {
+            "step": steps_done,
+            "seconds": time.perf_counter() - start,
+            "curve": curve,
+            "log": log,
+            "run": dict(run),
+            "resumed_at": resumed_at,
+            "settings": vars(args),
+            "shape": shape.__dict__,
+            "model": model.state_dict(),
+            "probe": probe.state_dict(),
+            "opt": trainer.opt.state_dict(),
+            "sched": trainer.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        _save_checkpoint(out, state)
+
+    with _StopRequest() as stopping:
+        for step in range(first, stop):
+            if step >= args.steps and trainer.phase(step) != trainer.phase(step - 1):
+                trainer.start_phase(trainer.phase(step))
+            losses = trainer.step(step)
+            for key, value in losses.items():
+                run[key] += value
+            run["k"] += 1
+            if (step + 1) % args.log_every == 0:
+                k = run.pop("k")
+                log.append({"step": step + 1, **{key: value / k for key, value in run.items()}})
+                print(
+                    f"step {step + 1:5d}  answer {run['answer'] / k:.3f}  "
+                    f"aux {run['aux'] / k:.3f}  train acc {100 * run['acc'] / k:5.1f}  "
+                    f"lr {trainer.sched.get_last_lr()[0]:.2e}  "
+                    f"{time.perf_counter() - start:6.0f}s",
+                    flush=True,
+                )
+                run = {"answer": 0.0, "aux": 0.0, "acc": 0.0, "k": 0}
+            saved = (step + 1) % args.eval_every == 0 or step + 1 == stop
+            if saved:
+                model.eval()
+                res = evaluate(None, model=model, data=val, progress=False)
+                sparse = evaluate(
+                    None, model=model, data=val, progress=False, selector=oracle_selector(0.02)
+                )
+                model.train()
+                point = {
+                    "step": step + 1,
+                    "seconds": time.perf_counter() - start,
+                    "val": res.overall,
+                    "val_per_family": res.per_family,
+                    "val_oracle_2pct": sparse.overall,
+                }
+                curve.append(point)
+                print(f"  val {res.summary()}  oracle 2 % {sparse.overall:.1f}", flush=True)
+                model.save_pretrained(out)
+                checkpoint(step + 1)
+            if stopping.signal is not None and step + 1 < stop:
+                if not saved:
+                    checkpoint(step + 1)
+                raise SystemExit(
+                    f"stopped by {signal.Signals(stopping.signal).name} after step {step + 1}; "
+                    f"{out / CHECKPOINT} holds it: continue with the same command and --resume"
+                )
     train_seconds = time.perf_counter() - start
     model.eval()
     model.save_pretrained(out)
@@ -683,12 +779,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     for name in ("steps", "batch", "questions", "threads", "val_limit", "eval_every", "log_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("subset_steps", "sparse_steps"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.subset_share <= 1.0:
-        raise ValueError(f"--subset-share must be in [0, 1], got {args.subset_share}")
+        raise BadInput(f"--subset-share must be in [0, 1], got {args.subset_share}")
     _check_device(args.device)
     train(args)
 
@@ -698,14 +794,24 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(
+        raise BadInput(
             f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {name!r}"
         ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+        raise BadInput(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+        raise BadInput(f"--device must be cpu or cuda[:N], got {name!r}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m ustc.lab.train``: a bad argument or checkpoint is one line on stderr, exit 2."""
+    try:
+        main(argv)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())
