@@ -43,6 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ablations.paper_tables import MODULE_FIELDS, MODULE_ROWS  # noqa: E402
 from ablations.store import Claims, ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import MODES, log_run  # noqa: E402
 from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
@@ -63,19 +64,6 @@ DEFAULT_STORE = "results/ablations.jsonl"
 
 #: the uncompressed model every "% of uncompressed" refers to
 VANILLA = CompressionConfig(retention=1.0, merger="none")
-
-#: Table 5's (Attn, Sim, Cluster) marks by row name
-MODULE_ROWS: dict[str, tuple[bool, bool, bool]] = {
-    "attn": (True, False, False),
-    "sim": (False, True, False),
-    "cluster": (False, False, True),
-    "attn+sim": (True, True, False),
-    "attn+cluster": (True, False, True),
-    "sim+cluster": (False, True, True),
-    "attn+sim+cluster": (True, True, True),
-}
-#: the config fields a Table 5 row decides
-MODULE_FIELDS = ("scorer", "recycler", "cluster_ratio")
 
 CONFIG_FIELDS: dict[str, Any] = {
     f.name: f.type for f in fields(CompressionConfig) if f.name != "params"
@@ -641,7 +629,7 @@ def format_record(record: dict[str, Any]) -> str:
     """A short Markdown table of one run: the uncompressed model's row (when the record has its
     baseline), the paper's printed figure for the same setting (when the paper prints one), then
     the run."""
-    from ablations.tables import paper_figure
+    from ablations.paper_tables import paper_figure
 
     cols = record.get("columns") or list(record["scores"])
     head = ["", *cols, "Avg.", "%", "FLOPs (T)", "tokens", "time (s)"]
