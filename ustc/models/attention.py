@@ -25,6 +25,7 @@ def text_to_visual_attention(
     text_start: int,
     visual_columns: Tensor,
     key_mask: Tensor | None = None,
+    queries: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """A_qv = mean_h softmax(Q_h K_h^T / sqrt(d))[text rows, visual columns]   -- Eq. (1), (5)
 
@@ -40,12 +41,14 @@ def text_to_visual_attention(
     text_start:     first text row (rows of a padded batch may start later: mask them after).
     visual_columns: (B, N_v) the column of each visual token in each row.
     key_mask:       (B, n) bool, False for padding columns (no query attends to them).
+    queries:        (attention, x (B, q, D)) -> (B, q, H, d) the heads' queries before their norm
+                    and RoPE; default ``plain_queries`` (an adapter's ``attention_queries``).
     Returns (B, N_q, N_v) float32 with N_q = n - text_start.
     """
     rope = _rotary_function(attention)
     b, n, _ = normed.shape
     head_dim = attention.head_dim
-    q = attention.q_proj(normed[:, text_start:]).view(b, n - text_start, -1, head_dim)
+    q = (queries or plain_queries)(attention, normed[:, text_start:])
     k = attention.k_proj(normed).view(b, n, -1, head_dim)
     # Qwen3 (and Qwen3-VL) normalise each head's q and k before RoPE
     q = _head_norm(attention, "q_norm", q).transpose(1, 2)
@@ -61,6 +64,11 @@ def text_to_visual_attention(
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
     index = visual_columns.to(normed.device)[:, None, :].expand(b, n - text_start, -1)
     return probs.gather(2, index)
+
+
+def plain_queries(attention: nn.Module, x: Tensor) -> Tensor:
+    """(B, q, H, d): ``q_proj(x)`` split into heads of ``head_dim``."""
+    return attention.q_proj(x).view(*x.shape[:2], -1, attention.head_dim)
 
 
 def _head_norm(attention: nn.Module, name: str, x: Tensor) -> Tensor:

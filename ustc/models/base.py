@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ustc.compressor import CompressionResult, Compressor
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
-from ustc.models.attention import text_to_visual_attention
+from ustc.models.attention import plain_queries, text_to_visual_attention
 from ustc.models.compat import (
     CACHE_NAMES,
     cache_argument,
@@ -73,6 +73,7 @@ from ustc.models.sequence import (
     next_position_after,
     packed_columns,
     padding_mask,
+    rebuilt_mask,
     shape_groups,
     slice_mask,
     take_columns,
@@ -264,6 +265,10 @@ class Handle:
     video_method = "get_video_features"
     video_argument = "pixel_values_videos"
     video_output = "video"
+    #: (attention, x (B, q, D)) -> (B, q, H, d): how a decoder layer's attention makes its heads'
+    #: queries, for the text-to-visual attention the merge at layer K reads (a gated attention
+    #: projects queries and gates together)
+    attention_queries = staticmethod(plain_queries)
 
     def __init__(self, model: nn.Module, config: CompressionConfig) -> None:
         if not isinstance(config, CompressionConfig):
@@ -287,6 +292,7 @@ class Handle:
         self._capturing = False
         self._scores: list[Tensor] = []
         self._video: VideoCall | None = None
+        self._recurrent = self.recurrent_layers()
         layers = self.decoder_layers()
         if self.compressor.has_merger and config.layer > len(layers):
             raise ValueError(
@@ -314,6 +320,15 @@ class Handle:
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
+
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers that keep a recurrent state instead of a KV cache (the linear-attention
+        layers of a hybrid LLM): they take a 2-D (B, n) padding mask, or none, and no positions
+        of cached keys.  Default: the layers the text config's ``layer_types`` calls
+        ``linear_attention``."""
+        text = self.model.config.get_text_config()
+        kinds = getattr(text, "layer_types", None) or []
+        return frozenset(i for i, kind in enumerate(kinds) if kind == "linear_attention")
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Install the vision-score capture; it calls ``self._add_scores`` with (B*F, P) scores
@@ -768,15 +783,27 @@ class Handle:
             )
             if mask is not None:
                 kwargs["attention_mask"] = self._sliced(mask, lambda m: slice_mask(m, keep, keep))
+            elif session.merge_pads and index in self._recurrent:
+                kwargs["attention_mask"] = self._sliced(session, lambda _: (keep >= 0).long())
             elif session.merge_pads:
                 kwargs["attention_mask"] = self._sliced(keep, lambda k: padding_mask(k, k.shape[1]))
         else:  # decode: the cache of this layer holds the n'' prefill columns and what followed
             keep = session.merge_keep
             assert keep is not None
+            if index in self._recurrent:  # one new token on a recurrent state: nothing to cut
+                return args, kwargs
             n_in = session.keep.shape[1]
-            width = (
-                mask.shape[-1] if mask is not None else n_in + session.seen - session.prompt_length
-            )
+            full = n_in + session.seen - session.prompt_length
+            if mask is not None and mask.shape[-1] != full:
+                # the model built this mask over a cache that is already merged (a hybrid LLM
+                # whose first attention layer is >= K): build it again over the merged columns
+                later = torch.arange(n_in, full, device=keep.device).expand(keep.shape[0], -1)
+                columns = torch.cat([keep, later], dim=1)
+                kwargs["attention_mask"] = self._sliced(
+                    mask, lambda m: rebuilt_mask(m, columns, session.valid, hidden.shape[1])
+                )
+                return args, kwargs
+            width = mask.shape[-1] if mask is not None else full
             later = torch.arange(n_in, width, device=keep.device).expand(keep.shape[0], -1)
             columns = torch.cat([keep, later], dim=1)
             if mask is not None:
@@ -839,6 +866,7 @@ class Handle:
                     text_start,
                     visual_columns,
                     session.valid[rows],
+                    queries=self.attention_queries,
                 )
                 attention = take_columns(attention, (text_columns - text_start).clamp(min=-1))
             visuals.append(take_columns(hidden[rows], visual_columns))

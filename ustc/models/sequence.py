@@ -60,6 +60,22 @@ def padding_mask(columns: Tensor, queries: int) -> Tensor:
     return (causal[None] & (columns >= 0)[:, None, :])[:, None]
 
 
+def rebuilt_mask(like: Tensor, columns: Tensor, valid: Tensor, queries: int) -> Tensor:
+    """(B, 1, q, kv) mask of ``like``'s kind (bool, or additive float) over ``columns`` of a
+    sequence whose first ``valid.shape[1]`` columns are real where ``valid`` (B, n') says so and
+    whose later columns (decoded tokens) are all real; -1 columns are padding slots.  Causal over
+    the last ``queries`` columns."""
+    n = valid.shape[1]
+    inside = take_columns(valid, columns.clamp(max=n - 1), fill=False)
+    real = torch.where(columns < n, inside, columns >= 0)
+    allowed = padding_mask(columns, queries) & real[:, None, None, :].to(columns.device)
+    if like.dtype == torch.bool:
+        return allowed.to(like.device)
+    blocked = torch.finfo(like.dtype).min
+    zeros = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return zeros.masked_fill(~allowed.to(like.device), blocked)
+
+
 def take_columns(x: Tensor, columns: Tensor, fill: float | bool | None = None) -> Tensor:
     """``x[b, columns[b]]`` for x (B, n) or (B, n, D) and columns (B, m); a -1 column gives
     ``fill`` (padding slots)."""
