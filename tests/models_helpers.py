@@ -589,6 +589,29 @@ def internvl_video_inputs(
     )
 
 
+def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
+    """One batch of single-prompt inputs, padded to the longest prompt with id 0 on ``side``."""
+    n = max(r.input_ids.shape[1] for r in rows)
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        fill = torch.full((x.shape[0], n - x.shape[1]), value, dtype=x.dtype)
+        return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
+
+    batch = {
+        "input_ids": torch.cat([pad(r.input_ids, 0) for r in rows]),
+        "attention_mask": torch.cat([pad(r.kwargs["attention_mask"], 0) for r in rows]),
+    }
+    for key in ("pixel_values_videos", "pixel_values"):  # InternVL: the frames as images
+        if key in rows[0].kwargs:
+            batch[key] = torch.cat([r.kwargs[key] for r in rows])
+    if "video_grid_thw" in rows[0].kwargs:
+        batch["video_grid_thw"] = torch.cat([r.kwargs["video_grid_thw"] for r in rows])
+        batch["mm_token_type_ids"] = torch.cat(
+            [pad(r.kwargs["mm_token_type_ids"], 0) for r in rows]
+        )
+    return batch
+
+
 # ------------------------------------------------------------------------ slow references
 def video_features(model, inputs: VideoInputs) -> torch.Tensor:
     """(B, F, P, D) video tokens after projector/pooling (merger), from the model's own
@@ -719,3 +742,25 @@ def reference_logits(model, inputs: VideoInputs, sequences, last, config, deepst
                     x[i, visual[i]] = x[i, visual[i]] + levels[j][i].to(x.dtype)
         logits = model.lm_head(lm.norm(x))
     return logits[:, -t:]
+
+
+def deepstack_levels(model, inputs: VideoInputs) -> list[torch.Tensor]:
+    """The model's own DeepStack features of the video, per level (B, F*P, D)."""
+    kw = inputs.kwargs
+    with torch.no_grad():
+        out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+    b = inputs.input_ids.shape[0]
+    levels = [  # split per video (newer transformers) or one tensor (older)
+        torch.cat(list(level)) if isinstance(level, (list, tuple)) else level
+        for level in out.deepstack_features
+    ]
+    return [level.reshape(b, -1, level.shape[-1]) for level in levels]
+
+
+def compressed_levels(model, inputs: VideoInputs, last) -> list[torch.Tensor]:
+    """Each DeepStack level with the selection and cluster means of the compression."""
+    m = last.compression.indices.shape[1]
+    return [
+        reference_group_mean(level, last.compression.assignment, m)
+        for level in deepstack_levels(model, inputs)
+    ]
