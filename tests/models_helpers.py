@@ -9,6 +9,7 @@ other engineers' tests; keep the builders fast (well under a second each).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -764,3 +765,49 @@ def compressed_levels(model, inputs: VideoInputs, last) -> list[torch.Tensor]:
         reference_group_mean(level, last.compression.assignment, m)
         for level in deepstack_levels(model, inputs)
     ]
+
+
+def eager_vision_block(model, inputs: VideoInputs, block_index: int):
+    """Eq. (1) per patch from transformers' eager attention of one block of a Qwen-style vision
+    tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): the mean attention each patch receives
+    inside its attention segment (``cu_seqlens``: a window or a frame pair), from the block's own
+    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  Returns (received
+    (S,) float64 in the tower's token order, the tower's output, the number of segments)."""
+    visual = model.model.visual
+    block = visual.blocks[block_index]
+    captured = {}
+    probes = [
+        block.attn.register_forward_pre_hook(
+            lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
+        ),
+        block.attn.register_forward_hook(lambda m, a, o: captured.update(out=o)),
+    ]
+    kw = inputs.kwargs
+    with torch.no_grad():
+        out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+    for probe in probes:
+        probe.remove()
+    module = sys.modules[type(block.attn).__module__]
+    hidden = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
+    cu = captured["kwargs"]["cu_seqlens"].tolist()
+    cos, sin = captured["kwargs"]["position_embeddings"]
+    s = hidden.shape[0]
+    with torch.no_grad():
+        qkv = block.attn.qkv(hidden).reshape(s, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = module.apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        v = qkv[2]
+        received = torch.zeros(s, dtype=torch.float64)
+        outputs = []
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            seg = [x[a:b].transpose(0, 1)[None] for x in (q, k, v)]
+            o, w = module.eager_attention_forward(
+                block.attn, *seg, None, scaling=block.attn.scaling
+            )
+            outputs.append(o)
+            avg = w[0].double().mean(dim=0)
+            received[a:b] = (avg.sum(dim=0) - avg.diagonal()) / (b - a - 1)
+        # these maps are the ones the block used: they reproduce its output
+        torch.testing.assert_close(
+            block.attn.proj(torch.cat(outputs, dim=1).reshape(s, -1)), captured["out"]
+        )
+    return received, out, len(cu) - 1

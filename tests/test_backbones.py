@@ -61,6 +61,7 @@ from models_helpers import (
     compressed_levels,
     internvl_video_inputs,
     llava_video_inputs,
+    original_positions,
     pad_batch,
     qwen3_video_inputs,
     qwen_video_inputs,
@@ -675,3 +676,45 @@ def test_exact_flops_count_equals_the_measurement_of_the_llm(spec):
     measured = counter.get_total_flops() // 2
     # versions that build RoPE's frequencies with a matmul add well under 0.1 % here
     assert abs(measured - expected) / expected < 0.01, (measured, expected)
+
+
+@every_backbone
+@pytest.mark.parametrize("use_generate", [False, True])
+def test_kept_tokens_keep_their_uncompressed_positions(spec, use_generate):
+    """The LLM sees each kept token at its position in the uncompressed prompt (1-D, or the
+    model's own M-RoPE ``get_rope_index``), every token outside the video is kept, and the first
+    generated token continues after the uncompressed prompt."""
+    model = spec.model()
+    inputs = spec.inputs(model, frames=6)  # Qwen3-VL: timestamps of 2, 2, 3 tokens
+    handle = attach(model, ON.replace(merger="none"))
+    seen = []
+    # registered after attach, so it runs after the compression hook of the language model
+    probe = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True
+    )
+    if use_generate:
+        generate(model, inputs.kwargs, steps=2)
+    else:
+        with torch.no_grad():
+            model(**inputs.kwargs)
+    probe.remove()
+    handle.remove()
+    n = inputs.input_ids.shape[1]
+    full = original_positions(model, inputs, n)
+    columns = handle.last.input_positions[0]
+    prefill = seen[0] if seen[0].dim() == 2 else seen[0][-3:]  # generate() prepends a text row
+    assert prefill.shape[-1] == columns.numel() < n
+    assert torch.equal(prefill[..., 0, :], full[..., 0, columns])
+    other = torch.ones(n, dtype=torch.bool)
+    other[inputs.video_columns()] = False
+    assert bool(torch.isin(other.nonzero()[:, 0], columns).all())
+    if use_generate:
+        step = seen[1] if seen[1].dim() == 2 else seen[1][-3:]
+        assert torch.equal(step[..., 0, 0], full[..., 0, -1] + 1)
+
+
+@every_backbone
+def test_a_vision_layer_outside_the_encoder_is_refused(spec):
+    model = spec.model()
+    with pytest.raises(ValueError, match="vision_layer must be in"):
+        attach(model, ON, vision_layer=99)
