@@ -39,6 +39,27 @@ IMAGE_TOKEN = 90
 VIDEO_TOKEN = 91
 #: token ids for prompts: anything below the special ids
 TEXT_IDS = (5, 80)
+#: the LLM of every tiny model: hidden 64, 4 heads, 2 KV heads (plus its depth and extras)
+TINY_LLM = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+#: M-RoPE of the tiny Qwen LLMs: sections (2, 3, 3) of the 8 rotary pairs of head_dim 16
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
+#: the Qwen2.5-VL / Qwen3-VL / Qwen3.5 vision tower in small: patch 4, 2 x 2 merger, pairs
+QWEN_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 
 
 @dataclass
@@ -107,13 +128,8 @@ def tiny_llava_onevision(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
         },
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
@@ -186,13 +202,8 @@ def tiny_llava_next_video(
         },
         text_config={
             "model_type": "llama",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "pad_token_id": 0,
@@ -220,30 +231,15 @@ def tiny_qwen2_5_vl(
     config = Qwen2_5_VLConfig(
         vision_config={
             "depth": vision_depth,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "window_size": 16,
             "fullatt_block_indexes": [vision_depth - 1],
             "in_channels": 3,
         },
         text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 1e6,
-            },
+            "rope_parameters": MROPE,
         },
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
@@ -278,20 +274,11 @@ def tiny_qwen2_vl(
             "in_channels": 3,
         },
         text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 1e6,
-            },
+            "rope_parameters": MROPE,
         },
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
@@ -357,14 +344,9 @@ def tiny_qwen3_vl(
     interleaved M-RoPE)."""
     torch.manual_seed(seed)
     text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **TINY_LLM,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "head_dim": 16,
-        "max_position_embeddings": 4096,
         "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [2, 3, 3],
@@ -377,13 +359,7 @@ def tiny_qwen3_vl(
     config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
         vision_config={
             "depth": vision_depth,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "num_position_embeddings": 16,
             "deepstack_visual_indexes": list(deepstack),
             "in_channels": 3,
@@ -424,14 +400,9 @@ def tiny_internvl(
         },
         text_config={
             "model_type": text,
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
             "head_dim": 16,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
         },
@@ -454,19 +425,14 @@ def tiny_qwen3_5(
     and 2, full attention (KV cache) at 1 and 3, as the released 3:1 pattern in small."""
     torch.manual_seed(seed)
     text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **TINY_LLM,
         "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "head_dim": 16,
         "linear_key_head_dim": 8,
         "linear_value_head_dim": 8,
         "linear_num_key_heads": 2,
         "linear_num_value_heads": 4,
         "layer_types": ["linear_attention", "full_attention"] * 2,
-        "max_position_embeddings": 4096,
         "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [2, 3, 3],
@@ -485,13 +451,7 @@ def tiny_qwen3_5(
     config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "num_position_embeddings": 16,
             "in_channels": 3,
         },

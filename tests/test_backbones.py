@@ -96,6 +96,7 @@ torch.set_num_threads(1)
 
 #: compression on: r = 25 %, text-aware merge at K = 1 keeping half
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
+ON_NO_MERGER = ON.replace(merger="none")
 
 #: three prompts of different lengths, one video each
 LLAVA_ROWS = (
@@ -416,6 +417,39 @@ def check_text_attention_and_merge_at_layer_k(spec: Backbone, **build: Any) -> N
     want = Compressor(config).merge(states, hidden[:, ts:], expected)
     assert torch.equal(merged.last.merge.indices, want.indices)
     torch.testing.assert_close(merged.last.merge.tokens, want.tokens)
+
+
+def check_vision_scores(
+    spec: Backbone,
+    reference: Callable[[Any, VideoInputs, int], torch.Tensor],
+    layer: int,
+    vision_layer: int | None = None,
+    config: CompressionConfig = ON_NO_MERGER,
+    atol: float = 1e-5,
+    build: dict[str, Any] | None = None,
+    **sizes: Any,
+) -> Any:
+    """The Eq. (1) scores the adapter captured under sdpa equal ``reference(eager model, inputs,
+    layer)`` (the family's own alignment, from eager attention maps), reshaped to (B, F, P); the
+    external stage compressed the model's own features with them.  ``vision_layer`` goes to
+    attach; ``sizes`` to the inputs builder.  Returns the handle."""
+    eager = spec.model("eager", **(build or {}))
+    model = spec.model("sdpa", **(build or {}))
+    inputs = spec.inputs(model, batch=2, **sizes)
+    extra = {} if vision_layer is None else {"vision_layer": vision_layer}
+    handle = attach(model, config, **extra)
+    with torch.no_grad():
+        model(**inputs.kwargs)
+    handle.remove()
+    scores = handle.last.vision_scores
+    assert scores.shape == (2, inputs.frames, inputs.tokens_per_frame)
+    expected = reference(eager, inputs, layer).reshape(scores.shape)
+    torch.testing.assert_close(scores.double(), expected, atol=atol, rtol=0)
+    want = Compressor(config).compress(video_features(model, inputs), scores)
+    assert torch.equal(handle.last.compression.indices, want.indices)
+    torch.testing.assert_close(handle.last.compression.tokens, want.tokens)
+    handle.eager, handle.inputs = eager, inputs  # for a family's further checks
+    return handle
 
 
 # --------------------------------------------------------------------------------------------

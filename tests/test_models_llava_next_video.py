@@ -9,11 +9,14 @@ pooling; the prompt holds F*P video placeholders with no newline; the errors of 
 import pytest
 import torch
 from models_helpers import llava_video_inputs, tiny_llava_next_video, video_features
+from test_backbones import BACKBONES, check_vision_scores
 
-from ustc import CompressionConfig, Compressor
+from ustc import CompressionConfig
 from ustc.models import attach
 
 torch.set_num_threads(1)
+
+LLAVA_NEXT_VIDEO = next(b for b in BACKBONES if b.name == "llava-next-video")
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
 
@@ -40,37 +43,18 @@ def _reference_vision_scores(model, inputs, layer):
 
 
 def test_vision_scores_equal_eager_cls_attention_maps():
-    eager = tiny_llava_next_video(attn="eager")
-    model = tiny_llava_next_video(attn="sdpa")
-    inputs = llava_video_inputs(model, frames=2, batch=2)
     config = ON.replace(retention=0.1, merger="none")
-    handle = attach(model, config)
+    handle = check_vision_scores(
+        LLAVA_NEXT_VIDEO, _reference_vision_scores, 1, config=config, atol=1e-6, frames=2
+    )
     assert handle.vision_layer == 1  # hidden_states[-2] of 3 layers is the output of layer 1
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    scores = handle.last.vision_scores
-    assert scores.shape == (2, 2, 16)
-    expected = _reference_vision_scores(eager, inputs, layer=1)
-    torch.testing.assert_close(scores.double(), expected, atol=1e-6, rtol=0)
     # not the last layer's map, and not the mean attention received (the encoders without CLS)
-    assert (scores.double() - _reference_vision_scores(eager, inputs, layer=-1)).abs().max() > 1e-4
-    # the external stage compressed the model's own pooled features with these scores
-    want = Compressor(config).compress(video_features(model, inputs), scores)
-    assert torch.equal(handle.last.compression.indices, want.indices)
-    torch.testing.assert_close(handle.last.compression.tokens, want.tokens)
+    last = _reference_vision_scores(handle.eager, handle.inputs, layer=-1)
+    assert (handle.last.vision_scores.double() - last).abs().max() > 1e-4
 
 
 def test_vision_layer_option_selects_another_encoder_layer():
-    eager = tiny_llava_next_video(attn="eager")
-    model = tiny_llava_next_video()
-    inputs = llava_video_inputs(model, frames=2)
-    handle = attach(model, ON.replace(merger="none"), vision_layer=0)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    expected = _reference_vision_scores(eager, inputs, layer=0)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-6, rtol=0)
+    check_vision_scores(LLAVA_NEXT_VIDEO, _reference_vision_scores, 0, 0, atol=1e-6, frames=2)
 
 
 def test_unsupported_inputs_raise_clear_errors():

@@ -20,13 +20,15 @@ from models_helpers import (
     reference_logits,
     tiny_llava_onevision,
 )
-from test_backbones import generate
+from test_backbones import BACKBONES, check_vision_scores, generate
 
 from ustc import CompressionConfig
 from ustc.models import attach
 from ustc.models.compat import CACHE_NAMES
 
 torch.set_num_threads(1)
+
+LLAVA_ONEVISION = next(b for b in BACKBONES if b.name == "llava-onevision")
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
 
@@ -54,32 +56,17 @@ def _reference_vision_scores(model, inputs, layer):
     "image_size,patch,per_frame", [(28, 4, 16), (52, 2, 169)], ids=["onevision", "llava-video"]
 )
 def test_vision_scores_equal_eager_attention_maps(image_size, patch, per_frame):
-    eager = tiny_llava_onevision(attn="eager", image_size=image_size, patch_size=patch, layers=2)
-    model = tiny_llava_onevision(attn="sdpa", image_size=image_size, patch_size=patch, layers=2)
-    inputs = llava_video_inputs(model, frames=2, batch=2)
-    assert inputs.tokens_per_frame == per_frame
     config = ON.replace(retention=0.05, merger="none")
-    handle = attach(model, config)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    scores = handle.last.vision_scores
-    assert scores.shape == (2, 2, per_frame)
-    expected = _reference_vision_scores(eager, inputs, layer=-1)
-    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=0)
+    build = {"image_size": image_size, "patch_size": patch, "layers": 2}
+    handle = check_vision_scores(
+        LLAVA_ONEVISION, _reference_vision_scores, -1, config=config, build=build, frames=2
+    )
+    assert handle.inputs.tokens_per_frame == per_frame
     assert handle.stats.tokens_in == config.budget(2, per_frame)
 
 
 def test_vision_layer_option_selects_another_encoder_layer():
-    eager = tiny_llava_onevision(attn="eager")
-    model = tiny_llava_onevision()
-    inputs = llava_video_inputs(model, frames=2)
-    handle = attach(model, ON.replace(merger="none"), vision_layer=0)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    expected = _reference_vision_scores(eager, inputs, layer=0)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
+    check_vision_scores(LLAVA_ONEVISION, _reference_vision_scores, 0, 0, frames=2)
 
 
 def _packed_positions_logits(model, inputs, out, last):

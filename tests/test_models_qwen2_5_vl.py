@@ -13,14 +13,15 @@ from models_helpers import (
     pad_batch,
     qwen_video_inputs,
     tiny_qwen2_5_vl,
-    video_features,
 )
-from test_backbones import QWEN_ROWS, generate
+from test_backbones import BACKBONES, QWEN_ROWS, check_vision_scores, generate
 
-from ustc import CompressionConfig, Compressor
+from ustc import CompressionConfig
 from ustc.models import attach
 
 torch.set_num_threads(1)
+
+QWEN2_5_VL = next(b for b in BACKBONES if b.name == "qwen2.5-vl")
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
 
@@ -29,20 +30,7 @@ ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=
     "block,height", [(-1, 32), (0, 40)], ids=["full-attention-block", "windowed-ragged"]
 )
 def test_vision_scores_equal_eager_attention_maps(block, height):
-    eager = tiny_qwen2_5_vl(attn="eager")
-    model = tiny_qwen2_5_vl(attn="sdpa")
-    inputs = qwen_video_inputs(model, frames=4, height=height, width=32, batch=2)
-    config = ON.replace(merger="none")
-    handle = attach(model, config, vision_layer=block)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    f, p = inputs.frames, inputs.tokens_per_frame
-    expected = _reference_vision_scores(eager, inputs, block).reshape(2, f, p)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
-    # and the external stage compressed the model's own features with these scores
-    want = Compressor(config).compress(video_features(model, inputs), handle.last.vision_scores)
-    assert torch.equal(handle.last.compression.indices, want.indices)
+    check_vision_scores(QWEN2_5_VL, _reference_vision_scores, block, block, height=height, width=32)
 
 
 def test_unsupported_inputs_raise_clear_errors():

@@ -9,32 +9,22 @@ output); the errors name the class.
 
 import pytest
 import torch
-from models_helpers import eager_vision_block, qwen_video_inputs, tiny_qwen2_vl, video_features
+from models_helpers import eager_vision_block, qwen_video_inputs, tiny_qwen2_vl
+from test_backbones import BACKBONES, check_vision_scores
 
-from ustc import CompressionConfig, Compressor
+from ustc import CompressionConfig
 from ustc.models import attach
 
 torch.set_num_threads(1)
+
+QWEN2_VL = next(b for b in BACKBONES if b.name == "qwen2-vl")
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
 
 
 @pytest.mark.parametrize("block", [-1, 0], ids=["last-block", "first-block"])
 def test_vision_scores_equal_eager_attention_maps(block):
-    eager = tiny_qwen2_vl(attn="eager")
-    model = tiny_qwen2_vl(attn="sdpa")
-    inputs = qwen_video_inputs(model, frames=4, height=40, width=32, batch=2)
-    config = ON.replace(merger="none")
-    handle = attach(model, config, vision_layer=block)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    f, p = inputs.frames, inputs.tokens_per_frame
-    expected = _reference_vision_scores(eager, inputs, block).reshape(2, f, p)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
-    # and the external stage compressed the model's own features with these scores
-    want = Compressor(config).compress(video_features(model, inputs), handle.last.vision_scores)
-    assert torch.equal(handle.last.compression.indices, want.indices)
+    check_vision_scores(QWEN2_VL, _reference_vision_scores, block, block, height=40, width=32)
 
 
 def test_unsupported_inputs_raise_clear_errors():

@@ -13,11 +13,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from models_helpers import qwen3_video_inputs, tiny_qwen3_5
+from models_helpers import tiny_qwen3_5
 from test_backbones import (
     BACKBONES,
     check_decode_matches_a_no_cache_recompute,
     check_token_counts_come_from_the_kv_cache,
+    check_vision_scores,
 )
 from test_models_qwen3_vl import _reference_vision_scores
 
@@ -37,15 +38,7 @@ ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=
 
 
 def test_vision_scores_equal_eager_attention_maps():
-    eager = tiny_qwen3_5(attn="eager")
-    model = tiny_qwen3_5(attn="sdpa")
-    inputs = qwen3_video_inputs(model, batch=2)
-    handle = attach(model, ON.replace(merger="none"))
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    expected = _reference_vision_scores(eager, inputs, -1).reshape(2, inputs.frames, -1)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
+    check_vision_scores(QWEN3_5, _reference_vision_scores, -1)
 
 
 def test_merge_at_a_recurrent_layer_is_refused():

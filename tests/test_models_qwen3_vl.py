@@ -26,9 +26,10 @@ from test_backbones import (
     check_decode_matches_a_no_cache_recompute,
     check_off_is_bit_identical_and_remove_restores,
     check_token_counts_come_from_the_kv_cache,
+    check_vision_scores,
 )
 
-from ustc import CompressionConfig, Compressor
+from ustc import CompressionConfig
 from ustc.models import attach
 
 QWEN3_VL = next(b for b in BACKBONES if b.name == "qwen3-vl")
@@ -131,19 +132,7 @@ def test_deepstack_added_at_each_layer_is_the_selection_and_means_of_the_main_to
 
 @pytest.mark.parametrize("block,height", [(-1, 32), (0, 40)], ids=["last-block", "ragged-frames"])
 def test_vision_scores_equal_eager_attention_maps(block, height):
-    eager = tiny_qwen3_vl(attn="eager")
-    model = tiny_qwen3_vl(attn="sdpa")
-    inputs = qwen3_video_inputs(model, frames=4, height=height, width=32, batch=2)
-    config = ON.replace(merger="none")
-    handle = attach(model, config, vision_layer=block)
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    f, p = inputs.frames, inputs.tokens_per_frame
-    expected = _reference_vision_scores(eager, inputs, block).reshape(2, f, p)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
-    want = Compressor(config).compress(video_features(model, inputs), handle.last.vision_scores)
-    assert torch.equal(handle.last.compression.indices, want.indices)
+    check_vision_scores(QWEN3_VL, _reference_vision_scores, block, block, height=height, width=32)
 
 
 def test_unsupported_inputs_raise_clear_errors():
