@@ -39,3 +39,41 @@ def test_cycles_finds_one_per_circle_and_none_in_a_dag() -> None:
     assert module_graph.layers(dag) == [["c"], ["b"], ["a"]]
     two = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
     assert module_graph.cycles(two) == [["a", "b", "a"], ["c", "d", "e", "c"]]
+
+
+#: backbone families (and their vision towers) the shared adapter modules must not name
+FAMILIES = (
+    "qwen",
+    "llava",
+    "onevision",
+    "internvl",
+    "internvit",
+    "gemma",
+    "glm",
+    "videollama",
+    "video_llama",
+    "siglip",
+)
+SHARED = ("ustc/models/base.py", "ustc/models/sequence.py", "ustc/models/attention.py")
+
+
+def test_the_shared_adapter_modules_name_no_family() -> None:
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for name in (*SHARED, "ustc/models/protocol.py"):
+        for number, line in enumerate((root / name).read_text().splitlines(), 1):
+            found += [f"{name}:{number}: {f}" for f in FAMILIES if f in line.lower()]
+    assert not found, "family names in shared modules:\n" + "\n".join(found)
+
+
+def test_adapters_override_only_the_protocols_hooks() -> None:
+    from ustc.models import ADAPTERS, Handle
+    from ustc.models.protocol import API, HOOKS
+
+    public = {n for n in dir(Handle) if not n.startswith("_")}
+    assert set(HOOKS) <= public, set(HOOKS) - public
+    assert public == set(HOOKS) | set(API), public ^ (set(HOOKS) | set(API))
+    for adapter in set(ADAPTERS.values()):
+        for cls in adapter.__mro__[: adapter.__mro__.index(Handle)]:
+            stray = {n for n in vars(cls) if n in public and n not in HOOKS}
+            assert not stray, f"{cls.__name__} overrides {stray}, which are not hooks"

@@ -50,7 +50,7 @@ def text_to_visual_attention(
     head_dim = attention.head_dim
     q = (queries or plain_queries)(attention, normed[:, text_start:])
     k = attention.k_proj(normed).view(b, n, -1, head_dim)
-    # Qwen3 (and Qwen3-VL) normalise each head's q and k before RoPE
+    # some LLMs normalise each head's q and k before RoPE (per-head q_norm / k_norm)
     q = _head_norm(attention, "q_norm", q).transpose(1, 2)
     k = _head_norm(attention, "k_norm", k).transpose(1, 2)
     q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
@@ -85,6 +85,17 @@ def _rotary_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor
             "attention cannot be recomputed for this language model"
         )
     return fn
+
+
+def vit_queries_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, H, L, d) queries and keys of a ViT attention module (``q_proj``, ``k_proj``,
+    ``head_dim``; ``q_norm``/``k_norm`` over the projections where it has them) for ``hidden``
+    (N, L, D): N images or frames of L patches."""
+    n, length, _ = hidden.shape
+    shape = (n, length, -1, attention.head_dim)
+    q = _head_norm(attention, "q_norm", attention.q_proj(hidden))
+    k = _head_norm(attention, "k_norm", attention.k_proj(hidden))
+    return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
 
 
 def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:

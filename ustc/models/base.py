@@ -164,11 +164,11 @@ class VideoLayout:
     frames:           F of each row.  tokens_per_frame: P of each row (rows differ only where
                       the backbone takes videos of different sizes in one batch).
     trailing:         placeholder/structural tokens right after the grid that are neither
-                      compressed nor text for the merger (LLaVA-OV: the image_newline;
-                      Qwen2.5-VL: <|vision_end|>).
+                      compressed nor text for the merger (a newline embedding after the
+                      grid, or a vision-end token).
     columns:          (B, max F*P) column of each visual token in feature order, -1 past a
-                      row's F*P, for a video laid out in several runs (Qwen3-VL: one run per
-                      frame, timestamp text between); None: one run of F*P columns from
+                      row's F*P, for a video laid out in several runs (one run per frame,
+                      with timestamps or frame labels between); None: one run of F*P columns from
                       ``starts``.  Tokens between the runs stay, and are not text for the merger.
     """
 
@@ -222,8 +222,9 @@ class VideoCall:
     """One call of ``get_video_features``: what the adapter needs to lay the video out.
 
     batch:  videos encoded.
-    frames: F of ``pixel_values_videos`` (LLaVA-OV).
-    grid:   ``video_grid_thw`` (Qwen2.5-VL).
+    frames: F of (B, F, C, H, W) pixels, for backbones that take frames as such.
+    grid:   (B, 3) ``video_grid_thw`` (t, h, w) of each video, for backbones that patchify a
+            video into a flat sequence.
     scores: (B*F*P,) Eq. (1) scores captured during the call, or None.
     """
 
@@ -261,7 +262,7 @@ class Handle:
     layer_norm = "input_layernorm"
     #: how the video reaches the model: the base model's encoder method, the forward argument
     #: holding its pixels and the key of its output in ``mm_encoder_outputs`` (a backbone with no
-    #: video path of its own, such as InternVL, takes the frames as images)
+    #: video path of its own takes the frames as images: ``get_image_features``)
     video_method = "get_video_features"
     video_argument = "pixel_values_videos"
     video_output = "video"
@@ -350,8 +351,8 @@ class Handle:
         raise NotImplementedError
 
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Install what applies the extra per-token streams (Qwen3-VL: DeepStack post-hooks on
-        the first decoder layers); removed by ``remove()``.  None by default."""
+        """Install what applies the extra per-token streams (DeepStack: visual features of
+        several vision layers added after the first decoder layers); removed by ``remove()``.  None by default."""
         return []
 
     def compress_streams(
@@ -362,7 +363,7 @@ class Handle:
         layout: VideoLayout,
         features: list[Tensor],
     ) -> None:
-        """Cut the language model's extra per-token inputs (``kwargs``, e.g. Qwen3-VL's DeepStack
+        """Cut the language model's extra per-token inputs (``kwargs``, e.g. DeepStack
         features) with the selection just made: ``groups`` hold each group's
         ``CompressionResult``, ``features`` each group's (G, F*P, D) visual tokens it was
         computed from, ``layout.grid_columns()`` their columns in the prompt,
@@ -574,6 +575,30 @@ class Handle:
             self._fwd.session = session
 
     # ------------------------------------------------------------------ vision scores
+    def vision_scores(
+        self, attention: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
+        """Eq. (1) from one call of the hooked vision attention module (its input ``hidden`` and
+        call arguments): one score per LLM visual token, in the order of the model's features,
+        (B*F, P).  Each adapter aligns the patch scores with its tokens through the model's own
+        pooling (the step a backbone must get right)."""
+        raise NotImplementedError
+
+    def score_hook(self, attention: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """The pre-hook on a vision attention module that records ``vision_scores`` (timed)
+        while the video is encoded."""
+        return attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)
+
+    def _on_vision_attention(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if not self._capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        t0 = clock(hidden)
+        self._add_scores(self.vision_scores(module, hidden, args, kwargs))
+        self.stats.score_seconds += clock(hidden) - t0
+
     def _add_scores(self, scores: Tensor) -> None:
         self._scores.append(scores)
 

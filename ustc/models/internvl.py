@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import VideoCall, VideoLayout, clock
+from ustc.models.attention import vit_queries_keys
+from ustc.models.base import VideoCall, VideoLayout
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.sequence import placeholder_columns
 from ustc.scoring import cls_attention
@@ -77,24 +78,16 @@ class InternVLHandle(LlavaOnevisionHandle):
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         attention = self._encoder_layers(self.model)[self.vision_layer].attention
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
+        return [self.score_hook(attention)]
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """The CLS row of this layer's attention, shuffled as the features are: (B*F, P)
         -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, module.num_heads, module.head_dim)
-        q = module.q_norm(module.q_proj(hidden)).view(shape).transpose(1, 2)
-        k = module.k_norm(module.k_proj(hidden)).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = cls_attention(q, k)  # (B*F, patches): the CLS column dropped as the features'
-        self._add_scores(self._shuffle(scores))
-        self.stats.score_seconds += clock(hidden) - t0
+        return self._shuffle(scores)
 
     def _shuffle(self, scores: Tensor) -> Tensor:
         """(B*F, g*g) patch scores -> (B*F, P): the mean of each shuffled token's patch group."""

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import VideoCall, VideoLayout, clock
+from ustc.models.attention import vit_queries_keys
+from ustc.models.base import VideoCall, VideoLayout
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.sequence import placeholder_runs
 from ustc.scoring import cls_attention
@@ -51,21 +52,13 @@ class LlavaNextVideoHandle(LlavaOnevisionHandle):
             )
         super().__init__(model, config, vision_layer)
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """The CLS row of this layer's attention, pooled as the features are: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, -1, module.head_dim)
-        q = module.q_proj(hidden).view(shape).transpose(1, 2)
-        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = cls_attention(q, k)  # (B*F, patches): the CLS column is dropped as the features'
-        self._add_scores(self._pool(scores))
-        self.stats.score_seconds += clock(hidden) - t0
+        return self._pool(scores)
 
     def _pool(self, scores: Tensor) -> Tensor:
         """(B*F, g*g) patch scores -> (B*F, P) scores of the resampler's pooled tokens."""

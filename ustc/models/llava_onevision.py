@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.attention import vision_received_attention
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.attention import vision_received_attention, vit_queries_keys
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout
 from ustc.models.sequence import placeholder_runs
 
 
@@ -70,26 +70,18 @@ class LlavaOnevisionHandle(Handle):
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         attention = self._encoder_layers(self.model)[self.vision_layer].self_attn
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
+        return [self.score_hook(attention)]
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """Reduce this layer's attention to one score per pooled token: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, -1, module.head_dim)
-        q = module.q_proj(hidden).view(shape).transpose(1, 2)
-        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = vision_received_attention(q, k)  # (B*F, patches)
         if self.model.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]  # the features drop the first token as well
         pooled = self.base_model().apply_pooling(scores.unsqueeze(-1).contiguous())
-        self._add_scores(pooled.squeeze(-1))
-        self.stats.score_seconds += clock(hidden) - t0
+        return pooled.squeeze(-1)
 
     def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
         # the first argument is named pixel_values_videos (>= 5.2x) or pixel_values (5.17)
