@@ -50,6 +50,13 @@ TINY_LLM = {
 }
 #: M-RoPE of the tiny Qwen LLMs: sections (2, 3, 3) of the 8 rotary pairs of head_dim 16
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
+#: the special tokens of the tiny Qwen models' prompts
+QWEN_TOKENS = {
+    "image_token_id": IMAGE_TOKEN,
+    "video_token_id": VIDEO_TOKEN,
+    "vision_start_token_id": 92,
+    "vision_end_token_id": 93,
+}
 #: the Qwen2.5-VL / Qwen3-VL / Qwen3.5 vision tower in small: patch 4, 2 x 2 merger, pairs
 QWEN_VISION = {
     "hidden_size": 32,
@@ -241,10 +248,7 @@ def tiny_qwen2_5_vl(
             "num_hidden_layers": layers,
             "rope_parameters": MROPE,
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -280,10 +284,7 @@ def tiny_qwen2_vl(
             "eos_token_id": 2,
             "rope_parameters": MROPE,
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -365,10 +366,7 @@ def tiny_qwen3_vl(
             "in_channels": 3,
         },
         text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
     )
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
     return _built(cls, config, attn, dtype)
@@ -456,10 +454,7 @@ def tiny_qwen3_5(
             "in_channels": 3,
         },
         text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
     )
     cls = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
     return _built(cls, config, attn, dtype)

@@ -22,7 +22,9 @@ real transformers class, inputs laid out as its processor lays them out), then a
         flops="qwen2-vl-7b",             # its public sizes in ustc.flops.MODEL_SPECS
     )
 
-Optional fields: ``streams`` (per-token inputs besides the embeddings that the no-cache reference
+``inputs``, ``grid``, ``trailing`` and ``padded_rows`` default to the LLaVA layout (one run of
+F*P placeholders, (4, 16), nothing after the video, three prompt lengths); ``_qwen(...)`` makes a
+Qwen-style spec.  Optional fields: ``streams`` (per-token inputs besides the embeddings that the no-cache reference
 must carry along, e.g. Qwen3-VL's DeepStack levels), ``layers`` (the builder's LLM depth when it
 takes no ``layers`` argument), ``flops_measured=False`` where the exact FLOPs count does not
 model the LLM (a hybrid with linear-attention layers) and ``right_padding=False`` where the model
@@ -119,13 +121,13 @@ class Backbone:
 
     name: str
     build: Callable[..., Any]
-    inputs: Callable[..., VideoInputs]
     handle: type[Handle]
-    grid: tuple[int, int]
-    trailing: int
-    padded_rows: tuple[dict[str, Any], ...]
     lmms_eval: str
     flops: str | None
+    inputs: Callable[..., VideoInputs] = llava_video_inputs
+    grid: tuple[int, int] = (4, 16)
+    trailing: int = 0
+    padded_rows: tuple[dict[str, Any], ...] = LLAVA_ROWS
     #: (model, inputs, last run) -> per-level (B, M, D) streams for reference_logits, or None
     streams: Callable[[Any, VideoInputs, Any], list[torch.Tensor]] | None = None
     #: the builder's LLM depth when it takes no ``layers`` argument (None: it takes layers=3)
@@ -150,70 +152,53 @@ def _qwen3_5(attn: str = "sdpa", **kwargs: Any) -> Any:
     return tiny_qwen3_5(attn=attn, **kwargs)
 
 
+def _qwen(name: str, build: Callable[..., Any], handle: type[Handle], **spec: Any) -> Backbone:
+    """A Qwen-style spec: temporal patch pairs of 4 x 4 tokens, <|vision_end|> after the video,
+    videos of different sizes in a padded batch."""
+    spec.setdefault("inputs", qwen_video_inputs)
+    spec.setdefault("padded_rows", QWEN_ROWS)
+    return Backbone(name, build, handle=handle, grid=(2, 16), trailing=1, **spec)
+
+
 BACKBONES: list[Backbone] = [
     Backbone(
         "llava-onevision",
         tiny_llava_onevision,
-        llava_video_inputs,
-        LlavaOnevisionHandle,
-        grid=(4, 16),
         trailing=1,  # the image_newline
-        padded_rows=LLAVA_ROWS,
         lmms_eval="llava_onevision_ustc",
         flops="llava-onevision-7b",
+        handle=LlavaOnevisionHandle,
     ),
     Backbone(
         "llava-next-video",
         tiny_llava_next_video,
-        llava_video_inputs,
-        LlavaNextVideoHandle,
-        grid=(4, 16),
-        trailing=0,
-        padded_rows=LLAVA_ROWS,
+        handle=LlavaNextVideoHandle,
         lmms_eval="llava_next_video_ustc",
         flops="llava-next-video-7b",
     ),
-    Backbone(
+    _qwen(
         "qwen2.5-vl",
         tiny_qwen2_5_vl,
-        qwen_video_inputs,
         Qwen2_5_VLHandle,
-        grid=(2, 16),
-        trailing=1,  # <|vision_end|>
-        padded_rows=QWEN_ROWS,
         lmms_eval="qwen2_5_vl_ustc",
         flops="qwen2.5-vl-7b",
     ),
-    Backbone(
-        "qwen2-vl",
-        tiny_qwen2_vl,
-        qwen_video_inputs,
-        Qwen2VLHandle,
-        grid=(2, 16),
-        trailing=1,
-        padded_rows=QWEN_ROWS,
-        lmms_eval="qwen2_vl_ustc",
-        flops="qwen2-vl-7b",
-    ),
-    Backbone(
+    _qwen("qwen2-vl", tiny_qwen2_vl, Qwen2VLHandle, lmms_eval="qwen2_vl_ustc", flops="qwen2-vl-7b"),
+    _qwen(
         "qwen3-vl",
         tiny_qwen3_vl,
-        qwen3_video_inputs,
         Qwen3VLHandle,
-        grid=(2, 16),
-        trailing=1,
+        inputs=qwen3_video_inputs,
         padded_rows=QWEN3_ROWS,
         lmms_eval="qwen3_vl_ustc",
         flops="qwen3-vl-8b",
         streams=compressed_levels,
     ),
-    Backbone(
+    _qwen(
         "qwen3.5",
         _qwen3_5,
-        qwen3_video_inputs,
         Qwen3_5Handle,
-        grid=(2, 16),
-        trailing=1,
+        inputs=qwen3_video_inputs,
         padded_rows=QWEN3_ROWS,
         lmms_eval="qwen3_5_ustc",
         flops=None,  # no public Qwen3.5 sizes in MODEL_SPECS yet
@@ -224,11 +209,8 @@ BACKBONES: list[Backbone] = [
     Backbone(
         "internvl",
         tiny_internvl,
-        internvl_video_inputs,
-        InternVLHandle,
-        grid=(4, 16),
-        trailing=0,  # </img> counts as text
-        padded_rows=LLAVA_ROWS,
+        inputs=internvl_video_inputs,  # </img> after the video counts as text
+        handle=InternVLHandle,
         lmms_eval="internvl_ustc",
         flops="internvl3.5-8b",
     ),

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ustc.config import CompressionConfig
 from ustc.models.attention import vit_queries_keys
 from ustc.models.base import VideoCall, VideoLayout
 from ustc.models.llava_onevision import LlavaOnevisionHandle
@@ -61,16 +60,7 @@ class InternVLHandle(LlavaOnevisionHandle):
     video_argument = "pixel_values"
     video_output = "image"
 
-    def __init__(
-        self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
-    ) -> None:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: InternVL pixel-shuffles a square "
-                "patch grid, which only the 'default' strategy (CLS row dropped) gives"
-            )
-        super().__init__(model, config, vision_layer)
+    square_grid = "InternVL pixel-shuffles"
 
     @staticmethod
     def _encoder_layers(model: nn.Module) -> nn.ModuleList:

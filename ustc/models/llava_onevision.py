@@ -34,9 +34,19 @@ class LlavaOnevisionHandle(Handle):
     llava-hf checkpoints).
     """
 
+    #: what a subclass's projector does with the patch grid when it needs it square (the CLS row
+    #: dropped: the 'default' select strategy), as "<family> <verb>"; None: any strategy
+    square_grid: str | None = None
+
     def __init__(
         self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
     ) -> None:
+        strategy = model.config.vision_feature_select_strategy
+        if self.square_grid is not None and strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}: {self.square_grid} a square "
+                "patch grid, which only the 'default' strategy (CLS row dropped) gives"
+            )
         self._feature_layer = model.config.vision_feature_layer
         self.vision_layer = self._resolve_vision_layer(model, vision_layer)
         super().__init__(model, config)
@@ -98,13 +108,20 @@ class LlavaOnevisionHandle(Handle):
             )
         return VideoCall(batch=videos.shape[0], frames=videos.shape[1])
 
-    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+    def _video_runs(
+        self, kwargs: dict[str, Any], video: VideoCall | None
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """input_ids, each row's first video placeholder and their count (one run per row)."""
         ids: Tensor = kwargs["input_ids"]
         starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
         if video is not None and ids.shape[0] % video.batch:
             raise ValueError(
                 f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
             )
+        return ids, starts, counts
+
+    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+        ids, starts, counts = self._video_runs(kwargs, video)
         if video is not None and video.frames is not None:
             frames = video.frames
         else:  # features precomputed elsewhere: P from the model's pooling of its patch grid
