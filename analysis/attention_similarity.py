@@ -31,18 +31,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from analysis.common import (  # noqa: E402
-    add_lab_args,
-    fail,
-    lab_samples,
-    load_lab_model,
-    method_label,
-    model_label,
-    output_parser,
-    parse_methods,
-    save_figure,
-    video_tokens,
-)
+from analysis import common  # noqa: E402
 from ustc.compressor import CompressionResult, Compressor  # noqa: E402
 
 #: the paper compares with HoliTom; it joins the default comparison when a baseline registers it
@@ -136,8 +125,8 @@ def default_methods() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = output_parser(__doc__.splitlines()[0], "analysis/attention_similarity.py")
-    add_lab_args(parser, limit=24)
+    parser = common.output_parser(__doc__.splitlines()[0], "analysis/attention_similarity.py")
+    common.add_lab_args(parser, limit=24)
     parser.add_argument("--retention", type=float, default=0.02, help="r (default 0.02)")
     parser.add_argument(
         "--methods", default=None, help="ours, Table 5 rows (attn, sim, ...), baselines"
@@ -145,27 +134,27 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--stem", default="attention_similarity")
     args = parser.parse_args(argv)
     try:
-        methods = parse_methods(args.methods or default_methods(), args.retention)
-        model = load_lab_model(args.weights, args.untrained)
-        samples = lab_samples(args.split, args.start, args.limit)
+        methods = common.parse_methods(args.methods or default_methods(), args.retention)
+        model = common.load_lab_model(args.weights, args.untrained)
+        samples = common.lab_samples(args.split, args.start, args.limit)
     except ValueError as exc:
-        fail(str(exc))
-    tokens = video_tokens(model, samples)
+        common.fail(str(exc))
+    tokens = common.video_tokens(model, samples)
     stats = {}
     for name, config in methods.items():
         result = Compressor(config).compress(tokens.features, tokens.scores)
-        stats[method_label(name)] = kept_token_stats(tokens.scores, result)
+        stats[common.method_label(name)] = kept_token_stats(tokens.scores, result)
     f, p = tokens.scores.shape[1:]
     budget = next(iter(methods.values())).budget(f, p)
     title = (
         f"{len(samples)} {args.split} videos, r = {args.retention:g} ({budget} of {f * p} "
-        f"tokens per video), {model_label(args.untrained, args.weights)}"
+        f"tokens per video), {common.model_label(args.untrained, args.weights)}"
     )
     for label, (att, sim) in stats.items():
         print(
             f"{label:28s} attention percentile {att.mean():.3f}  similarity {np.nanmean(sim):.3f}"
         )
-    paths = save_figure(plot_distributions(stats, title), args.out, args.stem)
+    paths = common.save_figure(plot_distributions(stats, title), args.out, args.stem)
     for path in paths:
         print(path)
     return paths
