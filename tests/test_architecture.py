@@ -77,3 +77,18 @@ def test_adapters_override_only_the_protocols_hooks() -> None:
         for cls in adapter.__mro__[: adapter.__mro__.index(Handle)]:
             stray = {n for n in vars(cls) if n in public and n not in HOOKS}
             assert not stray, f"{cls.__name__} overrides {stray}, which are not hooks"
+
+
+def test_the_docs_module_graph_is_what_the_command_writes() -> None:
+    text = module_graph.DOC.read_text()
+    start, end = text.index(module_graph.BEGIN), text.index(module_graph.END)
+    assert text[start : end + len(module_graph.END)] == module_graph.block(module_graph.graph()), (
+        "docs/architecture.md is stale: run python -m analysis.module_graph --write"
+    )
+
+
+def test_the_docs_name_every_hook_of_the_protocol() -> None:
+    from ustc.models.protocol import HOOKS
+
+    text = module_graph.DOC.read_text()
+    assert [h for h in HOOKS if f"`{h}`" not in text] == []
