@@ -352,7 +352,8 @@ class Handle:
 
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Install what applies the extra per-token streams (DeepStack: visual features of
-        several vision layers added after the first decoder layers); removed by ``remove()``.  None by default."""
+        several vision layers added after the first decoder layers); removed by ``remove()``.
+        None by default."""
         return []
 
     def compress_streams(

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ustc.models.attention import vit_queries_keys
@@ -61,14 +60,11 @@ class InternVLHandle(LlavaOnevisionHandle):
     video_output = "image"
 
     square_grid = "InternVL pixel-shuffles"
+    vision_attention = "attention"
 
     @staticmethod
     def _encoder_layers(model: nn.Module) -> nn.ModuleList:
         return model.model.vision_tower.encoder.layer
-
-    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        attention = self._encoder_layers(self.model)[self.vision_layer].attention
-        return [self.score_hook(attention)]
 
     def vision_scores(
         self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]

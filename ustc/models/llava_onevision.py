@@ -37,6 +37,8 @@ class LlavaOnevisionHandle(Handle):
     #: what a subclass's projector does with the patch grid when it needs it square (the CLS row
     #: dropped: the 'default' select strategy), as "<family> <verb>"; None: any strategy
     square_grid: str | None = None
+    #: the attention module of an encoder layer
+    vision_attention = "self_attn"
 
     def __init__(
         self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
@@ -79,8 +81,8 @@ class LlavaOnevisionHandle(Handle):
         return vision_layer % count
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        attention = self._encoder_layers(self.model)[self.vision_layer].self_attn
-        return [self.score_hook(attention)]
+        layer = self._encoder_layers(self.model)[self.vision_layer]
+        return [self.score_hook(getattr(layer, self.vision_attention))]
 
     def vision_scores(
         self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]

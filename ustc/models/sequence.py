@@ -139,8 +139,8 @@ def batch_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x if x.shape[0] == 1 else x[rows.to(x.device)]
 
 
-def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
-    """(first column, count) of each row's one contiguous run of ``token``: (B,), [count_b]."""
+def _placeholders(ids: Tensor, token: int) -> tuple[Tensor, Tensor]:
+    """(B, n) bool: where ``token`` is; (B,) how many per row, at least one in every row."""
     hits = ids == token
     counts = hits.sum(dim=1)
     if int(counts.min()) == 0:
@@ -148,6 +148,12 @@ def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
             "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
             "exactly one video per prompt row is supported"
         )
+    return hits, counts
+
+
+def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
+    """(first column, count) of each row's one contiguous run of ``token``: (B,), [count_b]."""
+    hits, counts = _placeholders(ids, token)
     starts = hits.int().argmax(dim=1)
     columns = torch.arange(ids.shape[1], device=ids.device)
     run = (columns >= starts[:, None]) & (columns < (starts + counts)[:, None])
@@ -177,13 +183,7 @@ def marked_columns(marked: Tensor, count: int) -> Tensor:
 def placeholder_columns(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
     """Each row's columns of ``token`` wherever they lie (a video in several runs, e.g. one per
     frame with timestamp text between): (B, max count) in order, -1 past a row's count; counts."""
-    hits = ids == token
-    counts = hits.sum(dim=1)
-    if int(counts.min()) == 0:
-        raise ValueError(
-            "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
-            "exactly one video per prompt row is supported"
-        )
+    hits, counts = _placeholders(ids, token)
     width = int(counts.max())
     past_count = torch.arange(width, device=ids.device) >= counts[:, None]
     return marked_columns(hits, width).masked_fill(past_count, -1), counts.tolist()
