@@ -86,26 +86,17 @@ def plot_distributions(stats: dict[str, tuple[np.ndarray, np.ndarray]], title: s
     for i, (label, (att, sim)) in enumerate(stats.items()):
         colour = f"C{i}"
         sim = sim[np.isfinite(sim)]
-        ax_att.hist(
-            att,
-            bins=bins_att,
-            density=True,
-            histtype="step",
-            lw=1.8,
-            color=colour,
-            label=f"{label} (mean {att.mean():.2f})",
-        )
-        ax_sim.hist(
-            sim,
-            bins=bins_sim,
-            density=True,
-            histtype="step",
-            lw=1.8,
-            color=colour,
-            label=f"{label} (mean {sim.mean():.2f})",
-        )
-        ax_att.axvline(att.mean(), color=colour, ls=":", lw=1)
-        ax_sim.axvline(sim.mean(), color=colour, ls=":", lw=1)
+        for ax, values, bins in ((ax_att, att, bins_att), (ax_sim, sim, bins_sim)):
+            ax.hist(
+                values,
+                bins=bins,
+                density=True,
+                histtype="step",
+                lw=1.8,
+                color=colour,
+                label=f"{label} (mean {values.mean():.2f})",
+            )
+            ax.axvline(values.mean(), color=colour, ls=":", lw=1)
     ax_att.set_xlabel("Eq. (1) attention of kept tokens (percentile in the video)")
     ax_sim.set_xlabel("max cosine similarity to the other kept tokens")
     for ax, name in ((ax_att, "(a) attention"), (ax_sim, "(b) semantic similarity")):

@@ -438,20 +438,17 @@ def test_sweep_rejects_what_a_grid_cannot_expand(tmp_path: Path) -> None:
     bad.write_text("method: bayes\nparameters: {tau: {min: 0.5, max: 0.9}}\n")
     with pytest.raises(ValueError, match="method 'grid' only"):
         sweep_files.load_sweep(bad)
-    with pytest.raises(ValueError, match="what this sweep varies"):
-        sweeper.run_sweep(
-            "s6",
-            ["--benchmark", TOY, "--tau=0.5"],
-            store_path=str(tmp_path / "s.jsonl"),
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="grid point"):
-        sweeper.run_sweep(
-            "s5",
-            ["--benchmark", TOY, "--retention=3"],
-            store_path=str(tmp_path / "s.jsonl"),
-            progress=False,
-        )
+    for table, flag, message in (
+        ("s6", "--tau=0.5", "what this sweep varies"),
+        ("s5", "--retention=3", "grid point"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sweeper.run_sweep(
+                table,
+                ["--benchmark", TOY, flag],
+                store_path=str(tmp_path / "s.jsonl"),
+                progress=False,
+            )
     assert ToyBenchmark.loads == 0
 
 
