@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -300,25 +301,32 @@ def qwen_video_inputs(
     prefix: int = 5,
     suffix: int = 7,
     seed: int = 1,
+    timestamps: bool = False,
 ) -> VideoInputs:
     """Patches laid out as the Qwen2-VL video processor does: (t*h*w, C * T_p * p * p) with
     grid (t, h, w) = (frames / 2, height / p, width / p); F*P = t*h*w/4 placeholders between
-    <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2."""
+    <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2.  With
+    ``timestamps``, Qwen3-VL's layout (``qwen3_video_inputs``)."""
     vision = model.config.vision_config
     p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
     t, h, w = frames // tp, height // p, width // p
     per_frame = h * w // merge**2
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat(
-        [
-            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
-            torch.full((batch, 1), model.config.vision_start_token_id),
-            torch.full((batch, t * per_frame), VIDEO_TOKEN),
-            torch.full((batch, 1), model.config.vision_end_token_id),
-            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
-        ],
-        dim=1,
+    # (placeholders, timestamp tokens before them) of each run
+    runs = (
+        [(per_frame, 2 if i < 2 else 3) for i in range(t)] if timestamps else [(t * per_frame, 0)]
     )
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for count, stamp in runs:
+        if stamp:
+            parts.append(torch.randint(*TEXT_IDS, (batch, stamp), generator=g))
+        parts += [
+            torch.full((batch, 1), model.config.vision_start_token_id),
+            torch.full((batch, count), VIDEO_TOKEN),
+            torch.full((batch, 1), model.config.vision_end_token_id),
+        ]
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
     pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
     kwargs = {
         "input_ids": ids,
@@ -327,7 +335,10 @@ def qwen_video_inputs(
         "video_grid_thw": torch.tensor([[t, h, w]] * batch),
         "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
     }
-    return VideoInputs(kwargs, t, per_frame, prefix + 1)
+    if not timestamps:
+        return VideoInputs(kwargs, t, per_frame, prefix + 1)
+    columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
 
 
 def tiny_qwen3_vl(
@@ -460,45 +471,12 @@ def tiny_qwen3_5(
     return _built(cls, config, attn, dtype)
 
 
-def qwen3_video_inputs(
-    model: Qwen3VLForConditionalGeneration,
-    frames: int = 4,
-    height: int = 32,
-    width: int = 32,
-    batch: int = 1,
-    prefix: int = 5,
-    suffix: int = 7,
-    seed: int = 1,
-) -> VideoInputs:
+def qwen3_video_inputs(model: Qwen3VLForConditionalGeneration, **kwargs: Any) -> VideoInputs:
     """Laid out as the Qwen3-VL processor does: per frame pair a timestamp (text; 2 tokens,
     3 from the third pair on, as "<0.5 seconds>" and "<10.5 seconds>" differ), then
     <|vision_start|>, h*w/4 placeholders, <|vision_end|>; ``mm_token_type_ids`` marks the
-    placeholders with 2.  Patches as in ``qwen_video_inputs``."""
-    vision = model.config.vision_config
-    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
-    t, h, w = frames // tp, height // p, width // p
-    per_frame = h * w // merge**2
-    g = torch.Generator().manual_seed(seed)
-    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
-    for i in range(t):
-        parts += [
-            torch.randint(*TEXT_IDS, (batch, 2 if i < 2 else 3), generator=g),
-            torch.full((batch, 1), model.config.vision_start_token_id),
-            torch.full((batch, per_frame), VIDEO_TOKEN),
-            torch.full((batch, 1), model.config.vision_end_token_id),
-        ]
-    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
-    ids = torch.cat(parts, dim=1)
-    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values_videos": pixels.to(model.dtype),
-        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
-        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
-    }
-    columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
-    return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
+    placeholders with 2.  Patches and arguments as in ``qwen_video_inputs``."""
+    return qwen_video_inputs(model, timestamps=True, **kwargs)
 
 
 #: InternVL's <img> and </img> around the video's <IMG_CONTEXT> tokens
@@ -766,3 +744,24 @@ def eager_vision_block(model, inputs: VideoInputs, block_index: int):
             block.attn.proj(torch.cat(outputs, dim=1).reshape(s, -1)), captured["out"]
         )
     return received, out, len(cu) - 1
+
+
+def qwen_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch.Tensor:
+    """Eq. (1) of a Qwen-style vision tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) from
+    ``eager_vision_block``: the patch scores averaged over the merger's 2 x 2 groups, in the
+    order of the model's features.  Qwen2.5-VL permutes its tokens into windows inside the tower:
+    the order is recovered by matching the model's own merged outputs; the others keep the
+    processor's order (checked: the tower's output is the merger of its hidden states, and there
+    is one attention segment per frame pair)."""
+    visual = model.model.visual
+    received, out, segments = eager_vision_block(model, inputs, block_index)
+    groups = received.view(-1, visual.spatial_merge_size**2).mean(dim=-1)
+    with torch.no_grad():
+        merged = visual.merger(out.last_hidden_state)
+    if getattr(visual.config, "fullatt_block_indexes", None) is not None:  # windows
+        match = (out.pooler_output[:, None] == merged[None]).all(dim=-1)
+        assert bool(match.sum(dim=1).eq(1).all())
+        return groups[match.float().argmax(dim=1)]
+    assert torch.equal(out.pooler_output, merged)
+    assert segments == int(inputs.kwargs["video_grid_thw"][:, 0].sum())
+    return groups

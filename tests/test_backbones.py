@@ -67,6 +67,7 @@ from models_helpers import (
     pad_batch,
     qwen3_video_inputs,
     qwen_video_inputs,
+    qwen_vision_reference,
     reference_logits,
     tiny_internvl,
     tiny_llava_next_video,
@@ -138,6 +139,11 @@ class Backbone:
     #: the row alone (recurrent layers run over the padding); ustc's compression moves the
     #: padding left, so only prompts that enter the LLM uncompressed are affected
     right_padding: bool = True
+    #: Eq. (1) reference from eager attention maps, (eager model, inputs, vision layer) -> scores,
+    #: and the cases it is checked on: (vision layer, inputs size keywords); None: the family's
+    #: own file checks Eq. (1)
+    vision_reference: Callable[[Any, VideoInputs, int], torch.Tensor] | None = None
+    vision_cases: tuple[tuple[int, dict[str, int]], ...] = ()
 
     def model(self, attn: str = "sdpa", **kwargs: Any) -> Any:
         if self.layers is None:
@@ -157,6 +163,8 @@ def _qwen(name: str, build: Callable[..., Any], handle: type[Handle], **spec: An
     videos of different sizes in a padded batch."""
     spec.setdefault("inputs", qwen_video_inputs)
     spec.setdefault("padded_rows", QWEN_ROWS)
+    spec.setdefault("vision_reference", qwen_vision_reference)
+    spec.setdefault("vision_cases", ((-1, {"height": 32}), (0, {"height": 40})))
     return Backbone(name, build, handle=handle, grid=(2, 16), trailing=1, **spec)
 
 
@@ -183,7 +191,14 @@ BACKBONES: list[Backbone] = [
         lmms_eval="qwen2_5_vl_ustc",
         flops="qwen2.5-vl-7b",
     ),
-    _qwen("qwen2-vl", tiny_qwen2_vl, Qwen2VLHandle, lmms_eval="qwen2_vl_ustc", flops="qwen2-vl-7b"),
+    _qwen(
+        "qwen2-vl",
+        tiny_qwen2_vl,
+        Qwen2VLHandle,
+        lmms_eval="qwen2_vl_ustc",
+        flops="qwen2-vl-7b",
+        vision_cases=((-1, {"height": 40}), (0, {"height": 40})),
+    ),
     _qwen(
         "qwen3-vl",
         tiny_qwen3_vl,
@@ -205,6 +220,7 @@ BACKBONES: list[Backbone] = [
         layers=4,
         flops_measured=False,  # Gated DeltaNet layers are not softmax attention
         right_padding=False,
+        vision_cases=((-1, {}),),
     ),
     Backbone(
         "internvl",
@@ -734,3 +750,19 @@ def test_a_vision_layer_outside_the_encoder_is_refused(spec):
     model = spec.model()
     with pytest.raises(ValueError, match="vision_layer must be in"):
         attach(model, ON, vision_layer=99)
+
+
+VISION_CASES = [
+    pytest.param(
+        spec, layer, sizes, id=f"{spec.name}-layer{layer}-" + "-".join(map(str, sizes.values()))
+    )
+    for spec in BACKBONES
+    for layer, sizes in spec.vision_cases
+]
+
+
+@pytest.mark.parametrize("spec,layer,sizes", VISION_CASES)
+def test_vision_scores_equal_the_families_eager_reference(spec, layer, sizes):
+    """Eq. (1) captured under sdpa = the spec's reference from eager attention maps, at the
+    vision layer chosen with ``vision_layer`` (videos of ragged size too)."""
+    check_vision_scores(spec, spec.vision_reference, layer, layer, **sizes, width=32)

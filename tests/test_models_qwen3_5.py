@@ -18,9 +18,7 @@ from test_backbones import (
     BACKBONES,
     check_decode_matches_a_no_cache_recompute,
     check_token_counts_come_from_the_kv_cache,
-    check_vision_scores,
 )
-from test_models_qwen3_vl import _reference_vision_scores
 
 from ustc import CompressionConfig
 from ustc.models import attach
@@ -35,10 +33,6 @@ ATTENTION_LAYERS = [1, 3]
 torch.set_num_threads(1)
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
-
-
-def test_vision_scores_equal_eager_attention_maps():
-    check_vision_scores(QWEN3_5, _reference_vision_scores, -1)
 
 
 def test_merge_at_a_recurrent_layer_is_refused():

@@ -14,7 +14,6 @@ import pytest
 import torch
 from models_helpers import (
     compressed_levels,
-    eager_vision_block,
     qwen3_video_inputs,
     reference_group_mean,
     reference_logits,
@@ -26,7 +25,6 @@ from test_backbones import (
     check_decode_matches_a_no_cache_recompute,
     check_off_is_bit_identical_and_remove_restores,
     check_token_counts_come_from_the_kv_cache,
-    check_vision_scores,
 )
 
 from ustc import CompressionConfig
@@ -130,11 +128,6 @@ def test_deepstack_added_at_each_layer_is_the_selection_and_means_of_the_main_to
     assert bool((compression.sizes > 1).any())  # some tokens are cluster means, not copies
 
 
-@pytest.mark.parametrize("block,height", [(-1, 32), (0, 40)], ids=["last-block", "ragged-frames"])
-def test_vision_scores_equal_eager_attention_maps(block, height):
-    check_vision_scores(QWEN3_VL, _reference_vision_scores, block, block, height=height, width=32)
-
-
 def test_unsupported_inputs_raise_clear_errors():
     model = tiny_qwen3_vl()
     inputs = qwen3_video_inputs(model, batch=2)
@@ -166,13 +159,6 @@ def test_placeholder_columns_collect_each_rows_runs():
     assert torch.equal(column_mask(columns, ids.shape[1]), ids == 9)
     with pytest.raises(ValueError, match="holds no video placeholder"):
         placeholder_columns(torch.tensor([[1, 9], [1, 2]]), 9)
-
-
-def _reference_vision_scores(model, inputs, block_index):
-    """Eq. (1) from transformers' eager attention maps of one vision block, per frame pair,
-    averaged over the merger's 2 x 2 groups (the tower keeps the processor's order)."""
-    received, _, _ = eager_vision_block(model, inputs, block_index)
-    return received.view(-1, model.model.visual.spatial_merge_unit).mean(dim=-1)
 
 
 @pytest.mark.parametrize(
