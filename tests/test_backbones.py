@@ -766,3 +766,22 @@ def test_vision_scores_equal_the_families_eager_reference(spec, layer, sizes):
     """Eq. (1) captured under sdpa = the spec's reference from eager attention maps, at the
     vision layer chosen with ``vision_layer`` (videos of ragged size too)."""
     check_vision_scores(spec, spec.vision_reference, layer, layer, **sizes, width=32)
+
+
+@pytest.mark.parametrize("spec", [s for s in BACKBONES if s.vision_reference is not None], ids=str)
+def test_m_rope_inputs_without_token_types_or_a_grid_per_prompt_are_refused(spec):
+    """M-RoPE backbones: positions need ``mm_token_type_ids`` (without it transformers silently
+    falls back to 1-D positions), and each prompt its own ``video_grid_thw`` row."""
+    model = spec.model()
+    inputs = spec.inputs(model, batch=2)
+    handle = attach(model, ON)
+    no_types = {k: v for k, v in inputs.kwargs.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match=f"{type(model).__name__} needs mm_token_type_ids"):
+        model(**no_types)
+    grids = dict(inputs.kwargs, video_grid_thw=inputs.kwargs["video_grid_thw"][:1])
+    with pytest.raises(ValueError, match="1 videos for 2 prompts"):
+        model(**grids)
+    no_grid = {k: v for k, v in inputs.kwargs.items() if k != "video_grid_thw"}
+    with pytest.raises(ValueError, match="need video_grid_thw"):
+        model(**no_grid)
+    handle.remove()

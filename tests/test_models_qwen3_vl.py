@@ -132,15 +132,10 @@ def test_unsupported_inputs_raise_clear_errors():
     model = tiny_qwen3_vl()
     inputs = qwen3_video_inputs(model, batch=2)
     handle = attach(model, ON)
-    no_types = {k: v for k, v in inputs.kwargs.items() if k != "mm_token_type_ids"}
-    with pytest.raises(ValueError, match="mm_token_type_ids"):
-        model(**no_types)
     small = dict(inputs.kwargs, video_grid_thw=torch.tensor([[2, 8, 4]] * 2))
     with pytest.raises(ValueError, match="32 video placeholders for a grid of 2 x 4 x 2"):
         model(**small)
     handle.remove()
-    with pytest.raises(ValueError, match="vision_layer must be in"):
-        attach(model, ON, vision_layer=5)
     # tokens that are not the means of their groups cannot carry the DeepStack levels along
     handle = attach(model, CompressionConfig(retention=0.25, method="fastvid", merger="none"))
     with pytest.raises(ValueError, match="not the means of its groups"):
