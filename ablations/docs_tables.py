@@ -96,8 +96,8 @@ def sweep_table(name: str, extra: Sequence[str] = ()) -> Callable[[int | None, s
     grid value, lab Avg. and % of uncompressed beside the paper's."""
 
     def generate(limit: int | None, store: str) -> Output:
+        from ablations.paper_tables import get_table
         from ablations.sweep import run_sweep
-        from ablations.tables import get_table
 
         table = get_table(name)
         flags = [*extra, *([f"--limit={limit}"] if limit is not None else [])]
@@ -133,7 +133,7 @@ def _records(
 ) -> tuple[dict[Any, dict[str, Any] | None], dict[str, Any] | None]:
     from ablations.store import ResultStore
     from ablations.sweep import plans_for
-    from ablations.tables import expand_grid
+    from ablations.sweep_files import expand_grid
 
     stored = ResultStore(store).records()
     plans = plans_for(sweep, flags, store)

@@ -32,18 +32,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablations import run as runner  # noqa: E402
+from ablations.paper_tables import TABLES, TableDef, get_table  # noqa: E402
+from ablations.render import Rendered, render, write_outputs  # noqa: E402
 from ablations.store import ClaimedElsewhere, Claims, ResultStore, describe_owner  # noqa: E402
-from ablations.tables import (  # noqa: E402
-    TABLES,
-    Rendered,
-    TableDef,
-    expand_grid,
-    get_table,
-    load_sweep,
-    render,
-    to_argv,
-    write_outputs,
-)
+from ablations.sweep_files import expand_grid, load_sweep, to_argv  # noqa: E402
 from ablations.wandb_log import MODES, log_run, log_table  # noqa: E402
 
 

@@ -89,6 +89,22 @@ def _box(ax: object, x: float, y: float, title: str, detail: str, code: str, col
         )
 
 
+def _group(ax: object, x: float, y: float, label_y: float, label: str) -> None:
+    """A dashed frame around three boxes of a row starting at (x, y), labelled at label_y."""
+    ax.add_patch(
+        FancyBboxPatch(
+            (x, y - 0.3),
+            3 * BOX_W + 2 * GAP + 0.3,
+            BOX_H + 0.62,
+            boxstyle="round,pad=0.02",
+            fill=False,
+            ls="--",
+            ec="0.5",
+        )
+    )
+    ax.text(x + 0.1, label_y, label, fontsize=7.5, color="0.3")
+
+
 def _arrow(ax: object, start: tuple[float, float], end: tuple[float, float], **kw: object) -> None:
     ax.add_patch(
         FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=11, lw=1.1, color="0.3", **kw)
@@ -109,24 +125,12 @@ def draw() -> Figure:
         if i:
             _arrow(ax, (x - GAP, top + BOX_H / 2), (x, top + BOX_H / 2))
     # the external stage: scorer, pool, recycler, composed by the compressor
-    x0 = 3 * (BOX_W + GAP) - 0.15
-    ax.add_patch(
-        FancyBboxPatch(
-            (x0, top - 0.3),
-            3 * BOX_W + 2 * GAP + 0.3,
-            BOX_H + 0.62,
-            boxstyle="round,pad=0.02",
-            fill=False,
-            ls="--",
-            ec="0.5",
-        )
-    )
-    ax.text(
-        x0 + 0.1,
+    _group(
+        ax,
+        3 * (BOX_W + GAP) - 0.15,
+        top,
         top + BOX_H + 0.18,
         "external compression: Compressor.compress (ustc/compressor.py), outside the LLM",
-        fontsize=7.5,
-        color="0.3",
     )
 
     # the second row runs right to left under the first (a snake), starting under the recycler
@@ -152,25 +156,13 @@ def draw() -> Figure:
         ha="right",
         va="center",
     )
-    x_lm = x_in(3) - 0.15
-    ax.add_patch(
-        FancyBboxPatch(
-            (x_lm, bottom - 0.3),
-            3 * BOX_W + 2 * GAP + 0.3,
-            BOX_H + 0.62,
-            boxstyle="round,pad=0.02",
-            fill=False,
-            ls="--",
-            ec="0.5",
-        )
-    )
-    ax.text(
-        x_lm + 0.1,
+    _group(
+        ax,
+        x_in(3) - 0.15,
+        bottom,
         bottom - 0.52,
         "inside the LLM: hooks on the model instance "
         "(ustc.attach, ustc/models/), Compressor.merge at layer K",
-        fontsize=7.5,
-        color="0.3",
     )
     return fig
 

@@ -31,18 +31,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from analysis.common import (  # noqa: E402
-    add_lab_args,
-    fail,
-    lab_samples,
-    load_lab_model,
-    method_label,
-    model_label,
-    output_parser,
-    parse_methods,
-    save_figure,
-    video_tokens,
-)
+from analysis import common  # noqa: E402
 from ustc.compressor import CompressionResult, Compressor  # noqa: E402
 
 #: the paper compares with HoliTom; it joins the default comparison when a baseline registers it
@@ -97,26 +86,17 @@ def plot_distributions(stats: dict[str, tuple[np.ndarray, np.ndarray]], title: s
     for i, (label, (att, sim)) in enumerate(stats.items()):
         colour = f"C{i}"
         sim = sim[np.isfinite(sim)]
-        ax_att.hist(
-            att,
-            bins=bins_att,
-            density=True,
-            histtype="step",
-            lw=1.8,
-            color=colour,
-            label=f"{label} (mean {att.mean():.2f})",
-        )
-        ax_sim.hist(
-            sim,
-            bins=bins_sim,
-            density=True,
-            histtype="step",
-            lw=1.8,
-            color=colour,
-            label=f"{label} (mean {sim.mean():.2f})",
-        )
-        ax_att.axvline(att.mean(), color=colour, ls=":", lw=1)
-        ax_sim.axvline(sim.mean(), color=colour, ls=":", lw=1)
+        for ax, values, bins in ((ax_att, att, bins_att), (ax_sim, sim, bins_sim)):
+            ax.hist(
+                values,
+                bins=bins,
+                density=True,
+                histtype="step",
+                lw=1.8,
+                color=colour,
+                label=f"{label} (mean {values.mean():.2f})",
+            )
+            ax.axvline(values.mean(), color=colour, ls=":", lw=1)
     ax_att.set_xlabel("Eq. (1) attention of kept tokens (percentile in the video)")
     ax_sim.set_xlabel("max cosine similarity to the other kept tokens")
     for ax, name in ((ax_att, "(a) attention"), (ax_sim, "(b) semantic similarity")):
@@ -136,8 +116,8 @@ def default_methods() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = output_parser(__doc__.splitlines()[0], "analysis/attention_similarity.py")
-    add_lab_args(parser, limit=24)
+    parser = common.output_parser(__doc__.splitlines()[0], "analysis/attention_similarity.py")
+    common.add_lab_args(parser, limit=24)
     parser.add_argument("--retention", type=float, default=0.02, help="r (default 0.02)")
     parser.add_argument(
         "--methods", default=None, help="ours, Table 5 rows (attn, sim, ...), baselines"
@@ -145,27 +125,27 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--stem", default="attention_similarity")
     args = parser.parse_args(argv)
     try:
-        methods = parse_methods(args.methods or default_methods(), args.retention)
-        model = load_lab_model(args.weights, args.untrained)
-        samples = lab_samples(args.split, args.start, args.limit)
+        methods = common.parse_methods(args.methods or default_methods(), args.retention)
+        model = common.load_lab_model(args.weights, args.untrained)
+        samples = common.lab_samples(args.split, args.start, args.limit)
     except ValueError as exc:
-        fail(str(exc))
-    tokens = video_tokens(model, samples)
+        common.fail(str(exc))
+    tokens = common.video_tokens(model, samples)
     stats = {}
     for name, config in methods.items():
         result = Compressor(config).compress(tokens.features, tokens.scores)
-        stats[method_label(name)] = kept_token_stats(tokens.scores, result)
+        stats[common.method_label(name)] = kept_token_stats(tokens.scores, result)
     f, p = tokens.scores.shape[1:]
     budget = next(iter(methods.values())).budget(f, p)
     title = (
         f"{len(samples)} {args.split} videos, r = {args.retention:g} ({budget} of {f * p} "
-        f"tokens per video), {model_label(args.untrained, args.weights)}"
+        f"tokens per video), {common.model_label(args.untrained, args.weights)}"
     )
     for label, (att, sim) in stats.items():
         print(
             f"{label:28s} attention percentile {att.mean():.3f}  similarity {np.nanmean(sim):.3f}"
         )
-    paths = save_figure(plot_distributions(stats, title), args.out, args.stem)
+    paths = common.save_figure(plot_distributions(stats, title), args.out, args.stem)
     for path in paths:
         print(path)
     return paths

@@ -207,7 +207,7 @@ def method_config(name: str, retention: float) -> CompressionConfig:
     (``attn``, ``sim``, ``cluster``, ``attn+sim``, ``attn+cluster``, ``sim+cluster``,
     ``attn+sim+cluster``), or a baseline registered in ``ustc.METHODS``.
     """
-    from ablations.run import MODULE_ROWS
+    from ablations.paper_tables import MODULE_ROWS
     from ustc.presets import TABLE5_ROWS
     from ustc.registry import METHODS
 

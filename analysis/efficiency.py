@@ -52,17 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.common import (  # noqa: E402
-    add_lab_args,
-    fail,
-    lab_inputs,
-    lab_samples,
-    load_lab_model,
-    method_label,
-    model_label,
-    output_parser,
-    save_figure,
-)
+from analysis import common  # noqa: E402
 from ustc.config import CompressionConfig  # noqa: E402
 
 #: Table 6's columns; every numeric field a row may carry (checked by ``validate``)
@@ -290,7 +280,7 @@ def write_outputs(data: dict[str, Any], out: str | Path, stem: str) -> list[Path
     md, cs = folder / f"{stem}.md", folder / f"{stem}.csv"
     md.write_text(markdown(rows, title))
     cs.write_text(csv_text(rows))
-    return [md, cs, *save_figure(plot_efficiency(rows, title), folder, stem)]
+    return [md, cs, *common.save_figure(plot_efficiency(rows, title), folder, stem)]
 
 
 # ----------------------------------------------------------------------------- GPU figures
@@ -505,7 +495,7 @@ def _time_video(
     model: Any, handle: Any, timer: _PrefillTimer, sample: Any, new_tokens: int, repeats: int
 ) -> tuple[float, float, float, float | None]:
     """(TTFT, prefill, decode time of new_tokens - 1 tokens, process) in ms for one video."""
-    ids, px = lab_inputs(model, sample)
+    ids, px = common.lab_inputs(model, sample)
     inputs = {"input_ids": ids, "pixel_values_videos": px, "attention_mask": torch.ones_like(ids)}
 
     def generate(n: int) -> None:
@@ -585,12 +575,12 @@ def lab_configs(methods: str, retention: float) -> dict[str, CompressionConfig |
         elif name == "ours-wo-m":
             configs["Ours (w/o M)"] = default_config(retention=retention, merger="none")
         else:
-            configs[method_label(name)] = method_config(name, retention)
+            configs[common.method_label(name)] = method_config(name, retention)
     return configs
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = output_parser(__doc__.splitlines()[0], "analysis/efficiency.py")
+    parser = common.output_parser(__doc__.splitlines()[0], "analysis/efficiency.py")
     parser.add_argument("input", nargs="?", help="performance JSON (see the module docstring)")
     parser.add_argument("--stem", default="efficiency")
     parser.add_argument(
@@ -615,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     lab.add_argument("--retention", type=float, default=0.02)
     lab.add_argument("--new-tokens", type=int, default=16, help="tokens generated per video")
     lab.add_argument("--repeats", type=int, default=3)
-    add_lab_args(parser, limit=6)
+    common.add_lab_args(parser, limit=6)
     args = parser.parse_args(argv)
     if args.gpu is not None:
         report = gpu_report(args.gpu)
@@ -627,18 +617,18 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         print(report)
         return [folder / "gpu.md"]
     if args.measure_lab == (args.input is not None):
-        fail("give either a performance JSON file or --measure-lab")
+        common.fail("give either a performance JSON file or --measure-lab")
     try:
         if args.measure_lab:
             if args.new_tokens < 2 or args.repeats < 1:
                 raise ValueError("--new-tokens must be >= 2 and --repeats >= 1")
             configs = lab_configs(args.methods, args.retention)
-            model = load_lab_model(args.weights, args.untrained)
-            samples = lab_samples(args.split, args.start, args.limit)
+            model = common.load_lab_model(args.weights, args.untrained)
+            samples = common.lab_samples(args.split, args.start, args.limit)
             torch.set_num_threads(1)  # a shared CPU: one thread gives steadier timings
             rows = measure_lab(model, configs, samples, args.new_tokens, args.repeats)
             data = {
-                "model": model_label(args.untrained, args.weights),
+                "model": common.model_label(args.untrained, args.weights),
                 "device": "CPU, 1 thread",
                 "frames": int(model.config.lab["frames"]),
                 "videos": len(samples),
@@ -652,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         else:
             data = load(args.input)
     except ValueError as exc:
-        fail(str(exc))
+        common.fail(str(exc))
     paths = write_outputs(data, args.out, args.stem)
     print(markdown(validate(data), "Efficiency and performance"))
     for path in paths:

@@ -196,7 +196,7 @@ def paper_curve(parameter: str) -> tuple[list[float], list[float]] | None:
     """(values, % of vanilla) printed in the paper for ``parameter``, or None."""
     if parameter not in PAPER_TABLES:
         return None
-    from ablations.tables import TABLES
+    from ablations.paper_tables import TABLES
 
     table = TABLES[PAPER_TABLES[parameter]]
     xs = sorted(float(v) for v in table.values)

@@ -30,16 +30,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from analysis.common import (  # noqa: E402
-    add_lab_args,
-    fail,
-    lab_samples,
-    load_lab_model,
-    model_label,
-    output_parser,
-    run_attached,
-    save_figure,
-)
+from analysis import common  # noqa: E402
 from ustc.config import CompressionConfig  # noqa: E402
 
 MERGERS = {"text-aware": "Text-aware (Eq. 5-10)", "last-token": "Last token (FastV / HoliTom)"}
@@ -52,7 +43,7 @@ def kept_indices(model: Any, config: CompressionConfig, samples: Sequence[Any]) 
     """
     rows = []
     for sample in samples:
-        last = run_attached(model, config, sample)
+        last = common.run_attached(model, config, sample)
         if last.merge is None:
             raise ValueError(
                 f"merger {config.merger!r} at layer K={config.layer} did not run: K must be "
@@ -123,8 +114,8 @@ def plot_indices(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = output_parser(__doc__.splitlines()[0], "analysis/token_indices.py")
-    add_lab_args(parser, limit=24)
+    parser = common.output_parser(__doc__.splitlines()[0], "analysis/token_indices.py")
+    common.add_lab_args(parser, limit=24)
     parser.add_argument("--retention", type=float, default=1.0, help="r (default 1: no pool)")
     parser.add_argument("--keep-ratio", type=float, default=0.5, help="R (default 0.5)")
     parser.add_argument("--layer", type=int, default=None, help="K (default: the lab's K = 2)")
@@ -138,18 +129,18 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         base = default_config(retention=args.retention, keep_ratio=args.keep_ratio, lam=args.lam)
         if args.layer is not None:
             base = base.replace(layer=args.layer)
-        model = load_lab_model(args.weights, args.untrained)
-        samples = lab_samples(args.split, args.start, args.limit)
+        model = common.load_lab_model(args.weights, args.untrained)
+        samples = common.lab_samples(args.split, args.start, args.limit)
         probs = {}
         for merger, label in MERGERS.items():
             indices = kept_indices(model, base.replace(merger=merger), samples)
             probs[label] = selection_probability(indices, _entering(base, model))
     except ValueError as exc:
-        fail(str(exc))
+        common.fail(str(exc))
     frames = int(model.config.lab["frames"]) if hasattr(model.config, "lab") else None
     title = (
         f"{len(samples)} {args.split} videos, r = {args.retention:g}, K = {base.layer}, "
-        f"R = {args.keep_ratio:g}, lambda = {args.lam:g}, {model_label(args.untrained, args.weights)}"
+        f"R = {args.keep_ratio:g}, lambda = {args.lam:g}, {common.model_label(args.untrained, args.weights)}"
     )
     for label, prob in probs.items():
         m = prob.shape[0]
@@ -158,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     fig = plot_indices(
         probs, args.keep_ratio, frames if args.retention == 1.0 else None, args.bins, title
     )
-    paths = save_figure(fig, args.out, args.stem)
+    paths = common.save_figure(fig, args.out, args.stem)
     for path in paths:
         print(path)
     return paths

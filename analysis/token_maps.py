@@ -45,18 +45,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from analysis.common import (  # noqa: E402
-    add_lab_args,
-    fail,
-    lab_samples,
-    load_lab_model,
-    method_label,
-    model_label,
-    output_parser,
-    parse_methods,
-    save_figure,
-    video_tokens,
-)
+from analysis import common  # noqa: E402
 from ustc.compressor import REJECTED, RETAINED, CompressionResult, Compressor  # noqa: E402
 
 #: edge colour of each boxed role, and the fill of the shaded ones
@@ -204,8 +193,8 @@ def plot_token_maps(
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    parser = output_parser(__doc__.splitlines()[0], "analysis/token_maps.py")
-    add_lab_args(parser, limit=None)
+    parser = common.output_parser(__doc__.splitlines()[0], "analysis/token_maps.py")
+    common.add_lab_args(parser, limit=None)
     parser.add_argument("--index", type=int, default=None, help="lab video (default: --start)")
     parser.add_argument("--retention", type=float, default=0.02, help="r (default 0.02)")
     parser.add_argument(
@@ -217,23 +206,23 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     index = args.start if args.index is None else args.index
     try:
-        methods = parse_methods(args.methods, args.retention)
-        model = load_lab_model(args.weights, args.untrained)
-        sample = lab_samples(args.split, index, 1)[0]
+        methods = common.parse_methods(args.methods, args.retention)
+        model = common.load_lab_model(args.weights, args.untrained)
+        sample = common.lab_samples(args.split, index, 1)[0]
     except ValueError as exc:
-        fail(str(exc))
-    tokens = video_tokens(model, [sample])
+        common.fail(str(exc))
+    tokens = common.video_tokens(model, [sample])
     rows = {
-        method_label(name): Compressor(config).compress(tokens.features, tokens.scores)
+        common.method_label(name): Compressor(config).compress(tokens.features, tokens.scores)
         for name, config in methods.items()
     }
     f, p = tokens.scores.shape[1:]
     budget = next(iter(methods.values())).budget(f, p)
     title = (
         f'{args.split} video {index} ({sample.family}): "{sample.question.text}"  '
-        f"r = {args.retention:g}, {budget} of {f * p} tokens, {model_label(args.untrained, args.weights)}"
+        f"r = {args.retention:g}, {budget} of {f * p} tokens, {common.model_label(args.untrained, args.weights)}"
     )
-    paths = save_figure(plot_token_maps(tokens.pixels[0], rows, title), args.out, args.stem)
+    paths = common.save_figure(plot_token_maps(tokens.pixels[0], rows, title), args.out, args.stem)
     for path in paths:
         print(path)
     return paths

@@ -9,7 +9,9 @@ other engineers' tests; keep the builders fast (well under a second each).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -38,6 +40,34 @@ IMAGE_TOKEN = 90
 VIDEO_TOKEN = 91
 #: token ids for prompts: anything below the special ids
 TEXT_IDS = (5, 80)
+#: the LLM of every tiny model: hidden 64, 4 heads, 2 KV heads (plus its depth and extras)
+TINY_LLM = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+#: M-RoPE of the tiny Qwen LLMs: sections (2, 3, 3) of the 8 rotary pairs of head_dim 16
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
+#: the special tokens of the tiny Qwen models' prompts
+QWEN_TOKENS = {
+    "image_token_id": IMAGE_TOKEN,
+    "video_token_id": VIDEO_TOKEN,
+    "vision_start_token_id": 92,
+    "vision_end_token_id": 93,
+}
+#: the Qwen2.5-VL / Qwen3-VL / Qwen3.5 vision tower in small: patch 4, 2 x 2 merger, pairs
+QWEN_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 
 
 @dataclass
@@ -106,13 +136,8 @@ def tiny_llava_onevision(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
         },
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
@@ -185,13 +210,8 @@ def tiny_llava_next_video(
         },
         text_config={
             "model_type": "llama",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "pad_token_id": 0,
@@ -219,35 +239,17 @@ def tiny_qwen2_5_vl(
     config = Qwen2_5_VLConfig(
         vision_config={
             "depth": vision_depth,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "window_size": 16,
             "fullatt_block_indexes": [vision_depth - 1],
             "in_channels": 3,
         },
         text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 1e6,
-            },
+            "rope_parameters": MROPE,
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -277,25 +279,13 @@ def tiny_qwen2_vl(
             "in_channels": 3,
         },
         text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "mrope_section": [2, 3, 3],
-                "rope_theta": 1e6,
-            },
+            "rope_parameters": MROPE,
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -311,25 +301,32 @@ def qwen_video_inputs(
     prefix: int = 5,
     suffix: int = 7,
     seed: int = 1,
+    timestamps: bool = False,
 ) -> VideoInputs:
     """Patches laid out as the Qwen2-VL video processor does: (t*h*w, C * T_p * p * p) with
     grid (t, h, w) = (frames / 2, height / p, width / p); F*P = t*h*w/4 placeholders between
-    <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2."""
+    <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2.  With
+    ``timestamps``, Qwen3-VL's layout (``qwen3_video_inputs``)."""
     vision = model.config.vision_config
     p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
     t, h, w = frames // tp, height // p, width // p
     per_frame = h * w // merge**2
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat(
-        [
-            torch.randint(*TEXT_IDS, (batch, prefix), generator=g),
-            torch.full((batch, 1), model.config.vision_start_token_id),
-            torch.full((batch, t * per_frame), VIDEO_TOKEN),
-            torch.full((batch, 1), model.config.vision_end_token_id),
-            torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
-        ],
-        dim=1,
+    # (placeholders, timestamp tokens before them) of each run
+    runs = (
+        [(per_frame, 2 if i < 2 else 3) for i in range(t)] if timestamps else [(t * per_frame, 0)]
     )
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for count, stamp in runs:
+        if stamp:
+            parts.append(torch.randint(*TEXT_IDS, (batch, stamp), generator=g))
+        parts += [
+            torch.full((batch, 1), model.config.vision_start_token_id),
+            torch.full((batch, count), VIDEO_TOKEN),
+            torch.full((batch, 1), model.config.vision_end_token_id),
+        ]
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
     pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
     kwargs = {
         "input_ids": ids,
@@ -338,7 +335,10 @@ def qwen_video_inputs(
         "video_grid_thw": torch.tensor([[t, h, w]] * batch),
         "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
     }
-    return VideoInputs(kwargs, t, per_frame, prefix + 1)
+    if not timestamps:
+        return VideoInputs(kwargs, t, per_frame, prefix + 1)
+    columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
 
 
 def tiny_qwen3_vl(
@@ -356,14 +356,9 @@ def tiny_qwen3_vl(
     interleaved M-RoPE)."""
     torch.manual_seed(seed)
     text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **TINY_LLM,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "head_dim": 16,
-        "max_position_embeddings": 4096,
         "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [2, 3, 3],
@@ -376,22 +371,13 @@ def tiny_qwen3_vl(
     config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
         vision_config={
             "depth": vision_depth,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "num_position_embeddings": 16,
             "deepstack_visual_indexes": list(deepstack),
             "in_channels": 3,
         },
         text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
     )
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
     return _built(cls, config, attn, dtype)
@@ -423,14 +409,9 @@ def tiny_internvl(
         },
         text_config={
             "model_type": text,
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
             "head_dim": 16,
-            "max_position_embeddings": 4096,
             "bos_token_id": 1,
             "eos_token_id": 2,
         },
@@ -453,19 +434,14 @@ def tiny_qwen3_5(
     and 2, full attention (KV cache) at 1 and 3, as the released 3:1 pattern in small."""
     torch.manual_seed(seed)
     text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **TINY_LLM,
         "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
         "head_dim": 16,
         "linear_key_head_dim": 8,
         "linear_value_head_dim": 8,
         "linear_num_key_heads": 2,
         "linear_num_value_heads": 4,
         "layer_types": ["linear_attention", "full_attention"] * 2,
-        "max_position_embeddings": 4096,
         "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [2, 3, 3],
@@ -484,65 +460,23 @@ def tiny_qwen3_5(
     config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            **QWEN_VISION,
             "num_position_embeddings": 16,
             "in_channels": 3,
         },
         text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=92,
-        vision_end_token_id=93,
+        **QWEN_TOKENS,
     )
     cls = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
     return _built(cls, config, attn, dtype)
 
 
-def qwen3_video_inputs(
-    model: Qwen3VLForConditionalGeneration,
-    frames: int = 4,
-    height: int = 32,
-    width: int = 32,
-    batch: int = 1,
-    prefix: int = 5,
-    suffix: int = 7,
-    seed: int = 1,
-) -> VideoInputs:
+def qwen3_video_inputs(model: Qwen3VLForConditionalGeneration, **kwargs: Any) -> VideoInputs:
     """Laid out as the Qwen3-VL processor does: per frame pair a timestamp (text; 2 tokens,
     3 from the third pair on, as "<0.5 seconds>" and "<10.5 seconds>" differ), then
     <|vision_start|>, h*w/4 placeholders, <|vision_end|>; ``mm_token_type_ids`` marks the
-    placeholders with 2.  Patches as in ``qwen_video_inputs``."""
-    vision = model.config.vision_config
-    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
-    t, h, w = frames // tp, height // p, width // p
-    per_frame = h * w // merge**2
-    g = torch.Generator().manual_seed(seed)
-    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
-    for i in range(t):
-        parts += [
-            torch.randint(*TEXT_IDS, (batch, 2 if i < 2 else 3), generator=g),
-            torch.full((batch, 1), model.config.vision_start_token_id),
-            torch.full((batch, per_frame), VIDEO_TOKEN),
-            torch.full((batch, 1), model.config.vision_end_token_id),
-        ]
-    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
-    ids = torch.cat(parts, dim=1)
-    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values_videos": pixels.to(model.dtype),
-        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
-        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
-    }
-    columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
-    return VideoInputs(kwargs, t, per_frame, int(columns[0]), columns)
+    placeholders with 2.  Patches and arguments as in ``qwen_video_inputs``."""
+    return qwen_video_inputs(model, timestamps=True, **kwargs)
 
 
 #: InternVL's <img> and </img> around the video's <IMG_CONTEXT> tokens
@@ -587,6 +521,29 @@ def internvl_video_inputs(
     return VideoInputs(
         kwargs, frames, per_frame, int(columns[0]), columns if per_frame_runs else None
     )
+
+
+def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
+    """One batch of single-prompt inputs, padded to the longest prompt with id 0 on ``side``."""
+    n = max(r.input_ids.shape[1] for r in rows)
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        fill = torch.full((x.shape[0], n - x.shape[1]), value, dtype=x.dtype)
+        return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
+
+    batch = {
+        "input_ids": torch.cat([pad(r.input_ids, 0) for r in rows]),
+        "attention_mask": torch.cat([pad(r.kwargs["attention_mask"], 0) for r in rows]),
+    }
+    for key in ("pixel_values_videos", "pixel_values"):  # InternVL: the frames as images
+        if key in rows[0].kwargs:
+            batch[key] = torch.cat([r.kwargs[key] for r in rows])
+    if "video_grid_thw" in rows[0].kwargs:
+        batch["video_grid_thw"] = torch.cat([r.kwargs["video_grid_thw"] for r in rows])
+        batch["mm_token_type_ids"] = torch.cat(
+            [pad(r.kwargs["mm_token_type_ids"], 0) for r in rows]
+        )
+    return batch
 
 
 # ------------------------------------------------------------------------ slow references
@@ -719,3 +676,92 @@ def reference_logits(model, inputs: VideoInputs, sequences, last, config, deepst
                     x[i, visual[i]] = x[i, visual[i]] + levels[j][i].to(x.dtype)
         logits = model.lm_head(lm.norm(x))
     return logits[:, -t:]
+
+
+def deepstack_levels(model, inputs: VideoInputs) -> list[torch.Tensor]:
+    """The model's own DeepStack features of the video, per level (B, F*P, D)."""
+    kw = inputs.kwargs
+    with torch.no_grad():
+        out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+    b = inputs.input_ids.shape[0]
+    levels = [  # split per video (newer transformers) or one tensor (older)
+        torch.cat(list(level)) if isinstance(level, (list, tuple)) else level
+        for level in out.deepstack_features
+    ]
+    return [level.reshape(b, -1, level.shape[-1]) for level in levels]
+
+
+def compressed_levels(model, inputs: VideoInputs, last) -> list[torch.Tensor]:
+    """Each DeepStack level with the selection and cluster means of the compression."""
+    m = last.compression.indices.shape[1]
+    return [
+        reference_group_mean(level, last.compression.assignment, m)
+        for level in deepstack_levels(model, inputs)
+    ]
+
+
+def eager_vision_block(model, inputs: VideoInputs, block_index: int):
+    """Eq. (1) per patch from transformers' eager attention of one block of a Qwen-style vision
+    tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): the mean attention each patch receives
+    inside its attention segment (``cu_seqlens``: a window or a frame pair), from the block's own
+    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  Returns (received
+    (S,) float64 in the tower's token order, the tower's output, the number of segments)."""
+    visual = model.model.visual
+    block = visual.blocks[block_index]
+    captured = {}
+    probes = [
+        block.attn.register_forward_pre_hook(
+            lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True
+        ),
+        block.attn.register_forward_hook(lambda m, a, o: captured.update(out=o)),
+    ]
+    kw = inputs.kwargs
+    with torch.no_grad():
+        out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+    for probe in probes:
+        probe.remove()
+    module = sys.modules[type(block.attn).__module__]
+    hidden = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
+    cu = captured["kwargs"]["cu_seqlens"].tolist()
+    cos, sin = captured["kwargs"]["position_embeddings"]
+    s = hidden.shape[0]
+    with torch.no_grad():
+        qkv = block.attn.qkv(hidden).reshape(s, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = module.apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        v = qkv[2]
+        received = torch.zeros(s, dtype=torch.float64)
+        outputs = []
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            seg = [x[a:b].transpose(0, 1)[None] for x in (q, k, v)]
+            o, w = module.eager_attention_forward(
+                block.attn, *seg, None, scaling=block.attn.scaling
+            )
+            outputs.append(o)
+            avg = w[0].double().mean(dim=0)
+            received[a:b] = (avg.sum(dim=0) - avg.diagonal()) / (b - a - 1)
+        # these maps are the ones the block used: they reproduce its output
+        torch.testing.assert_close(
+            block.attn.proj(torch.cat(outputs, dim=1).reshape(s, -1)), captured["out"]
+        )
+    return received, out, len(cu) - 1
+
+
+def qwen_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch.Tensor:
+    """Eq. (1) of a Qwen-style vision tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) from
+    ``eager_vision_block``: the patch scores averaged over the merger's 2 x 2 groups, in the
+    order of the model's features.  Qwen2.5-VL permutes its tokens into windows inside the tower:
+    the order is recovered by matching the model's own merged outputs; the others keep the
+    processor's order (checked: the tower's output is the merger of its hidden states, and there
+    is one attention segment per frame pair)."""
+    visual = model.model.visual
+    received, out, segments = eager_vision_block(model, inputs, block_index)
+    groups = received.view(-1, visual.spatial_merge_size**2).mean(dim=-1)
+    with torch.no_grad():
+        merged = visual.merger(out.last_hidden_state)
+    if getattr(visual.config, "fullatt_block_indexes", None) is not None:  # windows
+        match = (out.pooler_output[:, None] == merged[None]).all(dim=-1)
+        assert bool(match.sum(dim=1).eq(1).all())
+        return groups[match.float().argmax(dim=1)]
+    assert torch.equal(out.pooler_output, merged)
+    assert segments == int(inputs.kwargs["video_grid_thw"][:, 0].sum())
+    return groups

@@ -27,9 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ablations import paper_tables, sweep_files, tables  # noqa: E402
 from ablations import run as runner  # noqa: E402
 from ablations import sweep as sweeper  # noqa: E402
-from ablations import tables  # noqa: E402
 from ablations.store import ResultStore, run_key  # noqa: E402
 from ablations.wandb_log import metrics_of, resolve_mode  # noqa: E402
 from ustc import flops  # noqa: E402
@@ -423,33 +423,32 @@ def test_sweep_yaml_expands_to_the_papers_grid(name: str) -> None:
     assert data["method"] == "grid" and data["program"] == "ablations/run.py"
     assert "${args}" in data["command"]
     parameter, values, merger = PAPER_GRIDS[name]
-    points = tables.expand_grid(tables.load_sweep(path))
+    points = sweep_files.expand_grid(sweep_files.load_sweep(path))
     assert [p[parameter] for p in points] == values
     assert all(p["retention"] == 0.02 and p["merger"] == merger for p in points)
     assert all(set(p) == {parameter, "retention", "merger"} for p in points)
-    assert path.read_text() == tables.sweep_yaml(tables.TABLES[name])  # regenerated, in sync
-    assert all(a.startswith("--") and "=" in a for p in points for a in tables.to_argv(p))
+    assert path.read_text() == sweep_files.sweep_yaml(
+        paper_tables.TABLES[name]
+    )  # regenerated, in sync
+    assert all(a.startswith("--") and "=" in a for p in points for a in sweep_files.to_argv(p))
 
 
 def test_sweep_rejects_what_a_grid_cannot_expand(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: bayes\nparameters: {tau: {min: 0.5, max: 0.9}}\n")
     with pytest.raises(ValueError, match="method 'grid' only"):
-        tables.load_sweep(bad)
-    with pytest.raises(ValueError, match="what this sweep varies"):
-        sweeper.run_sweep(
-            "s6",
-            ["--benchmark", TOY, "--tau=0.5"],
-            store_path=str(tmp_path / "s.jsonl"),
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="grid point"):
-        sweeper.run_sweep(
-            "s5",
-            ["--benchmark", TOY, "--retention=3"],
-            store_path=str(tmp_path / "s.jsonl"),
-            progress=False,
-        )
+        sweep_files.load_sweep(bad)
+    for table, flag, message in (
+        ("s6", "--tau=0.5", "what this sweep varies"),
+        ("s5", "--retention=3", "grid point"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sweeper.run_sweep(
+                table,
+                ["--benchmark", TOY, flag],
+                store_path=str(tmp_path / "s.jsonl"),
+                progress=False,
+            )
     assert ToyBenchmark.loads == 0
 
 
@@ -464,7 +463,7 @@ def test_each_table_runs_end_to_end(name: str, tmp_path: Path) -> None:
         wandb="disabled",
         progress=False,
     )
-    table = tables.TABLES[name]
+    table = paper_tables.TABLES[name]
     parameter, values, merger = PAPER_GRIDS[name]
     assert rendered is not None and rendered.missing == 0
     assert len(rendered.rows) == 1 + len(values)
@@ -474,7 +473,7 @@ def test_each_table_runs_end_to_end(name: str, tmp_path: Path) -> None:
     vanilla_avg = toy_score(vanilla) - 7 / 2 + 3 / 4
     assert rendered.rows[0][col["Avg."]] == pytest.approx(vanilla_avg)
     for row, value in zip(rendered.rows[1:], values, strict=True):
-        argv = [*tables.to_argv({parameter: value, "retention": 0.02, "merger": merger})]
+        argv = [*sweep_files.to_argv({parameter: value, "retention": 0.02, "merger": merger})]
         config = resolve(*argv).config
         expected = toy_score(config) - 3.5 + 1.5 * config.lam
         assert row[col["Avg."]] == pytest.approx(expected)
@@ -867,11 +866,11 @@ def test_the_main_job_prints_the_uncompressed_row_and_the_papers_figure_above_th
 
 
 def test_the_papers_figure_is_found_only_for_a_setting_it_prints() -> None:
-    from ablations.tables import paper_figure
+    from ablations.paper_tables import paper_figure
 
     assert paper_figure(CompressionConfig(retention=0.02, merger="none")) == (
         "Table 1, Ours (w/o M) at 2 %",
-        tables.TABLES["table5"].paper["attn+sim+cluster"],
+        paper_tables.TABLES["table5"].paper["attn+sim+cluster"],
     )
     label, row = paper_figure(CompressionConfig(retention=0.02, merger="none", cluster_ratio=0.6))
     assert label == "Table S7, cluster-ratio = 0.6" and row[-1] == 88.7

@@ -24,6 +24,7 @@ from analysis.common import (
     method_config,
     parse_methods,
     run_attached,
+    save_figure,
     video_tokens,
 )
 from ustc import CompressionConfig, Compressor
@@ -126,7 +127,7 @@ def test_token_map_draws_one_box_per_role_and_frame(tmp_path):
                 expected = int(getattr(roles, role)[0, t * p : (t + 1) * p].sum())
                 assert drawn.count(role) == expected, (r, t, role)
     assert int(token_maps.token_roles(rows["ours"]).rejected.sum()) > 0
-    image = _written(token_maps.save_figure(fig, tmp_path, "maps"))
+    image = _written(save_figure(fig, tmp_path, "maps"))
     green = np.array([0x1F, 0xBF, 0x3F]) / 255
     assert (np.abs(image[..., :3] - green).max(axis=-1) < 0.05).sum() > 20  # boxes are rendered
 
@@ -226,7 +227,7 @@ def test_attention_similarity_figure_counts_every_kept_token(lab, tmp_path):
     fig = attention_similarity.plot_distributions(stats, "test")
     for ax in fig.axes[:2]:
         assert len(ax.patches) == 2  # one outline per method
-    _written(attention_similarity.save_figure(fig, tmp_path, "fig4"))
+    _written(save_figure(fig, tmp_path, "fig4"))
 
 
 def test_attention_similarity_command(tmp_path, capsys):
@@ -279,7 +280,7 @@ def test_kept_indices_come_from_the_attached_merger(lab, tmp_path):
         layers = model.config.text_config.num_hidden_layers
         token_indices.kept_indices(model, default_config(retention=1.0, layer=layers), samples[:1])
     fig = token_indices.plot_indices(probs, 0.5, frames=f, bins=2 * f)
-    _written(token_indices.save_figure(fig, tmp_path, "fig6"))
+    _written(save_figure(fig, tmp_path, "fig6"))
 
 
 def test_token_indices_command(tmp_path):

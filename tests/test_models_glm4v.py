@@ -21,11 +21,11 @@ from models_helpers import (
     TEXT_IDS,
     VOCAB,
     VideoInputs,
+    pad_batch,
     reference_logits,
     video_features,
 )
 from processor_helpers import needs_torchvision, tiny_tokenizer
-from test_models_padded import pad_batch
 from transformers import (
     Glm4vConfig,
     Glm4vForConditionalGeneration,

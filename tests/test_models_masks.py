@@ -12,11 +12,11 @@ import torch
 from models_helpers import (
     internvl_video_inputs,
     llava_video_inputs,
+    pad_batch,
     tiny_internvl,
     tiny_llava_next_video,
     tiny_llava_onevision,
 )
-from test_models_padded import pad_batch
 from torch.nn.attention.flex_attention import create_mask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ustc import CompressionConfig
 from ustc.models import attach
-from ustc.models.masks import rebuilt_mask
+from ustc.models.masks import rebuilt_layer_mask
 
 torch.set_num_threads(1)
 
@@ -96,7 +96,7 @@ def test_the_rebuilt_block_mask_is_the_cut_eager_mask(queries):
                 index,
             )
         kwargs["cache"] = cache
-    block = rebuilt_mask(handle, 1, hidden, valid, kwargs)
+    block = rebuilt_layer_mask(handle, 1, hidden, valid, kwargs)
     dense = create_mask(block.mask_mod, 3, 1, q, keep.shape[1])
     rows = torch.arange(keep.shape[1] - q, keep.shape[1])
     causal = torch.arange(keep.shape[1])[None, :] <= rows[:, None]
@@ -104,7 +104,7 @@ def test_the_rebuilt_block_mask_is_the_cut_eager_mask(queries):
     real = valid[:, None, -q:, None]  # padding query rows attend to anything: not compared
     assert torch.equal(dense & real, want & real)
     lm.config._attn_implementation = "eager"
-    eager = rebuilt_mask(handle, 1, hidden, valid, kwargs)
+    eager = rebuilt_layer_mask(handle, 1, hidden, valid, kwargs)
     assert torch.equal((eager == 0) & real, want & real)
     handle.remove()
 

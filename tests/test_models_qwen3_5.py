@@ -1,73 +1,52 @@
-"""ustc.attach on Qwen3.5 and Qwen3.5-MoE (tiny random models of the real transformers classes).
+"""ustc.attach on Qwen3.5 and Qwen3.5-MoE: what is this family's own.
 
 Qwen3.5 keeps Qwen3-VL's video path (timestamps between per-frame placeholder runs, M-RoPE, the
 same vision tower without DeepStack) in front of a hybrid LLM: Gated DeltaNet layers with a
-recurrent state (no per-token KV cache) and full-attention layers.  What is specific here: only
-the full-attention layers hold a KV cache to count, the merge at layer K must be at a
-full-attention layer, and the no-cache recompute runs the recurrent layers over the whole
-compressed sequence.
+recurrent state (no per-token KV cache) and full-attention layers with a gated output.  The
+battery (tests/test_backbones.py) runs on it (only the full-attention layers hold a KV cache to
+count; the gated attention's queries in Eq. 5).  Here: the merge at layer K must be at a
+full-attention layer, a merge at the last one decodes as the no-cache recompute (which runs the
+recurrent layers over the whole compressed sequence), Eq. (1), and the MoE class.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
-from models_helpers import qwen3_video_inputs, reference_logits, tiny_qwen3_5
-from test_models_qwen3_vl import _reference_vision_scores
+from models_helpers import tiny_qwen3_5
+from test_backbones import (
+    BACKBONES,
+    check_decode_matches_a_no_cache_recompute,
+    check_token_counts_come_from_the_kv_cache,
+)
 
 from ustc import CompressionConfig
 from ustc.models import attach
 
+QWEN3_5 = next(b for b in BACKBONES if b.name == "qwen3.5")
+#: Qwen3.5-MoE: the same spec with the MoE class
+QWEN3_5_MOE = replace(
+    QWEN3_5, name="qwen3.5-moe", build=lambda attn="sdpa", **kw: tiny_qwen3_5(attn=attn, moe=True)
+)
+ATTENTION_LAYERS = [1, 3]
+
 torch.set_num_threads(1)
 
 ON = CompressionConfig(retention=0.25, merger="text-aware", layer=1, keep_ratio=0.5)
-ATTENTION_LAYERS = [1, 3]
 
 
-def generate(model, inputs, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **inputs.kwargs, max_new_tokens=steps, return_dict_in_generate=True, output_logits=True
-        )
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        CompressionConfig(retention=1.0, merger="none"),
-        CompressionConfig(retention=1.0, merger="text-aware", layer=4),
-    ],
-    ids=["r1-no-merger", "r1-text-aware-K=L"],
-)
-def test_compression_off_is_bit_identical(config):
+def test_merge_at_a_recurrent_layer_is_refused():
     model = tiny_qwen3_5()
-    inputs = qwen3_video_inputs(model, batch=2)
-    plain = generate(model, inputs)
-    handle = attach(model, config)
-    hooked = generate(model, inputs)
-    handle.remove()
-    after = generate(model, inputs)
-    assert torch.equal(plain.sequences, hooked.sequences)
-    for a, b, c in zip(plain.logits, hooked.logits, after.logits, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
-    assert "get_video_features" not in model.model.__dict__
+    with pytest.raises(ValueError, match=r"K=2 is a linear_attention layer.*\[1, 3\] or 4"):
+        attach(model, ON.replace(layer=2))
+    attach(model, ON.replace(layer=2, merger="none")).remove()  # no merge: any K
 
 
-@pytest.mark.parametrize(
-    "attn,config",
-    [
-        ("sdpa", ON.replace(merger="none")),
-        ("sdpa", ON),
-        ("eager", ON.replace(merger="last-token", layer=3)),
-    ],
-    ids=["no-merger", "text-aware-K=1", "last-token-K=3-eager"],
-)
-def test_every_decode_step_matches_a_no_cache_recompute_and_counts(attn, config):
-    model = tiny_qwen3_5(attn=attn)
-    inputs = qwen3_video_inputs(model, batch=2)
-    handle = attach(model, config)
-    out = generate(model, inputs, steps=5)
-    handle.remove()
-    expected = reference_logits(model, inputs, out.sequences, handle.last, config)
-    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)
+def test_merge_at_the_last_attention_layer_decodes_as_the_recompute_and_counts():
+    config = ON.replace(merger="last-token", layer=3)
+    inputs, out, handle = check_decode_matches_a_no_cache_recompute(
+        QWEN3_5, "eager", config, batch=2, steps=5
+    )
     # only the full-attention layers hold keys: the budget before K, the kept count after it
     n = inputs.input_ids.shape[1]
     budget = config.budget(inputs.frames, inputs.tokens_per_frame)
@@ -78,40 +57,12 @@ def test_every_decode_step_matches_a_no_cache_recompute_and_counts(attn, config)
         for i, layer in enumerate(out.past_key_values.layers)
         if getattr(layer, "keys", None) is not None
     }
-    merged = config.merger != "none"
-    assert lengths == {
-        i: (kept if merged and i >= config.layer else entering) + 4 for i in ATTENTION_LAYERS
-    }
+    assert lengths == {i: (kept if i >= config.layer else entering) + 4 for i in ATTENTION_LAYERS}
     assert handle.stats.tokens_in == budget
-    if merged:
-        assert handle.stats.tokens_after_merge == config.kept_after_merge(budget)
-
-
-def test_vision_scores_equal_eager_attention_maps():
-    eager = tiny_qwen3_5(attn="eager")
-    model = tiny_qwen3_5(attn="sdpa")
-    inputs = qwen3_video_inputs(model, batch=2)
-    handle = attach(model, ON.replace(merger="none"))
-    with torch.no_grad():
-        model(**inputs.kwargs)
-    handle.remove()
-    expected = _reference_vision_scores(eager, inputs, -1).reshape(2, inputs.frames, -1)
-    torch.testing.assert_close(handle.last.vision_scores.double(), expected, atol=1e-5, rtol=0)
-
-
-def test_merge_at_a_recurrent_layer_is_refused():
-    model = tiny_qwen3_5()
-    with pytest.raises(ValueError, match=r"K=2 is a linear_attention layer.*\[1, 3\] or 4"):
-        attach(model, ON.replace(layer=2))
-    attach(model, ON.replace(layer=2, merger="none")).remove()  # no merge: any K
+    assert handle.stats.tokens_after_merge == config.kept_after_merge(budget)
 
 
 def test_moe_class_decode_matches_a_no_cache_recompute():
-    model = tiny_qwen3_5(moe=True)
-    assert type(model).__name__ == "Qwen3_5MoeForConditionalGeneration"
-    inputs = qwen3_video_inputs(model, batch=2)
-    handle = attach(model, ON)
-    out = generate(model, inputs)
-    handle.remove()
-    expected = reference_logits(model, inputs, out.sequences, handle.last, ON)
-    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)
+    assert type(QWEN3_5_MOE.model()).__name__ == "Qwen3_5MoeForConditionalGeneration"
+    check_decode_matches_a_no_cache_recompute(QWEN3_5_MOE, "sdpa", ON, batch=2, steps=4)
+    check_token_counts_come_from_the_kv_cache(QWEN3_5_MOE, "sdpa")

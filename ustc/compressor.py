@@ -11,8 +11,6 @@ inside the LLM, layer K:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -22,6 +20,7 @@ from ustc.merging import MergeResult
 from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices
 from ustc.pool import REJECTED, RETAINED, UNVISITED, PoolFill
 from ustc.registry import MERGERS, METHODS, POOLS, RECYCLERS, SCORERS
+from ustc.results import CompressionResult
 
 __all__ = [
     "REJECTED",
@@ -31,30 +30,6 @@ __all__ = [
     "Compressor",
     "MergeResult",
 ]
-
-
-@dataclass(frozen=True)
-class CompressionResult:
-    """What the external compression produced for a batch of B videos of N = F * P tokens.
-
-    tokens:     (B, M, D) compressed tokens in original spatiotemporal order (input dtype).
-    indices:    (B, M) long, ascending: the original position (in N) of each output token; a
-                cluster token sits at its center's position.
-    assignment: (B, N) long: the output slot each original token went into, -1 if dropped.
-    merged:     (B, M) bool: the output token is a mean of several originals.
-    status:     (B, N) int8: pool stage of each original (RETAINED, REJECTED, UNVISITED).
-    """
-
-    tokens: Tensor
-    indices: Tensor
-    assignment: Tensor
-    merged: Tensor
-    status: Tensor
-
-    @property
-    def sizes(self) -> Tensor:
-        """(B, M) long: how many original tokens each output token stands for."""
-        return group_sizes(self.assignment, self.indices.shape[1])
 
 
 @METHODS.register("ustc")

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ustc.ops import round_half_up
+
 # The paper's settings (Section 4.1): tau 0.7, cluster ratio 0.3, K 18, R 50 %, lambda 0.5.
 PAPER_DEFAULTS: dict[str, Any] = {
     "tau": 0.7,
@@ -19,11 +21,6 @@ PAPER_DEFAULTS: dict[str, Any] = {
 def _ceil(x: float) -> int:
     # round first so that 0.07 * 100 = 7.000000000000001 gives 7, not 8
     return math.ceil(round(x, 9))
-
-
-def round_half_up(x: float) -> int:
-    """Nearest integer, halves up; rounded to 9 decimals first so 0.35 * 10 counts as 3.5."""
-    return math.floor(round(x, 9) + 0.5)
 
 
 def visual_budget(frames: int, tokens_per_frame: int, retention: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -9,6 +10,11 @@ from torch import Tensor
 
 #: largest number of pairwise entries computed at once (rows x N); keeps 256 x 196 tokens bounded
 PAIRWISE_BLOCK = 1 << 22
+
+
+def round_half_up(x: float) -> int:
+    """Nearest integer, halves up; rounded to 9 decimals first so 0.35 * 10 counts as 3.5."""
+    return math.floor(round(x, 9) + 0.5)
 
 
 def descending_order(priority: Tensor) -> Tensor:

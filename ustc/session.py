@@ -34,7 +34,8 @@ Each question's tokens equal those of asking it alone (float32, eager and sdpa; 
 attention below K runs as a q x (n_p' + q) masked product instead of inside the full causal one.
 
 Questions are asked one at a time (one ``generate()`` each; a batch of questions would need the
-prefix repeated per row); ``ask_many`` loops.  Qwen3.5's recurrent layers are not supported.
+prefix repeated per row); ``ask_many`` loops.  Models with recurrent (linear-attention) layers, e.g. Qwen3.5, are
+not supported.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ustc.config import CompressionConfig
 from ustc.models import attach
 from ustc.models.base import Handle, Session, VideoCall
 from ustc.models.compat import cache_argument
-from ustc.models.masks import rebuilt_mask
+from ustc.models.masks import rebuilt_layer_mask
 
 #: per-token arguments of a prompt, extended by a question: name -> the question's value
 _PER_TOKEN = {"attention_mask": 1, "mm_token_type_ids": 0}
@@ -306,7 +307,7 @@ class VideoSession:
         mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = handle._sliced(
             mask if mask is not None else self,
-            lambda _: rebuilt_mask(
+            lambda _: rebuilt_layer_mask(
                 handle,
                 index,
                 hidden.new_zeros(1, width, 1).expand(1, width, hidden.shape[-1]),
@@ -366,8 +367,6 @@ def prepare(
                   types); no padding.
     Returns a :class:`VideoSession`; ``session.ask(question_ids, **generate_kwargs)``.
     """
-    from ustc.models.qwen3_vl import Qwen3_5Handle
-
     handle = getattr(model, "_ustc_handle", None)
     owns = handle is None
     if handle is not None and config is not None and handle.config != config:
@@ -388,10 +387,11 @@ def prepare(
     if handle is None:
         handle = attach(model, config if config is not None else CompressionConfig())
     try:
-        if isinstance(handle, Qwen3_5Handle):
+        if handle._recurrent:
             raise ValueError(
-                "prepare() is not supported on Qwen3.5: its linear-attention layers keep a "
-                "recurrent state, not a per-token KV cache that a question can continue"
+                f"prepare() is not supported on {type(model).__name__}: its layers "
+                f"{sorted(handle._recurrent)} keep a recurrent state (linear attention), not a "
+                "per-token KV cache that a question can continue"
             )
         if inputs.get(handle.video_argument) is None:
             raise ValueError(f"video_inputs must hold the video ({handle.video_argument})")

@@ -13,16 +13,13 @@ into another output token; UNVISITED = dropped outright.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices
 from ustc.pool import REJECTED, RETAINED, UNVISITED
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
+from ustc.results import CompressionResult
 
 
 def check_method_inputs(
@@ -103,8 +100,6 @@ def result_from_owner(x: Tensor, keep: Tensor, owner: Tensor, budget: int) -> Co
            itself), -1 for a dropped token.
     Output tokens are plain means of their members (``ops.group_mean``).
     """
-    from ustc.compressor import CompressionResult  # at call time: see the import above
-
     counts = keep.sum(dim=1)
     if bool((counts != budget).any()):
         raise RuntimeError(f"a baseline kept {counts.tolist()} tokens instead of {budget}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -40,9 +39,7 @@ from ustc.baselines._common import (
 from ustc.ops import descending_order, first_n_mask, group_sizes
 from ustc.recycle import knn_log_density, peak_distance
 from ustc.registry import METHODS
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
+from ustc.results import CompressionResult
 
 #: log gamma of a token with delta = 0 (a duplicate of a denser token): below every real value
 _LOG_ZERO = torch.finfo(torch.float32).min / 2

@@ -27,7 +27,6 @@ For one video of F frames x P tokens:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,9 +40,7 @@ from ustc.baselines._common import (
 from ustc.ops import descending_order
 from ustc.recycle import dpc_knn
 from ustc.registry import METHODS
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
+from ustc.results import CompressionResult
 
 
 def adjacent_similarity(features: Tensor) -> Tensor:

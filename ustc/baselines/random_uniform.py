@@ -9,17 +9,13 @@ has learnt nothing from attention or similarity.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from ustc.baselines._common import check_method_inputs, per_frame_budget, result_from_owner
 from ustc.registry import METHODS, SCORERS
+from ustc.results import CompressionResult
 from ustc.scoring import Scorer
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
 
 
 @SCORERS.register("random")

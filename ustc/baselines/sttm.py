@@ -32,16 +32,13 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ustc.baselines._common import check_method_inputs, result_from_owner, unit_vectors
 from ustc.registry import METHODS
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
+from ustc.results import CompressionResult
 
 
 def grid_side(tokens_per_frame: int) -> int:

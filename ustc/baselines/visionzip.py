@@ -18,8 +18,6 @@ q_c = round(contextual_ratio * q); VisionZip's published splits are 54 + 10, 108
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -30,12 +28,9 @@ from ustc.baselines._common import (
     result_from_owner,
     unit_vectors,
 )
-from ustc.config import round_half_up
-from ustc.ops import descending_order, first_n_mask
+from ustc.ops import descending_order, first_n_mask, round_half_up
 from ustc.registry import METHODS
-
-if TYPE_CHECKING:  # ustc.compressor imports the strategies, and so this module
-    from ustc.compressor import CompressionResult
+from ustc.results import CompressionResult
 
 #: VisionZip's published split: 10 contextual tokens of 64 (also 20 of 128, 30 of 192)
 CONTEXTUAL_SHARE = 10 / 64

@@ -25,6 +25,7 @@ def text_to_visual_attention(
     text_start: int,
     visual_columns: Tensor,
     key_mask: Tensor | None = None,
+    queries: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """A_qv = mean_h softmax(Q_h K_h^T / sqrt(d))[text rows, visual columns]   -- Eq. (1), (5)
 
@@ -40,14 +41,16 @@ def text_to_visual_attention(
     text_start:     first text row (rows of a padded batch may start later: mask them after).
     visual_columns: (B, N_v) the column of each visual token in each row.
     key_mask:       (B, n) bool, False for padding columns (no query attends to them).
+    queries:        (attention, x (B, q, D)) -> (B, q, H, d) the heads' queries before their norm
+                    and RoPE; default ``plain_queries`` (an adapter's ``attention_queries``).
     Returns (B, N_q, N_v) float32 with N_q = n - text_start.
     """
     rope = _rotary_function(attention)
     b, n, _ = normed.shape
     head_dim = attention.head_dim
-    q = attention.q_proj(normed[:, text_start:]).view(b, n - text_start, -1, head_dim)
+    q = (queries or plain_queries)(attention, normed[:, text_start:])
     k = attention.k_proj(normed).view(b, n, -1, head_dim)
-    # Qwen3 (and Qwen3-VL) normalise each head's q and k before RoPE
+    # some LLMs normalise each head's q and k before RoPE (per-head q_norm / k_norm)
     q = _head_norm(attention, "q_norm", q).transpose(1, 2)
     k = _head_norm(attention, "k_norm", k).transpose(1, 2)
     q = rope(q, q, cos[:, text_start:], sin[:, text_start:])[0]
@@ -61,6 +64,11 @@ def text_to_visual_attention(
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
     index = visual_columns.to(normed.device)[:, None, :].expand(b, n - text_start, -1)
     return probs.gather(2, index)
+
+
+def plain_queries(attention: nn.Module, x: Tensor) -> Tensor:
+    """(B, q, H, d): ``q_proj(x)`` split into heads of ``head_dim``."""
+    return attention.q_proj(x).view(*x.shape[:2], -1, attention.head_dim)
 
 
 def _head_norm(attention: nn.Module, name: str, x: Tensor) -> Tensor:
@@ -77,6 +85,17 @@ def _rotary_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Tensor
             "attention cannot be recomputed for this language model"
         )
     return fn
+
+
+def vit_queries_keys(attention: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, H, L, d) queries and keys of a ViT attention module (``q_proj``, ``k_proj``,
+    ``head_dim``; ``q_norm``/``k_norm`` over the projections where it has them) for ``hidden``
+    (N, L, D): N images or frames of L patches."""
+    n, length, _ = hidden.shape
+    shape = (n, length, -1, attention.head_dim)
+    q = _head_norm(attention, "q_norm", attention.q_proj(hidden))
+    k = _head_norm(attention, "k_norm", attention.k_proj(hidden))
+    return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2)
 
 
 def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:

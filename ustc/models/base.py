@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ustc.compressor import CompressionResult, Compressor
 from ustc.config import CompressionConfig
 from ustc.merging import MergeResult
-from ustc.models.attention import text_to_visual_attention
+from ustc.models.attention import plain_queries, text_to_visual_attention
 from ustc.models.compat import (
     CACHE_NAMES,
     cache_argument,
@@ -63,7 +63,7 @@ from ustc.models.compat import (
     describe,
     version_note,
 )
-from ustc.models.masks import check_attention, is_block_mask, rebuilt_mask
+from ustc.models.masks import check_attention, is_block_mask, rebuilt_layer_mask
 from ustc.models.sequence import (
     batch_rows,
     column_mask,
@@ -74,6 +74,7 @@ from ustc.models.sequence import (
     next_position_after,
     packed_columns,
     padding_mask,
+    rebuilt_mask,
     shape_groups,
     slice_mask,
     take_columns,
@@ -164,11 +165,11 @@ class VideoLayout:
     frames:           F of each row.  tokens_per_frame: P of each row (rows differ only where
                       the backbone takes videos of different sizes in one batch).
     trailing:         placeholder/structural tokens right after the grid that are neither
-                      compressed nor text for the merger (LLaVA-OV: the image_newline;
-                      Qwen2.5-VL: <|vision_end|>).
+                      compressed nor text for the merger (a newline embedding after the
+                      grid, or a vision-end token).
     columns:          (B, max F*P) column of each visual token in feature order, -1 past a
-                      row's F*P, for a video laid out in several runs (Qwen3-VL: one run per
-                      frame, timestamp text between); None: one run of F*P columns from
+                      row's F*P, for a video laid out in several runs (one run per frame,
+                      with timestamps or frame labels between); None: one run of F*P columns from
                       ``starts``.  Tokens between the runs stay, and are not text for the merger.
     """
 
@@ -222,8 +223,9 @@ class VideoCall:
     """One call of ``get_video_features``: what the adapter needs to lay the video out.
 
     batch:  videos encoded.
-    frames: F of ``pixel_values_videos`` (LLaVA-OV).
-    grid:   ``video_grid_thw`` (Qwen2.5-VL).
+    frames: F of (B, F, C, H, W) pixels, for backbones that take frames as such.
+    grid:   (B, 3) ``video_grid_thw`` (t, h, w) of each video, for backbones that patchify a
+            video into a flat sequence.
     scores: (B*F*P,) Eq. (1) scores captured during the call, or None.
     """
 
@@ -262,10 +264,14 @@ class Handle:
     layer_norm = "input_layernorm"
     #: how the video reaches the model: the base model's encoder method, the forward argument
     #: holding its pixels and the key of its output in ``mm_encoder_outputs`` (a backbone with no
-    #: video path of its own, such as InternVL, takes the frames as images)
+    #: video path of its own takes the frames as images: ``get_image_features``)
     video_method = "get_video_features"
     video_argument = "pixel_values_videos"
     video_output = "video"
+    #: (attention, x (B, q, D)) -> (B, q, H, d): how a decoder layer's attention makes its heads'
+    #: queries, for the text-to-visual attention the merge at layer K reads (a gated attention
+    #: projects queries and gates together)
+    attention_queries = staticmethod(plain_queries)
 
     def __init__(self, model: nn.Module, config: CompressionConfig) -> None:
         if not isinstance(config, CompressionConfig):
@@ -292,6 +298,7 @@ class Handle:
         #: a prepared video being built or asked (``ustc.session``): shares the vision encoding,
         #: the compression and the prefix's layers < K between questions; None otherwise
         self.resume: Any = None
+        self._recurrent = self.recurrent_layers()
         layers = self.decoder_layers()
         if self.compressor.has_merger and config.layer > len(layers):
             raise ValueError(
@@ -321,6 +328,15 @@ class Handle:
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
 
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers that keep a recurrent state instead of a KV cache (the linear-attention
+        layers of a hybrid LLM): they take a 2-D (B, n) padding mask, or none, and no positions
+        of cached keys.  Default: the layers the text config's ``layer_types`` calls
+        ``linear_attention``."""
+        text = self.model.config.get_text_config()
+        kinds = getattr(text, "layer_types", None) or []
+        return frozenset(i for i, kind in enumerate(kinds) if kind == "linear_attention")
+
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Install the vision-score capture; it calls ``self._add_scores`` with (B*F, P) scores
         while ``get_video_features`` runs."""
@@ -341,8 +357,9 @@ class Handle:
         raise NotImplementedError
 
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Install what applies the extra per-token streams (Qwen3-VL: DeepStack post-hooks on
-        the first decoder layers); removed by ``remove()``.  None by default."""
+        """Install what applies the extra per-token streams (DeepStack: visual features of
+        several vision layers added after the first decoder layers); removed by ``remove()``.
+        None by default."""
         return []
 
     def compress_streams(
@@ -353,7 +370,7 @@ class Handle:
         layout: VideoLayout,
         features: list[Tensor],
     ) -> None:
-        """Cut the language model's extra per-token inputs (``kwargs``, e.g. Qwen3-VL's DeepStack
+        """Cut the language model's extra per-token inputs (``kwargs``, e.g. DeepStack
         features) with the selection just made: ``groups`` hold each group's
         ``CompressionResult``, ``features`` each group's (G, F*P, D) visual tokens it was
         computed from, ``layout.grid_columns()`` their columns in the prompt,
@@ -571,6 +588,30 @@ class Handle:
             self._fwd.session = session
 
     # ------------------------------------------------------------------ vision scores
+    def vision_scores(
+        self, attention: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
+        """Eq. (1) from one call of the hooked vision attention module (its input ``hidden`` and
+        call arguments): one score per LLM visual token, in the order of the model's features,
+        (B*F, P).  Each adapter aligns the patch scores with its tokens through the model's own
+        pooling (the step a backbone must get right)."""
+        raise NotImplementedError
+
+    def score_hook(self, attention: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """The pre-hook on a vision attention module that records ``vision_scores`` (timed)
+        while the video is encoded."""
+        return attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)
+
+    def _on_vision_attention(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if not self._capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        t0 = clock(hidden)
+        self._add_scores(self.vision_scores(module, hidden, args, kwargs))
+        self.stats.score_seconds += clock(hidden) - t0
+
     def _add_scores(self, scores: Tensor) -> None:
         self._scores.append(scores)
 
@@ -792,19 +833,31 @@ class Handle:
             )
             if rebuild is not None:
                 kwargs["attention_mask"] = self._sliced(
-                    rebuild, lambda _: rebuilt_mask(self, index, hidden, keep >= 0, kwargs)
+                    rebuild, lambda _: rebuilt_layer_mask(self, index, hidden, keep >= 0, kwargs)
                 )
             elif mask is not None:
                 kwargs["attention_mask"] = self._sliced(mask, lambda m: slice_mask(m, keep, keep))
+            elif session.merge_pads and index in self._recurrent:
+                kwargs["attention_mask"] = self._sliced(session, lambda _: (keep >= 0).long())
             elif session.merge_pads:
                 kwargs["attention_mask"] = self._sliced(keep, lambda k: padding_mask(k, k.shape[1]))
         else:  # decode: the cache of this layer holds the n'' prefill columns and what followed
             keep = session.merge_keep
             assert keep is not None
+            if index in self._recurrent:  # one new token on a recurrent state: nothing to cut
+                return args, kwargs
             n_in = session.keep.shape[1]
-            width = (
-                mask.shape[-1] if mask is not None else n_in + session.seen - session.prompt_length
-            )
+            full = n_in + session.seen - session.prompt_length
+            if mask is not None and mask.shape[-1] != full:
+                # the model built this mask over a cache that is already merged (a hybrid LLM
+                # whose first attention layer is >= K): build it again over the merged columns
+                later = torch.arange(n_in, full, device=keep.device).expand(keep.shape[0], -1)
+                columns = torch.cat([keep, later], dim=1)
+                kwargs["attention_mask"] = self._sliced(
+                    mask, lambda m: rebuilt_mask(m, columns, session.valid, hidden.shape[1])
+                )
+                return args, kwargs
+            width = mask.shape[-1] if mask is not None else full
             later = torch.arange(n_in, width, device=keep.device).expand(keep.shape[0], -1)
             columns = torch.cat([keep, later], dim=1)
             if rebuild is not None:
@@ -812,7 +865,7 @@ class Handle:
                 if self._fwd.mask is not None:
                     valid = valid & take_columns(self._fwd.mask, columns, fill=0).bool()
                 kwargs["attention_mask"] = self._sliced(
-                    rebuild, lambda _: rebuilt_mask(self, index, hidden, valid, kwargs)
+                    rebuild, lambda _: rebuilt_layer_mask(self, index, hidden, valid, kwargs)
                 )
             elif mask is not None:
                 kwargs["attention_mask"] = self._sliced(
@@ -874,6 +927,7 @@ class Handle:
                     text_start,
                     visual_columns,
                     session.valid[rows],
+                    queries=self.attention_queries,
                 )
                 attention = take_columns(attention, (text_columns - text_start).clamp(min=-1))
             visuals.append(take_columns(hidden[rows], visual_columns))

@@ -31,11 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ustc.config import CompressionConfig
-from ustc.models.base import VideoCall, VideoLayout, clock
+from ustc.models.attention import vit_queries_keys
+from ustc.models.base import VideoCall, VideoLayout
 from ustc.models.llava_onevision import LlavaOnevisionHandle
 from ustc.models.sequence import placeholder_columns
 from ustc.scoring import cls_attention
@@ -60,41 +59,21 @@ class InternVLHandle(LlavaOnevisionHandle):
     video_argument = "pixel_values"
     video_output = "image"
 
-    def __init__(
-        self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
-    ) -> None:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: InternVL pixel-shuffles a square "
-                "patch grid, which only the 'default' strategy (CLS row dropped) gives"
-            )
-        super().__init__(model, config, vision_layer)
+    square_grid = "InternVL pixel-shuffles"
+    vision_attention = "attention"
 
     @staticmethod
     def _encoder_layers(model: nn.Module) -> nn.ModuleList:
         return model.model.vision_tower.encoder.layer
 
-    def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        attention = self._encoder_layers(self.model)[self.vision_layer].attention
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
-
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """The CLS row of this layer's attention, shuffled as the features are: (B*F, P)
         -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, module.num_heads, module.head_dim)
-        q = module.q_norm(module.q_proj(hidden)).view(shape).transpose(1, 2)
-        k = module.k_norm(module.k_proj(hidden)).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = cls_attention(q, k)  # (B*F, patches): the CLS column dropped as the features'
-        self._add_scores(self._shuffle(scores))
-        self.stats.score_seconds += clock(hidden) - t0
+        return self._shuffle(scores)
 
     def _shuffle(self, scores: Tensor) -> Tensor:
         """(B*F, g*g) patch scores -> (B*F, P): the mean of each shuffled token's patch group."""

@@ -24,10 +24,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ustc.config import CompressionConfig
-from ustc.models.base import VideoCall, VideoLayout, clock
+from ustc.models.attention import vit_queries_keys
+from ustc.models.base import VideoCall, VideoLayout
 from ustc.models.llava_onevision import LlavaOnevisionHandle
-from ustc.models.sequence import placeholder_runs
 from ustc.scoring import cls_attention
 
 
@@ -40,32 +39,15 @@ class LlavaNextVideoHandle(LlavaOnevisionHandle):
     positions are read as for LLaVA-OneVision (``LlavaOnevisionHandle``).
     """
 
-    def __init__(
-        self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
-    ) -> None:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: LLaVA-NeXT-Video pools a square "
-                "patch grid, which only the 'default' strategy (CLS row dropped) gives"
-            )
-        super().__init__(model, config, vision_layer)
+    square_grid = "LLaVA-NeXT-Video pools"
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """The CLS row of this layer's attention, pooled as the features are: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, -1, module.head_dim)
-        q = module.q_proj(hidden).view(shape).transpose(1, 2)
-        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = cls_attention(q, k)  # (B*F, patches): the CLS column is dropped as the features'
-        self._add_scores(self._pool(scores))
-        self.stats.score_seconds += clock(hidden) - t0
+        return self._pool(scores)
 
     def _pool(self, scores: Tensor) -> Tensor:
         """(B*F, g*g) patch scores -> (B*F, P) scores of the resampler's pooled tokens."""
@@ -82,12 +64,7 @@ class LlavaNextVideoHandle(LlavaOnevisionHandle):
         return pooled.flatten(1)
 
     def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
-        ids: Tensor = kwargs["input_ids"]
-        starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
-        if video is not None and ids.shape[0] % video.batch:
-            raise ValueError(
-                f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
-            )
+        ids, starts, counts = self._video_runs(kwargs, video)
         vision = self.model.config.vision_config
         per_frame = (
             vision.image_size // vision.patch_size // self.model.config.spatial_pool_stride

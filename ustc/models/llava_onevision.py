@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.attention import vision_received_attention
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.attention import vision_received_attention, vit_queries_keys
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout
 from ustc.models.sequence import placeholder_runs
 
 
@@ -34,9 +34,21 @@ class LlavaOnevisionHandle(Handle):
     llava-hf checkpoints).
     """
 
+    #: what a subclass's projector does with the patch grid when it needs it square (the CLS row
+    #: dropped: the 'default' select strategy), as "<family> <verb>"; None: any strategy
+    square_grid: str | None = None
+    #: the attention module of an encoder layer
+    vision_attention = "self_attn"
+
     def __init__(
         self, model: nn.Module, config: CompressionConfig, vision_layer: int | None = None
     ) -> None:
+        strategy = model.config.vision_feature_select_strategy
+        if self.square_grid is not None and strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}: {self.square_grid} a square "
+                "patch grid, which only the 'default' strategy (CLS row dropped) gives"
+            )
         self._feature_layer = model.config.vision_feature_layer
         self.vision_layer = self._resolve_vision_layer(model, vision_layer)
         super().__init__(model, config)
@@ -69,27 +81,19 @@ class LlavaOnevisionHandle(Handle):
         return vision_layer % count
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
-        attention = self._encoder_layers(self.model)[self.vision_layer].self_attn
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
+        layer = self._encoder_layers(self.model)[self.vision_layer]
+        return [self.score_hook(getattr(layer, self.vision_attention))]
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """Reduce this layer's attention to one score per pooled token: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
-        frames, length, _ = hidden.shape
-        shape = (frames, length, -1, module.head_dim)
-        q = module.q_proj(hidden).view(shape).transpose(1, 2)
-        k = module.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = vit_queries_keys(module, hidden)
         scores = vision_received_attention(q, k)  # (B*F, patches)
         if self.model.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]  # the features drop the first token as well
         pooled = self.base_model().apply_pooling(scores.unsqueeze(-1).contiguous())
-        self._add_scores(pooled.squeeze(-1))
-        self.stats.score_seconds += clock(hidden) - t0
+        return pooled.squeeze(-1)
 
     def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
         # the first argument is named pixel_values_videos (>= 5.2x) or pixel_values (5.17)
@@ -106,13 +110,20 @@ class LlavaOnevisionHandle(Handle):
             )
         return VideoCall(batch=videos.shape[0], frames=videos.shape[1])
 
-    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+    def _video_runs(
+        self, kwargs: dict[str, Any], video: VideoCall | None
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """input_ids, each row's first video placeholder and their count (one run per row)."""
         ids: Tensor = kwargs["input_ids"]
         starts, counts = placeholder_runs(ids, self.model.config.video_token_id)
         if video is not None and ids.shape[0] % video.batch:
             raise ValueError(
                 f"{video.batch} videos for {ids.shape[0]} prompts: one video per prompt row"
             )
+        return ids, starts, counts
+
+    def video_layout(self, kwargs: dict[str, Any], video: VideoCall | None) -> VideoLayout:
+        ids, starts, counts = self._video_runs(kwargs, video)
         if video is not None and video.frames is not None:
             frames = video.frames
         else:  # features precomputed elsewhere: P from the model's pooling of its patch grid

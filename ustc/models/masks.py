@@ -65,7 +65,7 @@ def is_block_mask(mask: Any) -> bool:
     return isinstance(mask, BlockMask)
 
 
-def rebuilt_mask(
+def rebuilt_layer_mask(
     handle: Any, index: int, hidden: Tensor, valid: Tensor, layer_kwargs: dict[str, Any]
 ) -> Any:
     """The mask decoder layer ``index`` >= K needs for the merged sequence, built by

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.models.attention import vision_received_attention
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout
 from ustc.models.sequence import placeholder_columns, placeholder_runs
 
 
@@ -58,7 +58,7 @@ class Qwen2_5_VLHandle(Handle):
         attention = visual.blocks[self.vision_layer].attn
         return [
             visual.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True),
-            attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True),
+            self.score_hook(attention),
         ]
 
     def _on_vision_tower(
@@ -73,14 +73,10 @@ class Qwen2_5_VLHandle(Handle):
             module, grid, config.spatial_merge_size, config.window_size, config.patch_size
         )
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """Reduce this block's attention to one score per merged token: (B*F, P) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
         cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
         cos, sin = kwargs["position_embeddings"]
         length = hidden.shape[0]
@@ -90,8 +86,7 @@ class Qwen2_5_VLHandle(Handle):
         scores = _segment_received_attention(q, k, cu_seqlens)  # (S,)
         unit = self.base_model().visual.spatial_merge_size ** 2
         merged = scores.view(-1, unit).mean(dim=-1)  # one score per 2 x 2 merger group
-        self._add_scores(self._token_order(merged))
-        self.stats.score_seconds += clock(hidden) - t0
+        return self._token_order(merged)
 
     def _token_order(self, merged: Tensor) -> Tensor:
         """Merged-group scores in the order of the model's features: un-permuted exactly as the

@@ -30,7 +30,7 @@ class Qwen2VLHandle(Qwen2_5_VLHandle):
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         attention = self.base_model().visual.blocks[self.vision_layer].attn
-        return [attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)]
+        return [self.score_hook(attention)]
 
     def _token_order(self, merged: Tensor) -> Tensor:
         return merged  # no windows: the vision tower keeps the (t, h, w) order of the features

@@ -206,6 +206,13 @@ class Qwen3_5Handle(Qwen3VLHandle):
                 )
         super().__init__(model, config, vision_layer)
 
+    @staticmethod
+    def attention_queries(attention: nn.Module, x: Tensor) -> Tensor:
+        """(B, q, H, d): Qwen3.5's gated attention projects each head's query and its output
+        gate side by side (``q_proj`` gives H x 2d); the query is the first half."""
+        both = attention.q_proj(x).view(*x.shape[:2], -1, 2 * attention.head_dim)
+        return both[..., : attention.head_dim]
+
 
 def _row_major(groups: list[Tensor], rows: list[Tensor], batch: int) -> Tensor:
     """(sum of each row's tokens, D): the groups' (G, M, D) features in row order, the order

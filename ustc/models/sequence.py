@@ -60,6 +60,22 @@ def padding_mask(columns: Tensor, queries: int) -> Tensor:
     return (causal[None] & (columns >= 0)[:, None, :])[:, None]
 
 
+def rebuilt_mask(like: Tensor, columns: Tensor, valid: Tensor, queries: int) -> Tensor:
+    """(B, 1, q, kv) mask of ``like``'s kind (bool, or additive float) over ``columns`` of a
+    sequence whose first ``valid.shape[1]`` columns are real where ``valid`` (B, n') says so and
+    whose later columns (decoded tokens) are all real; -1 columns are padding slots.  Causal over
+    the last ``queries`` columns."""
+    n = valid.shape[1]
+    inside = take_columns(valid, columns.clamp(max=n - 1), fill=False)
+    real = torch.where(columns < n, inside, columns >= 0)
+    allowed = padding_mask(columns, queries) & real[:, None, None, :].to(columns.device)
+    if like.dtype == torch.bool:
+        return allowed.to(like.device)
+    blocked = torch.finfo(like.dtype).min
+    zeros = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return zeros.masked_fill(~allowed.to(like.device), blocked)
+
+
 def take_columns(x: Tensor, columns: Tensor, fill: float | bool | None = None) -> Tensor:
     """``x[b, columns[b]]`` for x (B, n) or (B, n, D) and columns (B, m); a -1 column gives
     ``fill`` (padding slots)."""
@@ -123,8 +139,8 @@ def batch_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x if x.shape[0] == 1 else x[rows.to(x.device)]
 
 
-def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
-    """(first column, count) of each row's one contiguous run of ``token``: (B,), [count_b]."""
+def _placeholders(ids: Tensor, token: int) -> tuple[Tensor, Tensor]:
+    """(B, n) bool: where ``token`` is; (B,) how many per row, at least one in every row."""
     hits = ids == token
     counts = hits.sum(dim=1)
     if int(counts.min()) == 0:
@@ -132,6 +148,12 @@ def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
             "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
             "exactly one video per prompt row is supported"
         )
+    return hits, counts
+
+
+def placeholder_runs(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
+    """(first column, count) of each row's one contiguous run of ``token``: (B,), [count_b]."""
+    hits, counts = _placeholders(ids, token)
     starts = hits.int().argmax(dim=1)
     columns = torch.arange(ids.shape[1], device=ids.device)
     run = (columns >= starts[:, None]) & (columns < (starts + counts)[:, None])
@@ -161,13 +183,7 @@ def marked_columns(marked: Tensor, count: int) -> Tensor:
 def placeholder_columns(ids: Tensor, token: int) -> tuple[Tensor, list[int]]:
     """Each row's columns of ``token`` wherever they lie (a video in several runs, e.g. one per
     frame with timestamp text between): (B, max count) in order, -1 past a row's count; counts."""
-    hits = ids == token
-    counts = hits.sum(dim=1)
-    if int(counts.min()) == 0:
-        raise ValueError(
-            "pixel_values_videos given but a prompt row holds no video placeholder tokens: "
-            "exactly one video per prompt row is supported"
-        )
+    hits, counts = _placeholders(ids, token)
     width = int(counts.max())
     past_count = torch.arange(width, device=ids.device) >= counts[:, None]
     return marked_columns(hits, width).masked_fill(past_count, -1), counts.tolist()

@@ -1,0 +1,5 @@
+"""``python -m ustc.flops``."""
+
+from ustc.flops.cli import main
+
+main()
