@@ -502,6 +502,18 @@ def test_every_decode_step_matches_a_no_cache_recompute(spec, attn, merger, batc
 
 
 @every_backbone
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_merge_at_layer_zero_decodes_as_the_no_cache_recompute(spec, attn):
+    """K = 0 (a hybrid: its first attention layer): every attention layer's cache holds the
+    merged sequence, so the decode masks are built over merged columns only."""
+    model = spec.model(attn)
+    first = attention_layers(model)[0]
+    check_decode_matches_a_no_cache_recompute(
+        spec, attn, ON.replace(layer=first), batch=2, model=model
+    )
+
+
+@every_backbone
 def test_external_stage_compresses_the_models_own_video_features(spec):
     model = spec.model()
     inputs = spec.inputs(model, batch=2)
