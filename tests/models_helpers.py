@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 from transformers import (
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlavaNextVideoConfig,
@@ -523,6 +527,121 @@ def internvl_video_inputs(
     )
 
 
+# ------------------------------------------------------------------------------ GLM-4.1V / 4.5V
+#: GLM-4V's special tokens at the tiny model's ids (the image token is the video placeholder)
+SPECIALS_GLM4V = {
+    "<|image|>": IMAGE_TOKEN,
+    "<|video|>": 91,
+    "<|begin_of_image|>": 92,
+    "<|end_of_image|>": 93,
+    "<|begin_of_video|>": 94,
+    "<|end_of_video|>": 95,
+}
+IMAGE_START, IMAGE_END, VIDEO_START, VIDEO_END = 92, 93, 94, 95
+
+
+def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
+    """GLM-4.1V (``moe=True``: GLM-4.5V, 4 experts, 2 per token, layer 0 dense): a 2-block
+    vision tower (patch 4, 2 x 2 downsampling + merger), a GLM-4 LLM with partial (0.5),
+    interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 1, 1],
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5,
+        },
+    }
+    if moe:
+        text.update(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            head_dim=16,
+        )
+    config = (Glm4vMoeConfig if moe else Glm4vConfig)(
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "image_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=91,
+        image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END,
+        video_start_token_id=VIDEO_START,
+        video_end_token_id=VIDEO_END,
+    )
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    cls = Glm4vMoeForConditionalGeneration if moe else Glm4vForConditionalGeneration
+    model = cls(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def glm4v_layout(kwargs, merge):
+    t, h, w = kwargs["video_grid_thw"][0].tolist()
+    columns = (kwargs["input_ids"][0] == IMAGE_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, h * w // merge**2, int(columns[0]), columns)
+
+
+def glm4v_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix=7, seed=1):
+    """Laid out as ``Glm4vProcessor`` does: prefix text, <|begin_of_video|>, per frame pair
+    <|begin_of_image|> + h*w/4 image placeholders + <|end_of_image|> + its timestamp (one digit
+    token: pairs at 0, 1, 2 ... s), <|end_of_video|>, suffix text; ``mm_token_type_ids`` 2 on the
+    video's placeholders; patches as ``qwen_video_inputs``."""
+    vision = model.config.vision_config
+    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
+    t, h, w = frames // tp, height // p, width // p
+    per_frame = h * w // merge**2
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g), torch.full((batch, 1), 94)]
+    for i in range(t):
+        parts += [
+            torch.full((batch, 1), IMAGE_START),
+            torch.full((batch, per_frame), IMAGE_TOKEN),
+            torch.full((batch, 1), IMAGE_END),
+            torch.full((batch, 1), 1 + i),  # the tokenizer's digit i
+        ]
+    parts += [
+        torch.full((batch, 1), VIDEO_END),
+        torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+    ]
+    ids = torch.cat(parts, dim=1)
+    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int() * 2,
+    }
+    return glm4v_layout(kwargs, merge)
+
+
 def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
     """One batch of single-prompt inputs, padded to the longest prompt with id 0 on ``side``."""
     n = max(r.input_ids.shape[1] for r in rows)
@@ -700,12 +819,14 @@ def compressed_levels(model, inputs: VideoInputs, last) -> list[torch.Tensor]:
     ]
 
 
-def eager_vision_block(model, inputs: VideoInputs, block_index: int):
+def eager_vision_block(model, inputs: VideoInputs, block_index: int, through_model: bool = False):
     """Eq. (1) per patch from transformers' eager attention of one block of a Qwen-style vision
     tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): the mean attention each patch receives
     inside its attention segment (``cu_seqlens``: a window or a frame pair), from the block's own
-    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  Returns (received
-    (S,) float64 in the tower's token order, the tower's output, the number of segments)."""
+    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  ``through_model``:
+    the tower runs inside the model's ``get_video_features`` (GLM-4V's takes a grid per frame
+    pair from there).  Returns (received (S,) float64 in the tower's token order, the tower's
+    (or get_video_features') output, the number of segments)."""
     visual = model.model.visual
     block = visual.blocks[block_index]
     captured = {}
@@ -717,7 +838,10 @@ def eager_vision_block(model, inputs: VideoInputs, block_index: int):
     ]
     kw = inputs.kwargs
     with torch.no_grad():
-        out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+        if through_model:
+            out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+        else:
+            out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
     for probe in probes:
         probe.remove()
     module = sys.modules[type(block.attn).__module__]
@@ -765,3 +889,10 @@ def qwen_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch
     assert torch.equal(out.pooler_output, merged)
     assert segments == int(inputs.kwargs["video_grid_thw"][:, 0].sum())
     return groups
+
+
+def glm4v_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch.Tensor:
+    """Eq. (1) of GLM-4V's vision tower from ``eager_vision_block`` (one attention segment per
+    frame pair): the patch scores averaged over the 2 x 2 groups the downsampling joins."""
+    received, _, _ = eager_vision_block(model, inputs, block_index, through_model=True)
+    return received.view(-1, model.model.visual.spatial_merge_size**2).mean(dim=-1)
