@@ -37,6 +37,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    VideoLlama3Config,
+    VideoLlama3ForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -642,6 +644,85 @@ def glm4v_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix
     return glm4v_layout(kwargs, merge)
 
 
+# ------------------------------------------------------------------------------ VideoLLaMA3
+#: the tiny tokenizer's ids of "Time", "s:", "," and "." (processor_helpers.WORDS), digit d: 1 + d
+TIME, SECONDS, COMMA, DOT = 11, 12, 13, 14
+
+
+def tiny_video_llama_3(attn="sdpa", layers=3, seed=0, dtype=torch.float32):
+    """VideoLLaMA3: a 2-layer NaViT vision encoder (patch 4, axial 2-D RoPE), 2 x 2 bilinear
+    pooling for videos, a Qwen2 LLM with 1-D RoPE."""
+    torch.manual_seed(seed)
+    config = VideoLlama3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+    )
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    model = VideoLlama3ForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def vl3_layout(kwargs):
+    t, h, w = kwargs["video_grid_thw"][0].tolist()
+    m = int(kwargs["video_merge_sizes"][0])
+    columns = (kwargs["input_ids"][0] == VIDEO_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, (h // m) * (w // m), int(columns[0]), columns)
+
+
+def vl3_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix=7, seed=1):
+    """Laid out as ``VideoLlama3Processor`` does with its pruning off: prefix text, then per
+    frame i 'Time i.0s:' (5 tokens: Time, i, ., 0, s:) + (h/2)*(w/2) placeholders, frames joined
+    by ',', suffix text; patches (F*h*w, 3*p*p) in the processor's order (each 2 x 2 group
+    contiguous), merge size 2, a compression mask keeping every token."""
+    p = model.config.vision_config.patch_size
+    h, w = height // p, width // p
+    per_frame = h * w // 4
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for i in range(frames):
+        label = [TIME, 1 + i, DOT, 1, SECONDS] if i < 10 else None
+        parts += [
+            torch.tensor(label).expand(batch, -1),
+            torch.full((batch, per_frame), VIDEO_TOKEN),
+        ]
+        if i < frames - 1:
+            parts.append(torch.full((batch, 1), COMMA))
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": torch.randn(batch * frames * h * w, 3 * p * p, generator=g).to(
+            model.dtype
+        ),
+        "video_grid_thw": torch.tensor([[frames, h, w]] * batch),
+        "video_merge_sizes": torch.full((batch,), 2),
+        "video_compression_mask": torch.ones(batch * frames * per_frame, dtype=torch.bool),
+    }
+    return vl3_layout(kwargs)
+
+
 def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
     """One batch of single-prompt inputs, padded to the longest prompt with id 0 on ``side``."""
     n = max(r.input_ids.shape[1] for r in rows)
@@ -654,11 +735,17 @@ def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
         "input_ids": torch.cat([pad(r.input_ids, 0) for r in rows]),
         "attention_mask": torch.cat([pad(r.kwargs["attention_mask"], 0) for r in rows]),
     }
-    for key in ("pixel_values_videos", "pixel_values"):  # InternVL: the frames as images
+    # per video (concatenated): InternVL's frames as images, VideoLLaMA3's merge sizes and mask
+    for key in (
+        "pixel_values_videos",
+        "pixel_values",
+        "video_grid_thw",
+        "video_merge_sizes",
+        "video_compression_mask",
+    ):
         if key in rows[0].kwargs:
             batch[key] = torch.cat([r.kwargs[key] for r in rows])
-    if "video_grid_thw" in rows[0].kwargs:
-        batch["video_grid_thw"] = torch.cat([r.kwargs["video_grid_thw"] for r in rows])
+    if "mm_token_type_ids" in rows[0].kwargs:
         batch["mm_token_type_ids"] = torch.cat(
             [pad(r.kwargs["mm_token_type_ids"], 0) for r in rows]
         )
@@ -676,7 +763,10 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
         if "pixel_values" in kw:  # InternVL: the frames as images, (B*F, P, D)
             feats = model.model.get_image_features(kw["pixel_values"]).pooler_output
         elif "video_grid_thw" in kw:
-            out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+            extra = [kw["video_merge_sizes"]] if "video_merge_sizes" in kw else []  # VideoLLaMA3
+            out = model.model.get_video_features(
+                kw["pixel_values_videos"], kw["video_grid_thw"], *extra
+            )
             feats = torch.cat(list(out.pooler_output), dim=0)
         else:
             feats = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output
@@ -687,11 +777,11 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
 
 def original_positions(model, inputs: VideoInputs, total: int) -> torch.Tensor:
     """Positions of the uncompressed prompt followed by ``total - n`` generated tokens:
-    (B, total) 1-D for LLaVA-OV, (3, B, total) M-RoPE for Qwen2.5-VL (the model's get_rope_index,
+    (B, total) 1-D for LLaVA-OV and VideoLLaMA3, (3, B, total) M-RoPE for Qwen2.5-VL (the model's get_rope_index,
     then +1 per generated token)."""
     ids = inputs.input_ids
     b, n = ids.shape
-    if "video_grid_thw" not in inputs.kwargs:
+    if not hasattr(model.model, "get_rope_index"):  # 1-D (VideoLLaMA3 too, despite its grid)
         return torch.arange(total).expand(b, total)
     prompt, _ = model.model.get_rope_index(
         ids,

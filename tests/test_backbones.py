@@ -80,7 +80,9 @@ from models_helpers import (
     tiny_qwen2_vl,
     tiny_qwen3_5,
     tiny_qwen3_vl,
+    tiny_video_llama_3,
     video_features,
+    vl3_inputs,
 )
 
 from ustc import MERGERS, CompressionConfig, Compressor
@@ -96,6 +98,7 @@ from ustc.models import (
     Qwen2VLHandle,
     Qwen3_5Handle,
     Qwen3VLHandle,
+    VideoLlama3Handle,
     attach,
 )
 from ustc.models.attention import text_to_visual_attention
@@ -256,6 +259,15 @@ BACKBONES: list[Backbone] = [
             # the exact count models the dense LLM (the MoE's counted by its family file)
             ("glm4.5v-moe", _glm4v_moe, "glm4v_moe_ustc", False),
         )
+    ),
+    Backbone(
+        "videollama3",
+        tiny_video_llama_3,
+        inputs=vl3_inputs,  # a 'Time t s:' label before each frame's run, ',' between frames
+        handle=VideoLlama3Handle,
+        padded_rows=QWEN_ROWS,  # NaViT: frames of any size
+        lmms_eval="video_llama_3_ustc",
+        flops="videollama3-7b",
     ),
     Backbone(
         "internvl",
