@@ -353,8 +353,13 @@ class Handle:
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device
     ) -> Tensor:
-        """Position ids of ``length`` new tokens when the caller passed none (manual decoding)."""
-        raise NotImplementedError
+        """Position ids of ``length`` new tokens when the caller passed none (manual decoding):
+        (B, length) 1-D positions continuing each row's next position (M-RoPE adapters
+        override this with the model's rope_deltas)."""
+        steps = torch.arange(length, device=device)
+        if session.next_position is None:
+            return (session.seen + steps).expand(batch, length)
+        return session.next_position.to(device)[:, None] + steps  # 1-D positions: (B,)
 
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Install what applies the extra per-token streams (DeepStack: visual features of
