@@ -986,3 +986,39 @@ def glm4v_vision_reference(model, inputs: VideoInputs, block_index: int) -> torc
     frame pair): the patch scores averaged over the 2 x 2 groups the downsampling joins."""
     received, _, _ = eager_vision_block(model, inputs, block_index, through_model=True)
     return received.view(-1, model.model.visual.spatial_merge_size**2).mean(dim=-1)
+
+
+def generate(model, inputs, steps: int = 5, **extra: Any) -> Any:
+    """``model.generate`` on ``inputs`` (VideoInputs or keyword arguments), greedy, returning the
+    sequences, the logits of every step and the cache."""
+    kwargs = inputs.kwargs if isinstance(inputs, VideoInputs) else inputs
+    with torch.no_grad():
+        return model.generate(
+            **kwargs,
+            max_new_tokens=steps,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **extra,
+        )
+
+
+def check_processor_inputs_decode_as_the_reference(
+    model, inputs: VideoInputs, config, budget: int
+) -> None:
+    """The battery's core on a real processor's output: compression off is bit-identical, and
+    with ``config`` the video enters the LLM as ``budget`` tokens (fewer than it has) and every
+    decode step equals ``reference_logits``."""
+    from ustc import CompressionConfig
+    from ustc.models import attach
+
+    plain = generate(model, inputs, steps=3)
+    handle = attach(model, CompressionConfig(retention=1.0, merger="none"))
+    off = generate(model, inputs, steps=3)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, off.logits, strict=True))
+    handle = attach(model, config)
+    out = generate(model, inputs, steps=4)
+    handle.remove()
+    assert handle.stats.tokens_in == budget < inputs.frames * inputs.tokens_per_frame
+    expected = reference_logits(model, inputs, out.sequences, handle.last, config)
+    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)

@@ -62,6 +62,7 @@ import transformers
 from models_helpers import (
     VideoInputs,
     compressed_levels,
+    generate,
     glm4v_inputs,
     glm4v_vision_reference,
     internvl_video_inputs,
@@ -285,17 +286,6 @@ every_backbone = pytest.mark.parametrize("spec", BACKBONES, ids=str)
 # --------------------------------------------------------------------------------------------
 # Small tools
 # --------------------------------------------------------------------------------------------
-
-
-def generate(model: Any, kwargs: dict[str, Any], steps: int = 5, **extra: Any) -> Any:
-    with torch.no_grad():
-        return model.generate(
-            **kwargs,
-            max_new_tokens=steps,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **extra,
-        )
 
 
 def hooks(model: Any) -> int:

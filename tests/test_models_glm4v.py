@@ -20,10 +20,9 @@ from models_helpers import (
     IMAGE_TOKEN,
     SPECIALS_GLM4V,
     VIDEO_END,
-    VideoInputs,
+    check_processor_inputs_decode_as_the_reference,
     glm4v_inputs,
     glm4v_layout,
-    reference_logits,
     tiny_glm4v,
 )
 from processor_helpers import needs_torchvision, tiny_tokenizer
@@ -96,14 +95,6 @@ def processor_inputs(processor, frames=4, height=32, width=32, prefix=5, suffix=
     return glm4v_layout(kwargs, processor.video_processor.merge_size)
 
 
-def generate(model, inputs, steps=5):
-    kwargs = inputs.kwargs if isinstance(inputs, VideoInputs) else inputs
-    with torch.no_grad():
-        return model.generate(
-            **kwargs, max_new_tokens=steps, return_dict_in_generate=True, output_logits=True
-        )
-
-
 @needs_torchvision
 def test_the_hand_layout_is_the_processors():
     """The real processor's ids, token types and grid for a 4-frame 32 x 32 video are those
@@ -127,17 +118,7 @@ def test_real_processor_inputs_compress_and_decode_as_the_reference(moe):
     and with compression every decode step equals a no-cache recompute."""
     model = tiny_glm4v(moe=moe)
     inputs = processor_inputs(glm4v_processor(), frames=4, height=32, width=48)
-    plain = generate(model, inputs, steps=3)
-    handle = attach(model, CompressionConfig(retention=1.0, merger="none"))
-    off = generate(model, inputs, steps=3)
-    handle.remove()
-    assert all(torch.equal(a, b) for a, b in zip(plain.logits, off.logits, strict=True))
-    handle = attach(model, ON)
-    out = generate(model, inputs, steps=4)
-    handle.remove()
-    assert handle.stats.tokens_in == ON.budget(2, 24) < inputs.frames * inputs.tokens_per_frame
-    expected = reference_logits(model, inputs, out.sequences, handle.last, ON)
-    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)
+    check_processor_inputs_decode_as_the_reference(model, inputs, ON, ON.budget(2, 24))
 
 
 def test_trailing_tokens_are_the_fewest_over_the_rows():

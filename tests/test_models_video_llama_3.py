@@ -22,8 +22,7 @@ from models_helpers import (
     IMAGE_TOKEN,
     TEXT_IDS,
     VIDEO_TOKEN,
-    VideoInputs,
-    reference_logits,
+    check_processor_inputs_decode_as_the_reference,
     tiny_video_llama_3,
     video_features,
     vl3_inputs,
@@ -87,15 +86,6 @@ def processor_inputs(processor, frames=4, height=32, width=32, prefix=5, suffix=
     return vl3_layout(kwargs)
 
 
-# ------------------------------------------------------------------------------- the battery
-def generate(model, inputs, steps=5):
-    kwargs = inputs.kwargs if isinstance(inputs, VideoInputs) else inputs
-    with torch.no_grad():
-        return model.generate(
-            **kwargs, max_new_tokens=steps, return_dict_in_generate=True, output_logits=True
-        )
-
-
 @needs_torchvision
 def test_the_hand_layout_is_the_processors():
     """The real processor's ids, grid, merge sizes and (all-True) mask for a 4-frame 32 x 32
@@ -115,17 +105,7 @@ def test_the_hand_layout_is_the_processors():
 def test_real_processor_inputs_compress_and_decode_as_the_reference():
     model = tiny_video_llama_3()
     inputs = processor_inputs(vl3_processor(), frames=4, height=32, width=48)
-    plain = generate(model, inputs, steps=3)
-    handle = attach(model, CompressionConfig(retention=1.0, merger="none"))
-    off = generate(model, inputs, steps=3)
-    handle.remove()
-    assert all(torch.equal(a, b) for a, b in zip(plain.logits, off.logits, strict=True))
-    handle = attach(model, ON)
-    out = generate(model, inputs, steps=4)
-    handle.remove()
-    assert handle.stats.tokens_in == ON.budget(4, 24)
-    expected = reference_logits(model, inputs, out.sequences, handle.last, ON)
-    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)
+    check_processor_inputs_decode_as_the_reference(model, inputs, ON, ON.budget(4, 24))
 
 
 @needs_torchvision

@@ -993,6 +993,14 @@ def _continue_positions(kwargs: dict[str, Any], session: Session) -> None:
     kwargs["position_ids"] = torch.where(rows, ours.to(positions.device), positions)
 
 
+def vision_layer_index(vision_layer: int, count: int) -> int:
+    """``vision_layer`` (negative counts from the end) as an index into ``count`` vision layers;
+    ValueError naming the allowed range otherwise."""
+    if not -count <= vision_layer < count:
+        raise ValueError(f"vision_layer must be in [{-count}, {count}), got {vision_layer}")
+    return vision_layer % count
+
+
 def clock(tensor: Tensor) -> float:
     """Wall time; waits for the GPU first so that the compression time is not a launch time."""
     if tensor.device.type == "cuda":

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.models.attention import vision_received_attention, vit_queries_keys
-from ustc.models.base import Handle, VideoCall, VideoLayout
+from ustc.models.base import Handle, VideoCall, VideoLayout, vision_layer_index
 from ustc.models.sequence import placeholder_runs
 
 
@@ -76,9 +76,7 @@ class LlavaOnevisionHandle(Handle):
                     "pass vision_layer=<encoder layer index>"
                 )
             return index
-        if not -count <= vision_layer < count:
-            raise ValueError(f"vision_layer must be in [{-count}, {count}), got {vision_layer}")
-        return vision_layer % count
+        return vision_layer_index(vision_layer, count)
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         layer = self._encoder_layers(self.model)[self.vision_layer]

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import Handle, VideoCall, VideoLayout
+from ustc.models.base import Handle, VideoCall, VideoLayout, vision_layer_index
 from ustc.models.qwen2_5_vl import _segment_received_attention
 from ustc.models.sequence import placeholder_columns
 
@@ -64,11 +64,7 @@ class VideoLlama3Handle(Handle):
 
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
         layers = model.model.vision_model.encoder.layers
-        if not -len(layers) <= vision_layer < len(layers):
-            raise ValueError(
-                f"vision_layer must be in [{-len(layers)}, {len(layers)}), got {vision_layer}"
-            )
-        self.vision_layer = vision_layer % len(layers)
+        self.vision_layer = vision_layer_index(vision_layer, len(layers))
         self._grid: tuple[Tensor, Tensor] | None = None
         super().__init__(model, config)
 
