@@ -548,13 +548,8 @@ def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
     interleaved M-RoPE."""
     torch.manual_seed(seed)
     text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **TINY_LLM,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
         "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [2, 1, 1],
@@ -574,18 +569,7 @@ def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
             head_dim=16,
         )
     config = (Glm4vMoeConfig if moe else Glm4vConfig)(
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "image_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
+        vision_config={"depth": 2, **QWEN_VISION, "image_size": 16, "in_channels": 3},
         text_config=text,
         image_token_id=IMAGE_TOKEN,
         video_token_id=91,
@@ -594,14 +578,8 @@ def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
         video_start_token_id=VIDEO_START,
         video_end_token_id=VIDEO_END,
     )
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
     cls = Glm4vMoeForConditionalGeneration if moe else Glm4vForConditionalGeneration
-    model = cls(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(cls, config, attn, dtype)
 
 
 def glm4v_layout(kwargs, merge):
@@ -661,26 +639,11 @@ def tiny_video_llama_3(attn="sdpa", layers=3, seed=0, dtype=torch.float32):
             "num_attention_heads": 2,
             "patch_size": 4,
         },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-        },
+        text_config={"model_type": "qwen2", **TINY_LLM, "num_hidden_layers": layers},
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
     )
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
-    model = VideoLlama3ForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.do_sample = False
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return _built(VideoLlama3ForConditionalGeneration, config, attn, dtype)
 
 
 def vl3_layout(kwargs):
