@@ -27,7 +27,9 @@ F*P placeholders, (4, 16), nothing after the video, three prompt lengths); ``_qw
 Qwen-style spec.  Optional fields: ``streams`` (per-token inputs besides the embeddings that the no-cache reference
 must carry along, e.g. Qwen3-VL's DeepStack levels), ``layers`` (the builder's LLM depth when it
 takes no ``layers`` argument), ``flops_measured=False`` where the exact FLOPs count does not
-model the LLM (a hybrid with linear-attention layers) and ``right_padding=False`` where the model
+model the LLM (a hybrid with linear-attention layers, an MoE), ``beam_search_upstream=False``
+where transformers itself may not beam-search the family's video (the test then tries the
+unattached model first and skips naming the error) and ``right_padding=False`` where the model
 itself, without ustc, answers a right-padded prompt unlike the prompt alone.  Every test below then runs on the new
 backbone; its own file ``tests/test_models_<name>.py`` keeps only what is truly that family's
 (the Eq. (1) reference through its own alignment, its positions, its errors).
@@ -37,7 +39,8 @@ What the battery checks, on tiny random models, with sdpa and eager attention:
 * compression off (retention 1, K = the number of layers) is bit-identical during and after
   ``remove()``, and ``remove()`` leaves no hook; attaching twice fails;
 * token counts come from the model's own KV cache (layers < K hold the budget, >= K the kept);
-* every decode step equals a layer-by-layer no-cache recompute (``reference_logits``);
+* every decode step equals a layer-by-layer no-cache recompute (``reference_logits``), with the
+  merge at K = 1, at the first attention layer (K = 0) and at the last;
 * the external stage compressed the model's own video features with the captured scores;
 * Eq. (5)'s text-to-visual attention at layer K equals the eager weights, and the merge there is
   the core merger on exactly those inputs;
