@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 from transformers import (
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlavaNextVideoConfig,
@@ -33,6 +37,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    VideoLlama3Config,
+    VideoLlama3ForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -523,6 +529,163 @@ def internvl_video_inputs(
     )
 
 
+# ------------------------------------------------------------------------------ GLM-4.1V / 4.5V
+#: GLM-4V's special tokens at the tiny model's ids (the image token is the video placeholder)
+SPECIALS_GLM4V = {
+    "<|image|>": IMAGE_TOKEN,
+    "<|video|>": 91,
+    "<|begin_of_image|>": 92,
+    "<|end_of_image|>": 93,
+    "<|begin_of_video|>": 94,
+    "<|end_of_video|>": 95,
+}
+IMAGE_START, IMAGE_END, VIDEO_START, VIDEO_END = 92, 93, 94, 95
+
+
+def tiny_glm4v(attn="sdpa", layers=3, seed=0, dtype=torch.float32, moe=False):
+    """GLM-4.1V (``moe=True``: GLM-4.5V, 4 experts, 2 per token, layer 0 dense): a 2-block
+    vision tower (patch 4, 2 x 2 downsampling + merger), a GLM-4 LLM with partial (0.5),
+    interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    text = {
+        **TINY_LLM,
+        "num_hidden_layers": layers,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 1, 1],
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5,
+        },
+    }
+    if moe:
+        text.update(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            head_dim=16,
+        )
+    config = (Glm4vMoeConfig if moe else Glm4vConfig)(
+        vision_config={"depth": 2, **QWEN_VISION, "image_size": 16, "in_channels": 3},
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=91,
+        image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END,
+        video_start_token_id=VIDEO_START,
+        video_end_token_id=VIDEO_END,
+    )
+    cls = Glm4vMoeForConditionalGeneration if moe else Glm4vForConditionalGeneration
+    return _built(cls, config, attn, dtype)
+
+
+def glm4v_layout(kwargs, merge):
+    t, h, w = kwargs["video_grid_thw"][0].tolist()
+    columns = (kwargs["input_ids"][0] == IMAGE_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, h * w // merge**2, int(columns[0]), columns)
+
+
+def glm4v_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix=7, seed=1):
+    """Laid out as ``Glm4vProcessor`` does: prefix text, <|begin_of_video|>, per frame pair
+    <|begin_of_image|> + h*w/4 image placeholders + <|end_of_image|> + its timestamp (one digit
+    token: pairs at 0, 1, 2 ... s), <|end_of_video|>, suffix text; ``mm_token_type_ids`` 2 on the
+    video's placeholders; patches as ``qwen_video_inputs``."""
+    vision = model.config.vision_config
+    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
+    t, h, w = frames // tp, height // p, width // p
+    per_frame = h * w // merge**2
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g), torch.full((batch, 1), 94)]
+    for i in range(t):
+        parts += [
+            torch.full((batch, 1), IMAGE_START),
+            torch.full((batch, per_frame), IMAGE_TOKEN),
+            torch.full((batch, 1), IMAGE_END),
+            torch.full((batch, 1), 1 + i),  # the tokenizer's digit i
+        ]
+    parts += [
+        torch.full((batch, 1), VIDEO_END),
+        torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
+    ]
+    ids = torch.cat(parts, dim=1)
+    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int() * 2,
+    }
+    return glm4v_layout(kwargs, merge)
+
+
+# ------------------------------------------------------------------------------ VideoLLaMA3
+#: the tiny tokenizer's ids of "Time", "s:", "," and "." (processor_helpers.WORDS), digit d: 1 + d
+TIME, SECONDS, COMMA, DOT = 11, 12, 13, 14
+
+
+def tiny_video_llama_3(attn="sdpa", layers=3, seed=0, dtype=torch.float32):
+    """VideoLLaMA3: a 2-layer NaViT vision encoder (patch 4, axial 2-D RoPE), 2 x 2 bilinear
+    pooling for videos, a Qwen2 LLM with 1-D RoPE."""
+    torch.manual_seed(seed)
+    config = VideoLlama3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+        },
+        text_config={"model_type": "qwen2", **TINY_LLM, "num_hidden_layers": layers},
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+    )
+    return _built(VideoLlama3ForConditionalGeneration, config, attn, dtype)
+
+
+def vl3_layout(kwargs):
+    t, h, w = kwargs["video_grid_thw"][0].tolist()
+    m = int(kwargs["video_merge_sizes"][0])
+    columns = (kwargs["input_ids"][0] == VIDEO_TOKEN).nonzero()[:, 0]
+    return VideoInputs(kwargs, t, (h // m) * (w // m), int(columns[0]), columns)
+
+
+def vl3_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix=7, seed=1):
+    """Laid out as ``VideoLlama3Processor`` does with its pruning off: prefix text, then per
+    frame i 'Time i.0s:' (5 tokens: Time, i, ., 0, s:) + (h/2)*(w/2) placeholders, frames joined
+    by ',', suffix text; patches (F*h*w, 3*p*p) in the processor's order (each 2 x 2 group
+    contiguous), merge size 2, a compression mask keeping every token."""
+    p = model.config.vision_config.patch_size
+    h, w = height // p, width // p
+    per_frame = h * w // 4
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g)]
+    for i in range(frames):
+        label = [TIME, 1 + i, DOT, 1, SECONDS] if i < 10 else None
+        parts += [
+            torch.tensor(label).expand(batch, -1),
+            torch.full((batch, per_frame), VIDEO_TOKEN),
+        ]
+        if i < frames - 1:
+            parts.append(torch.full((batch, 1), COMMA))
+    parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
+    ids = torch.cat(parts, dim=1)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": torch.randn(batch * frames * h * w, 3 * p * p, generator=g).to(
+            model.dtype
+        ),
+        "video_grid_thw": torch.tensor([[frames, h, w]] * batch),
+        "video_merge_sizes": torch.full((batch,), 2),
+        "video_compression_mask": torch.ones(batch * frames * per_frame, dtype=torch.bool),
+    }
+    return vl3_layout(kwargs)
+
+
 def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
     """One batch of single-prompt inputs, padded to the longest prompt with id 0 on ``side``."""
     n = max(r.input_ids.shape[1] for r in rows)
@@ -535,11 +698,17 @@ def pad_batch(rows: list[VideoInputs], side: str) -> dict[str, torch.Tensor]:
         "input_ids": torch.cat([pad(r.input_ids, 0) for r in rows]),
         "attention_mask": torch.cat([pad(r.kwargs["attention_mask"], 0) for r in rows]),
     }
-    for key in ("pixel_values_videos", "pixel_values"):  # InternVL: the frames as images
+    # per video (concatenated): InternVL's frames as images, VideoLLaMA3's merge sizes and mask
+    for key in (
+        "pixel_values_videos",
+        "pixel_values",
+        "video_grid_thw",
+        "video_merge_sizes",
+        "video_compression_mask",
+    ):
         if key in rows[0].kwargs:
             batch[key] = torch.cat([r.kwargs[key] for r in rows])
-    if "video_grid_thw" in rows[0].kwargs:
-        batch["video_grid_thw"] = torch.cat([r.kwargs["video_grid_thw"] for r in rows])
+    if "mm_token_type_ids" in rows[0].kwargs:
         batch["mm_token_type_ids"] = torch.cat(
             [pad(r.kwargs["mm_token_type_ids"], 0) for r in rows]
         )
@@ -557,7 +726,10 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
         if "pixel_values" in kw:  # InternVL: the frames as images, (B*F, P, D)
             feats = model.model.get_image_features(kw["pixel_values"]).pooler_output
         elif "video_grid_thw" in kw:
-            out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+            extra = [kw["video_merge_sizes"]] if "video_merge_sizes" in kw else []  # VideoLLaMA3
+            out = model.model.get_video_features(
+                kw["pixel_values_videos"], kw["video_grid_thw"], *extra
+            )
             feats = torch.cat(list(out.pooler_output), dim=0)
         else:
             feats = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output
@@ -568,11 +740,11 @@ def video_features(model, inputs: VideoInputs) -> torch.Tensor:
 
 def original_positions(model, inputs: VideoInputs, total: int) -> torch.Tensor:
     """Positions of the uncompressed prompt followed by ``total - n`` generated tokens:
-    (B, total) 1-D for LLaVA-OV, (3, B, total) M-RoPE for Qwen2.5-VL (the model's get_rope_index,
+    (B, total) 1-D for LLaVA-OV and VideoLLaMA3, (3, B, total) M-RoPE for Qwen2.5-VL (the model's get_rope_index,
     then +1 per generated token)."""
     ids = inputs.input_ids
     b, n = ids.shape
-    if "video_grid_thw" not in inputs.kwargs:
+    if not hasattr(model.model, "get_rope_index"):  # 1-D (VideoLLaMA3 too, despite its grid)
         return torch.arange(total).expand(b, total)
     prompt, _ = model.model.get_rope_index(
         ids,
@@ -700,12 +872,14 @@ def compressed_levels(model, inputs: VideoInputs, last) -> list[torch.Tensor]:
     ]
 
 
-def eager_vision_block(model, inputs: VideoInputs, block_index: int):
+def eager_vision_block(model, inputs: VideoInputs, block_index: int, through_model: bool = False):
     """Eq. (1) per patch from transformers' eager attention of one block of a Qwen-style vision
     tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): the mean attention each patch receives
     inside its attention segment (``cu_seqlens``: a window or a frame pair), from the block's own
-    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  Returns (received
-    (S,) float64 in the tower's token order, the tower's output, the number of segments)."""
+    q/k/v and RoPE.  Checks that these maps reproduce the block's output.  ``through_model``:
+    the tower runs inside the model's ``get_video_features`` (GLM-4V's takes a grid per frame
+    pair from there).  Returns (received (S,) float64 in the tower's token order, the tower's
+    (or get_video_features') output, the number of segments)."""
     visual = model.model.visual
     block = visual.blocks[block_index]
     captured = {}
@@ -717,7 +891,10 @@ def eager_vision_block(model, inputs: VideoInputs, block_index: int):
     ]
     kw = inputs.kwargs
     with torch.no_grad():
-        out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+        if through_model:
+            out = model.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"])
+        else:
+            out = visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
     for probe in probes:
         probe.remove()
     module = sys.modules[type(block.attn).__module__]
@@ -765,3 +942,46 @@ def qwen_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch
     assert torch.equal(out.pooler_output, merged)
     assert segments == int(inputs.kwargs["video_grid_thw"][:, 0].sum())
     return groups
+
+
+def glm4v_vision_reference(model, inputs: VideoInputs, block_index: int) -> torch.Tensor:
+    """Eq. (1) of GLM-4V's vision tower from ``eager_vision_block`` (one attention segment per
+    frame pair): the patch scores averaged over the 2 x 2 groups the downsampling joins."""
+    received, _, _ = eager_vision_block(model, inputs, block_index, through_model=True)
+    return received.view(-1, model.model.visual.spatial_merge_size**2).mean(dim=-1)
+
+
+def generate(model, inputs, steps: int = 5, **extra: Any) -> Any:
+    """``model.generate`` on ``inputs`` (VideoInputs or keyword arguments), greedy, returning the
+    sequences, the logits of every step and the cache."""
+    kwargs = inputs.kwargs if isinstance(inputs, VideoInputs) else inputs
+    with torch.no_grad():
+        return model.generate(
+            **kwargs,
+            max_new_tokens=steps,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **extra,
+        )
+
+
+def check_processor_inputs_decode_as_the_reference(
+    model, inputs: VideoInputs, config, budget: int
+) -> None:
+    """The battery's core on a real processor's output: compression off is bit-identical, and
+    with ``config`` the video enters the LLM as ``budget`` tokens (fewer than it has) and every
+    decode step equals ``reference_logits``."""
+    from ustc import CompressionConfig
+    from ustc.models import attach
+
+    plain = generate(model, inputs, steps=3)
+    handle = attach(model, CompressionConfig(retention=1.0, merger="none"))
+    off = generate(model, inputs, steps=3)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, off.logits, strict=True))
+    handle = attach(model, config)
+    out = generate(model, inputs, steps=4)
+    handle.remove()
+    assert handle.stats.tokens_in == budget < inputs.frames * inputs.tokens_per_frame
+    expected = reference_logits(model, inputs, out.sequences, handle.last, config)
+    torch.testing.assert_close(torch.stack(out.logits, 1), expected, atol=2e-5, rtol=1e-5)

@@ -544,3 +544,38 @@ def _warn_if_loglikelihood_is_broken() -> None:
             "generated text), see docs/lmms-eval.md",
             stacklevel=3,
         )
+
+
+class ManualProcessor:
+    """What the torchvision-free processors share: a ChatML prompt (``system`` first, the
+    video written as ``video_marker`` + ``marker_end``), the tokenizer's ids of a text piece,
+    and the prompt cut at its video markers (one per video)."""
+
+    video_marker = "<video>"
+    #: written right after the marker in the prompt
+    marker_end = ""
+    #: the prompt's opening (a system turn), or ""
+    system = ""
+    tokenizer: Any
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        text = self.system
+        for message in messages:
+            marker = self.video_marker + self.marker_end
+            body = "".join(
+                marker if p["type"] == "video" else p["text"] for p in message["content"]
+            )
+            text += f"<|im_start|>{message['role']}\n{body}<|im_end|>\n"
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _pieces(self, text: str, videos: Sequence[np.ndarray] | None) -> list[str]:
+        """``text`` cut at its video markers; ValueError unless there is one per video."""
+        pieces = text.split(self.video_marker)
+        if len(pieces) - 1 != len(videos or []):
+            raise ValueError(f"{len(pieces) - 1} video placeholders for {len(videos or [])} videos")
+        return pieces

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ustc.lmms_eval.base import USTCModel, register
+from ustc.lmms_eval.base import ManualProcessor, USTCModel, register
 
 
 @register
@@ -30,7 +30,7 @@ class LlavaOneVisionUSTC(USTCModel):
         return LlavaOnevisionManualProcessor(tokenizer, config)
 
 
-class LlavaOnevisionManualProcessor:
+class LlavaOnevisionManualProcessor(ManualProcessor):
     """The inputs LLaVA-OneVision's processor builds, without torchvision.
 
     Prompt: Qwen2's chat template ``<|im_start|>user\\n<video>\\n{text}<|im_end|>\\n
@@ -40,7 +40,7 @@ class LlavaOnevisionManualProcessor:
     normalised with SigLIP's mean = std = 0.5: ``pixel_values_videos`` (1, F, 3, size, size).
     """
 
-    video_marker = "<video>"
+    marker_end = "\n"
 
     def __init__(self, tokenizer: Any, config: Any) -> None:
         self.tokenizer = tokenizer
@@ -50,27 +50,10 @@ class LlavaOnevisionManualProcessor:
         side = -(-self.size // int(vision.patch_size))
         self.tokens_per_frame = (-(-side // 2)) ** 2
 
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
-        text = ""
-        for message in messages:
-            parts = message["content"]
-            body = "".join(
-                self.video_marker + "\n" if p["type"] == "video" else p["text"] for p in parts
-            )
-            text += f"<|im_start|>{message['role']}\n{body}<|im_end|>\n"
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
     def __call__(
         self, text: str, videos: Sequence[np.ndarray] | None = None, return_tensors: str = "pt"
     ) -> dict[str, torch.Tensor]:
-        pieces = text.split(self.video_marker)
-        if len(pieces) - 1 != len(videos or []):
-            raise ValueError(f"{len(pieces) - 1} video placeholders for {len(videos or [])} videos")
+        pieces = self._pieces(text, videos)
         ids: list[int] = self._ids(pieces[0])
         for video, piece in zip(videos or [], pieces[1:], strict=True):
             ids += [self.video_token_id] * (len(video) * self.tokens_per_frame + 1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ustc.lmms_eval.base import USTCModel, register
+from ustc.lmms_eval.base import ManualProcessor, USTCModel, register
 
 #: OpenAI CLIP normalisation, used by the Qwen2-VL / Qwen2.5-VL processors
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -69,7 +69,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-class Qwen2_5_VLManualProcessor:
+class Qwen2_5_VLManualProcessor(ManualProcessor):
     """The inputs Qwen2.5-VL's processor builds, without torchvision.
 
     Prompt: ``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
@@ -81,7 +81,8 @@ class Qwen2_5_VLManualProcessor:
     ``mm_token_type_ids`` (2 at the video tokens).  p patch, m spatial merge, T_p temporal patch.
     """
 
-    video_marker = "<video>"
+    marker_end = ""
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
     def __init__(self, tokenizer: Any, config: Any, size: dict[str, int]) -> None:
         self.tokenizer = tokenizer
@@ -95,26 +96,10 @@ class Qwen2_5_VLManualProcessor:
         self.min_pixels = int(size["shortest_edge"])
         self.max_pixels = int(size["longest_edge"])
 
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-    ) -> str:
-        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        for message in messages:
-            body = "".join(
-                self.video_marker if p["type"] == "video" else p["text"] for p in message["content"]
-            )
-            text += f"<|im_start|>{message['role']}\n{body}<|im_end|>\n"
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
     def __call__(
         self, text: str, videos: Sequence[np.ndarray] | None = None, return_tensors: str = "pt"
     ) -> dict[str, torch.Tensor]:
-        pieces = text.split(self.video_marker)
-        if len(pieces) - 1 != len(videos or []):
-            raise ValueError(f"{len(pieces) - 1} video placeholders for {len(videos or [])} videos")
+        pieces = self._pieces(text, videos)
         ids: list[int] = self._ids(pieces[0])
         patches, grids = [], []
         for video, piece in zip(videos or [], pieces[1:], strict=True):

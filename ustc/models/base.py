@@ -353,8 +353,13 @@ class Handle:
     def decode_positions(
         self, session: Session, length: int, batch: int, device: torch.device
     ) -> Tensor:
-        """Position ids of ``length`` new tokens when the caller passed none (manual decoding)."""
-        raise NotImplementedError
+        """Position ids of ``length`` new tokens when the caller passed none (manual decoding):
+        (B, length) 1-D positions continuing each row's next position (M-RoPE adapters
+        override this with the model's rope_deltas)."""
+        steps = torch.arange(length, device=device)
+        if session.next_position is None:
+            return (session.seen + steps).expand(batch, length)
+        return session.next_position.to(device)[:, None] + steps  # 1-D positions: (B,)
 
     def stream_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Install what applies the extra per-token streams (DeepStack: visual features of
@@ -986,6 +991,14 @@ def _continue_positions(kwargs: dict[str, Any], session: Session) -> None:
         )
     rows = session.right_padded.to(positions.device)[:, None]
     kwargs["position_ids"] = torch.where(rows, ours.to(positions.device), positions)
+
+
+def vision_layer_index(vision_layer: int, count: int) -> int:
+    """``vision_layer`` (negative counts from the end) as an index into ``count`` vision layers;
+    ValueError naming the allowed range otherwise."""
+    if not -count <= vision_layer < count:
+        raise ValueError(f"vision_layer must be in [{-count}, {count}), got {vision_layer}")
+    return vision_layer % count
 
 
 def clock(tensor: Tensor) -> float:

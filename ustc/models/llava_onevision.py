@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.models.attention import vision_received_attention, vit_queries_keys
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout
+from ustc.models.base import Handle, VideoCall, VideoLayout, vision_layer_index
 from ustc.models.sequence import placeholder_runs
 
 
@@ -76,9 +76,7 @@ class LlavaOnevisionHandle(Handle):
                     "pass vision_layer=<encoder layer index>"
                 )
             return index
-        if not -count <= vision_layer < count:
-            raise ValueError(f"vision_layer must be in [{-count}, {count}), got {vision_layer}")
-        return vision_layer % count
+        return vision_layer_index(vision_layer, count)
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         layer = self._encoder_layers(self.model)[self.vision_layer]
@@ -139,11 +137,3 @@ class LlavaOnevisionHandle(Handle):
             )
         rows = ids.shape[0]
         return VideoLayout(starts, [frames] * rows, [(counts[0] - 1) // frames] * rows, trailing=1)
-
-    def decode_positions(
-        self, session: Session, length: int, batch: int, device: torch.device
-    ) -> Tensor:
-        steps = torch.arange(length, device=device)
-        if session.next_position is None:
-            return (session.seen + steps).expand(batch, length)
-        return session.next_position.to(device)[:, None] + steps  # 1-D positions: (B,)

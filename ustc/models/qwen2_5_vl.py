@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.models.attention import vision_received_attention
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout
+from ustc.models.base import Handle, Session, VideoCall, VideoLayout, vision_layer_index
 from ustc.models.sequence import placeholder_columns, placeholder_runs
 
 
@@ -44,12 +44,7 @@ class Qwen2_5_VLHandle(Handle):
     placeholder_token = "video_token_id"
 
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
-        blocks = model.model.visual.blocks
-        if not -len(blocks) <= vision_layer < len(blocks):
-            raise ValueError(
-                f"vision_layer must be in [{-len(blocks)}, {len(blocks)}), got {vision_layer}"
-            )
-        self.vision_layer = vision_layer % len(blocks)
+        self.vision_layer = vision_layer_index(vision_layer, len(model.model.visual.blocks))
         self._window_index: Tensor | None = None
         super().__init__(model, config)
 

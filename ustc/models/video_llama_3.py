@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
-from ustc.models.base import Handle, Session, VideoCall, VideoLayout, clock
+from ustc.models.base import Handle, VideoCall, VideoLayout, vision_layer_index
 from ustc.models.qwen2_5_vl import _segment_received_attention
 from ustc.models.sequence import placeholder_columns
 
@@ -64,11 +64,7 @@ class VideoLlama3Handle(Handle):
 
     def __init__(self, model: nn.Module, config: CompressionConfig, vision_layer: int = -1) -> None:
         layers = model.model.vision_model.encoder.layers
-        if not -len(layers) <= vision_layer < len(layers):
-            raise ValueError(
-                f"vision_layer must be in [{-len(layers)}, {len(layers)}), got {vision_layer}"
-            )
-        self.vision_layer = vision_layer % len(layers)
+        self.vision_layer = vision_layer_index(vision_layer, len(layers))
         self._grid: tuple[Tensor, Tensor] | None = None
         super().__init__(model, config)
 
@@ -78,7 +74,7 @@ class VideoLlama3Handle(Handle):
         attention = tower.encoder.layers[self.vision_layer].self_attn
         return [
             tower.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True),
-            attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True),
+            self.score_hook(attention),
         ]
 
     def _on_vision_tower(
@@ -91,26 +87,23 @@ class VideoLlama3Handle(Handle):
         named.update(kwargs)
         self._grid = (named["grid_thw"], named["merge_sizes"])
 
-    def _on_vision_attention(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_scores(
+        self, attention: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
         """Reduce this layer's attention to one score per pooled token: (B*F*P,) -- Eq. (1)."""
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t0 = clock(hidden)
         cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
         cos, sin = kwargs["position_embeddings"]
         length = hidden.shape[0]
-        shape = (length, module.num_heads, module.head_dim)
-        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-        q, k = rope(module.q_proj(hidden).view(shape), module.k_proj(hidden).view(shape), cos, sin)
+        shape = (length, attention.num_heads, attention.head_dim)
+        rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        q, k = rope(
+            attention.q_proj(hidden).view(shape), attention.k_proj(hidden).view(shape), cos, sin
+        )
         scores = _segment_received_attention(q, k, cu_seqlens)  # (S,), one segment per frame
         assert self._grid is not None
         grid, merges = self._grid
         pooled = self.base_model().vision_model.pixel_unshuffle(scores[:, None], grid, merges)
-        self._add_scores(pooled[:, 0])
-        self.stats.score_seconds += clock(hidden) - t0
+        return pooled[:, 0]
 
     # ---------------------------------------------------------------------- the video
     def video_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> VideoCall:
@@ -171,11 +164,3 @@ class VideoLlama3Handle(Handle):
             frames.append(t)
             per_frame.append((h // m) * (w // m))
         return VideoLayout(columns[:, 0], frames, per_frame, trailing=0, columns=columns)
-
-    def decode_positions(
-        self, session: Session, length: int, batch: int, device: torch.device
-    ) -> Tensor:
-        steps = torch.arange(length, device=device)
-        if session.next_position is None:
-            return (session.seen + steps).expand(batch, length)
-        return session.next_position.to(device)[:, None] + steps  # 1-D positions: (B,)
