@@ -12,6 +12,7 @@ D >= 512), in float32 and bfloat16, one video and batches.
 
     PYTHONPATH=$PWD python tests/fingerprint.py --write   # store today's outputs (once)
     PYTHONPATH=$PWD python tests/fingerprint.py           # compare, print the cases that differ
+    PYTHONPATH=$PWD python tests/fingerprint.py --long    # the same for 64-256 frames (minutes)
 """
 
 from __future__ import annotations
@@ -173,28 +174,46 @@ def _dpc_cases() -> Iterator[tuple[str, Callable[[], str]]]:
     yield case("scenes-8x196x1024", x, torch.ones(x.shape[:2], dtype=torch.bool), 30, 5, "paper")
 
 
-def cases() -> Iterator[tuple[str, Callable[[], str]]]:
-    """(name, thunk returning the digest) of every fingerprinted case."""
+def _long_cases() -> Iterator[tuple[str, Callable[[], str]]]:
+    """The frame counts of the scaling figures (seconds each): ``test_fingerprint``'s slow test."""
+    for frames, dim in ((64, 896), (128, 896), (256, 896), (64, 3584)):
+        x, a = structured_video(frames, 196, dim, seed=0)
+
+        def run(x: Tensor = x, a: Tensor = a) -> str:
+            result = Compressor(CompressionConfig(merger="none")).compress(x, a)
+            return digest(result.indices, result.assignment)
+
+        yield f"long/structured-{frames}x196x{dim}-s0", run
+
+
+def cases(long: bool = False) -> Iterator[tuple[str, Callable[[], str]]]:
+    """(name, thunk returning the digest) of every fingerprinted case; ``long``: only the long
+    ones (``_long_cases``)."""
+    if long:
+        yield from _long_cases()
+        return
     yield from _compress_cases()
     yield from _dpc_cases()
 
 
-def compute() -> dict[str, str]:
+def compute(long: bool = False) -> dict[str, str]:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return {name: run() for name, run in cases()}
+    return {name: run() for name, run in cases(long)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="store today's fingerprints")
+    parser.add_argument("--long", action="store_true", help="the long cases (64-256 frames)")
     args = parser.parse_args()
-    found = compute()
+    found = compute(args.long)
+    stored = json.loads(STORE.read_text()) if STORE.exists() else {}
     if args.write:
         STORE.parent.mkdir(parents=True, exist_ok=True)
-        STORE.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+        STORE.write_text(json.dumps(stored | found, indent=1, sort_keys=True) + "\n")
         print(f"wrote {len(found)} fingerprints to {STORE}")
         return 0
-    stored = json.loads(STORE.read_text())
+    stored = {n: h for n, h in stored.items() if n.startswith("long/") == args.long}
     differ = sorted(n for n in stored.keys() | found.keys() if stored.get(n) != found.get(n))
     for name in differ:
         print("DIFFERS", name)
