@@ -223,30 +223,42 @@ def _pool_diameter(
     return out
 
 
-def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
+def nearest_center(
+    features: Tensor, mask: Tensor, centers: Tensor, xc: Tensor | None = None
+) -> Tensor:
     """owner_i = argmin_{c in centers} d(v_i, v_c) for members of ``mask``, -1 elsewhere.
 
     Centers own themselves (a duplicate of a lower-index center would otherwise leave its own
     cluster empty); distance ties go to the lower center index.  A video without centers (a
     cluster share of 0) drops its members (-1), as recycler ``none`` does.  The nearest center
     is chosen on rounded distances of the centred features and confirmed on distances measured
-    from the differences (``ops.exact_nearest_rows``).  (B, N) long.
+    from the differences (``ops.exact_nearest_rows``).  xc: ``ops.centered(features, mask)``
+    when the caller has it.  (B, N) long.
     """
     b, n, _ = features.shape
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
-    xc = centered(features, mask)
-    rounding = gram_rounding(squared_norms(xc), mask)
+    xc = centered(features, mask) if xc is None else xc
+    sq = squared_norms(xc)
+    rounding = gram_rounding(sq, mask)
     for v in range(b):
         center_pos = centers[v].nonzero().squeeze(1)
         members = mask[v].nonzero().squeeze(1)
         if center_pos.numel() == 0 or members.numel() == 0:
             continue
-        center_x = xc[v, center_pos].unsqueeze(0)
+        center_x = xc[v, center_pos]
+        center_sq = sq[v, center_pos].unsqueeze(1)
         x = features[v].float()  # one conversion per video, not per block
-        for block in row_blocks(members.numel(), center_pos.numel()):
-            rows = members[block]
-            # (C, r): the centers as the rows of the product, the faster orientation on the CPU
-            gram = squared_distances(center_x, xc[v, rows].unsqueeze(0))[0].T
+        for block in row_blocks(n, center_pos.numel()):
+            # (C, r): the centers as the rows of the product, the faster orientation on the CPU;
+            # every token of the block, not a gathered copy of the members (a fresh copy of
+            # N x D floats costs more than the products of the few non-members)
+            gram = torch.addmm(center_sq, center_x, xc[v, block].T, alpha=-2.0)
+            gram = gram.add_(sq[v, block]).clamp_(min=0.0)
+            inside = mask[v, block]
+            rows = block.start + inside.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            gram = gram[:, inside].T
             allowed = torch.ones_like(gram, dtype=torch.bool)
             _, position = exact_nearest_rows(
                 x,
@@ -285,9 +297,11 @@ def dpc_knn(
     log_rho = torch.full(mask.shape, float("-inf"), device=features.device)
     delta = torch.zeros(mask.shape, device=features.device)
     dense = list(range(b))
+    xc = None  # the centred features, computed once for screening and the nearest centres
     if convention == "paper" and screening_applies(features, mask, k):
         # large pools on the CPU: see ustc.screening; a video it declines takes the dense path
-        screened = screen_each(features, mask, k)
+        xc = centered(features, mask)
+        screened = screen_each(features, mask, k, xc)
         for v, result in enumerate(screened):
             if result is not None:
                 log_rho[v], delta[v] = result
@@ -304,7 +318,7 @@ def dpc_knn(
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))
     centers = first_n_mask(descending_order(log_gamma), counts) & mask
-    return Recycled(centers=centers, owner=nearest_center(features, mask, centers))
+    return Recycled(centers=centers, owner=nearest_center(features, mask, centers, xc))
 
 
 class Recycler:

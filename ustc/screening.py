@@ -112,7 +112,9 @@ def screen(features: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor] | No
     return torch.stack([r[0] for r in each]), torch.stack([r[1] for r in each])
 
 
-def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Tensor] | None]:
+def screen_each(
+    features: Tensor, mask: Tensor, k: int, xc: Tensor | None = None
+) -> list[tuple[Tensor, Tensor] | None]:
     """``screen`` decided per video: (log rho (N,), delta (N,)) for each video screening takes,
     None for each it declines (a pool of at most k tokens, or too much exact work).  A video's
     result depends on that video alone.
@@ -120,10 +122,11 @@ def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Te
     The cells and bounds come from the features centred on the pool's mean (``ops.centered``);
     the neighbours and the nearest denser token are measured from the differences of the
     original features (``ops.exact_nearest``), as on the dense path: the same values, bit for
-    bit, whenever both certify their candidates.
+    bit, whenever both certify their candidates.  xc: ``ops.centered(features, mask)`` when
+    the caller has it.
     """
     b, n, _ = features.shape
-    xc = centered(features, mask)
+    xc = centered(features, mask) if xc is None else xc
     rounding = gram_rounding(squared_norms(xc), mask)
     out: list[tuple[Tensor, Tensor] | None] = []
     for v in range(b):
