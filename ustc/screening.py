@@ -80,6 +80,8 @@ CELL = 48
 CELL_ITERATIONS = 4
 #: the k-means++ seeds are drawn from this many tokens per cell, in this many batches
 _SEED_SAMPLE, _SEED_ROUNDS = 4, 16
+#: the Lloyd steps run on this many tokens per cell (a sample)
+_FIT_SAMPLE = 16
 #: cells wider than this many times the median radius are split in two, at most this many times
 _SPLIT_WIDTH, _SPLIT_ROUNDS = 1.5, 3
 #: the exact pairs may be at most this share of the dense N^2 (else the dense path runs)
@@ -201,7 +203,7 @@ def orthonormal_columns(y: Tensor) -> Tensor:
 
 def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """k-means of z (M, l) into about ``count`` cells: k-means++ seeding, ``CELL_ITERATIONS``
-    Lloyd steps, then cells far wider than the median split in two.  Returns labels (M,) long in
+    Lloyd steps (on a sample of ``_FIT_SAMPLE`` tokens per cell), then cells far wider than the median split in two.  Returns labels (M,) long in
     [0, C), centroids (C, l) and radius (C,), the largest distance of a cell's token to its
     centroid; empty cells dropped."""
     generator = torch.Generator().manual_seed(seed)
@@ -219,18 +221,22 @@ def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]
         new = sample[torch.multinomial(nearest, draws, generator=generator)]
         centroids = torch.cat([centroids, new])
         nearest = torch.minimum(nearest, torch.cdist(sample, new).square_().amin(1))
-    centroids = _lloyd(z, centroids, CELL_ITERATIONS)
+    # Lloyd steps on a sample of the tokens: the cells only need to be good, not optimal (any
+    # partition with true radii gives valid bounds), and each pass over all M tokens costs
+    fit = z
+    if m > _FIT_SAMPLE * count:
+        fit = z[torch.randperm(m, generator=generator)[: _FIT_SAMPLE * count]]
+    centroids = _lloyd(fit, centroids, CELL_ITERATIONS)
     for _ in range(_SPLIT_ROUNDS):
         # a cell much wider than the typical one has most likely merged two clusters (a local
         # optimum of k-means); its bounds would be loose for everyone, so it is split in two
         labels, radius = _assign(z, centroids)
-        wide = (radius > _SPLIT_WIDTH * radius.median()).nonzero().squeeze(1).tolist()
-        if not wide:
+        wide = radius > _SPLIT_WIDTH * radius.median()
+        if not bool(wide.any()):
             break
-        keep = torch.ones(centroids.shape[0], dtype=torch.bool)
-        keep[wide] = False
-        halves = _bisect(z, labels, centroids, ~keep)
-        centroids = _lloyd(z, torch.cat([centroids[keep], halves]), 1)
+        halves = _bisect(z, labels, centroids, wide)
+        centroids = torch.cat([centroids[~wide], halves])
+        centroids = _lloyd(fit, centroids, 1)  # cells empty in the sample are dropped
     labels, radius = _assign(z, centroids)
     return labels, centroids, radius
 
