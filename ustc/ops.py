@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -248,10 +248,12 @@ def exact_nearest(
     """
     fill = float("-inf") if largest else float("inf")
     c = min(count + CANDIDATE_MARGIN, gram.shape[1])
-    top, at = gram.masked_fill(~allowed, fill).topk(c, dim=1, largest=largest)
+    # one pass over the (R, C) block: ``masked_fill(~allowed)`` makes two
+    top, at = torch.where(allowed, gram, fill).topk(c, dim=1, largest=largest)
     position = cols[at].masked_fill_(~allowed.gather(1, at), -1)
+    # the count of allowed columns is needed for the few rows left unsure only
     return measure_candidates(
-        x, rows, top, position, allowed.sum(1), count, rounding, largest, measure
+        x, rows, top, position, lambda redo: allowed[redo].sum(1), count, rounding, largest, measure
     )
 
 
@@ -260,7 +262,7 @@ def measure_candidates(
     rows: Tensor,
     top: Tensor,
     position: Tensor,
-    n_allowed: Tensor,
+    n_allowed: Tensor | Callable[[Tensor], Tensor],
     count: int,
     rounding: Tensor,
     largest: bool = False,
@@ -270,8 +272,8 @@ def measure_candidates(
 
     top (R, c): the c >= count best rounded squared distances of each row, ascending (``largest``:
     descending), within ``rounding`` (R,) of the true ones; position (R, c): their columns' token
-    positions, -1 past the ``n_allowed`` (R,) columns the row may take.  Where the rounded values
-    separate the count-th candidate from the next by more than twice the rounding, the first
+    positions, -1 past the ``n_allowed`` (R,) columns the row may take (or a function giving
+    them for the unsure rows (U,) only).  Where the rounded values separate the count-th candidate from the next by more than twice the rounding, the first
     ``count`` are the right ones and only they are measured.  Elsewhere all c are measured and
     the row is certified when no column outside them can beat its count-th measured one: every
     such column has a rounded distance at least (at most) the c-th, so a true one beyond it less
@@ -314,7 +316,8 @@ def measure_candidates(
         ok = edge + rounding[redo] <= last
     else:
         ok = (edge - rounding[redo]).clamp(min=0.0) >= last
-    certified[redo] = (n_allowed[redo] <= c) | ok
+    allowed_redo = n_allowed(redo) if callable(n_allowed) else n_allowed[redo]
+    certified[redo] = (allowed_redo <= c) | ok
     return values, first, certified
 
 

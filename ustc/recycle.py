@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ustc.ops import (
     centered,
-    denser_than,
     density_from_distances,
     descending_order,
     distance_from_squared,
@@ -137,7 +136,7 @@ def knn_log_density(
             members = rows.start + mask[v, rows].nonzero().squeeze(1)
             if members.numel() == 0:
                 continue
-            local = members - rows.start
+            local = _local(members - rows.start, rows)
             nearest, _ = dist.nearest(
                 v, members, block[v, local], allowed[v, local], others, largest=False
             )
@@ -147,12 +146,26 @@ def knn_log_density(
     return out.masked_fill(~mask, float("-inf"))
 
 
-def _denser(log_rho: Tensor, rows: slice) -> Tensor:
-    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``)."""
-    idx = torch.arange(log_rho.shape[1], device=log_rho.device)
-    return denser_than(
-        log_rho[:, rows].unsqueeze(-1), idx[rows].unsqueeze(-1), log_rho.unsqueeze(1), idx
+def _local(local: Tensor, rows: slice) -> Tensor | slice:
+    """The rows ``local`` (ascending indices into a block of ``rows``) as an index: a slice (a
+    view, no copy of the (r, N) block) when they are all of them."""
+    return slice(None) if local.numel() == rows.stop - rows.start else local
+
+
+def _density_rank(log_rho: Tensor) -> Tensor:
+    """(B, N) long: each token's place in Eq. (4)'s order, densest first, equal densities by
+    index (``ops.denser_than``: j is denser than i iff rank[j] < rank[i])."""
+    order = descending_order(log_rho)
+    rank = torch.empty_like(order)
+    return rank.scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
+
+
+def _denser(rank: Tensor, rows: slice) -> Tensor:
+    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``), from
+    ``_density_rank``: one comparison per pair instead of the five of ``denser_than``."""
+    return rank.unsqueeze(1) < rank[:, rows].unsqueeze(-1)
 
 
 def peak_distance(
@@ -178,11 +191,12 @@ def peak_distance(
     farthest_rounded = torch.zeros(b, n, device=features.device)  # each row's largest, rounded
     dist = _Distances(features, mask, d2)
     col_ok = mask.unsqueeze(1)
+    rank = _density_rank(log_rho)
     for rows, block in dist.blocks():
-        denser = _denser(log_rho, rows) & col_ok
+        denser = _denser(rank, rows) & col_ok
         has_denser = denser.any(-1)
-        others = col_ok & (dist.positions != dist.positions[rows, None])
         if convention == "tcformer":
+            others = col_ok & (dist.positions != dist.positions[rows, None])
             farthest_rounded[:, rows] = block.masked_fill(~others, 0.0).amax(-1)
         for v in range(b):
             member = mask[v, rows]
@@ -190,9 +204,13 @@ def peak_distance(
                 local = (member & (has_denser[v] != peak)).nonzero().squeeze(1)
                 if local.numel() == 0 or (peak and convention == "tcformer"):
                     continue
-                allowed = (others if peak else denser)[v, local]
+                if peak:  # the densest token(s): every other member (a row or two, not r x N)
+                    at = rows.start + local
+                    allowed = mask[v].unsqueeze(0) & (dist.positions != at.unsqueeze(1))
+                else:
+                    allowed = denser[v, _local(local, rows)]
                 nearest, _ = dist.nearest(
-                    v, rows.start + local, block[v, local], allowed, 1, largest=peak
+                    v, rows.start + local, block[v, _local(local, rows)], allowed, 1, largest=peak
                 )
                 d = distance_from_squared(nearest[:, 0].clamp(min=0.0), scale)
                 out[v, rows.start + local] = d
