@@ -275,9 +275,10 @@ def measure_candidates(
     positions, -1 past the ``n_allowed`` (R,) columns the row may take (or a function giving
     them for the unsure rows (U,) only).  Where the rounded values separate the count-th
     candidate from the next by more than twice the rounding, the first ``count`` are the right
-    ones and only they are measured.  Elsewhere all c are measured and the row is certified when no column outside them can beat its count-th measured one: every
-    such column has a rounded distance at least (at most) the c-th, so a true one beyond it less
-    (plus) the rounding.  Equal measured distances order by position (the lower first).
+    ones and only they are measured.  Elsewhere all c are measured and the row is certified
+    when no column outside them can beat its count-th measured one: every such column has a
+    rounded distance at least (at most) the c-th, so a true one beyond it less (plus) the
+    rounding.  Equal measured distances order by position (the lower first).
     measure False: where the choice is sure, the rounded values are returned (for a caller that
     needs only the positions).
 
