@@ -134,7 +134,7 @@ def _compressors(
     return {m: (lambda c=c: c.compress(x, a)) for m, c in compressors.items()}
 
 
-def measure(plan: Plan, log: Callable[[str], None] = print) -> dict:
+def measure(plan: Plan, log: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict:
     """Every figure of the CPU section, as a JSON-able dict."""
     torch.set_num_threads(THREADS)
     report: dict[str, Any] = {

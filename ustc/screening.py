@@ -484,8 +484,14 @@ class _Pool:
         distance held, or for rows with fewer than k distances the nearest cell, until no row
         needs more.  None past the budget."""
         pairs = self.pairs
-        knn = torch.full((self.labels.numel(), k), float("inf"))
-        folded = [0] * len(pairs.groups)  # blocks of each row group already merged into knn
+        m, c = self.labels.numel(), k + CANDIDATE_MARGIN
+        # a running top c of every row (values, token positions, -1 for none) and its count of
+        # finite columns: what ``ops.measure_candidates`` takes, kept up to date as distances
+        # arrive instead of rebuilt from every held block at the end
+        top = torch.full((m, c), float("inf"))
+        position = torch.full((m, c), -1, dtype=torch.long)
+        n_allowed = torch.zeros(m, dtype=torch.long)
+        folded = [0] * len(pairs.groups)  # blocks of each row group already merged
         want = torch.eye(self.n_cells, dtype=torch.bool)
         while bool(want.any()):
             touched = pairs.add(want)
@@ -493,14 +499,23 @@ class _Pool:
                 return None
             for g in touched:
                 rows = pairs.rows(g)
-                new = [d2 for _, d2 in pairs.held[g][folded[g] :]]
+                new = pairs.held[g][folded[g] :]
                 folded[g] = len(pairs.held[g])
-                merged = torch.cat([knn[rows], *new], 1)
-                knn[rows] = merged.topk(k, dim=1, largest=False).values
+                values, at = torch.cat([top[rows], *[d2 for _, d2 in new]], 1).topk(
+                    c, dim=1, largest=False
+                )
+                columns = self.position[torch.cat([cols for cols, _ in new])]
+                taken = torch.where(
+                    at < c,
+                    position[rows].gather(1, at.clamp(max=c - 1)),
+                    columns[(at - c).clamp(min=0)],
+                )
+                top[rows], position[rows] = values, taken.masked_fill_(torch.isinf(values), -1)
+                for _, d2 in new:
+                    n_allowed[rows] += torch.isfinite(d2).sum(1)
             # a row's k nearest by rounded distance are measured below; the cells that may hold
             # a true k nearest are those within the k-th rounded one plus its rounding
-            want = self.wanted(knn[:, -1] + self.rounding)[0]
-        top, position, n_allowed = self.candidates(k, lambda g, gram: torch.isfinite(gram))
+            want = self.wanted(top[:, k - 1] + self.rounding)[0]
         nearest, _, certified = measure_candidates(
             self.features, self.position, top, position, n_allowed, k, self.rounding
         )
@@ -523,7 +538,7 @@ class _Pool:
             rows, gram = pairs.rows(g), pairs.distances(g)
             ok = allowed(g, gram)
             width = min(c, gram.shape[1])
-            values, at = gram.masked_fill(~ok, float("inf")).topk(width, dim=1, largest=False)
+            values, at = torch.where(ok, gram, float("inf")).topk(width, dim=1, largest=False)
             top[rows, :width] = values
             held = self.position[pairs.columns(g)]
             position[rows, :width] = held[at].masked_fill_(~ok.gather(1, at), -1)
@@ -552,14 +567,14 @@ class _Pool:
         held, then a full row for every row that leaves open; None past ``MAX_FULL_ROWS``."""
         pairs, position = self.pairs, self.position
 
+        # Eq. (4)'s order as one rank per token (``ops.denser_than``: by log rho, equal ones by
+        # position), so that "denser" is one comparison per held pair
+        by_position = torch.sort(position).indices
+        order = by_position[torch.sort(log_rho[by_position], descending=True, stable=True).indices]
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
+
         def denser_held(g: int, gram: Tensor) -> Tensor:
-            rows, cols = pairs.rows(g), pairs.columns(g)
-            return denser_than(
-                log_rho[rows].unsqueeze(1),
-                position[rows].unsqueeze(1),
-                log_rho[cols].unsqueeze(0),
-                position[cols].unsqueeze(0),
-            )
+            return rank[pairs.columns(g)].unsqueeze(0) < rank[pairs.rows(g)].unsqueeze(1)
 
         top, nearest, n_allowed = self.candidates(1, denser_held)
         best = top[:, 0]  # rounded squared distance to the nearest denser token held
