@@ -6,9 +6,10 @@ extra memory, at 32 frames and over 16-256 frames.  Run through ``benchmarks/com
 
 Times are medians of interleaved rounds (every method once per round, in turn, so that a change
 of the machine's load hits all of them alike) after one warm-up, on ``THREADS`` torch threads;
-the ratio is a method's time over ustc's in the same rounds.  Peak extra memory is measured in a
-fresh process per point: its peak RSS (VmHWM) is reset once the inputs exist, so the figure is
-what the compression adds on top of them.  Inputs: ``benchmarks/synthetic.py``'s structured
+the ratio is a method's time over ustc's in the same rounds.  Calls of seconds (from
+``Plan.single_round_from`` frames on) run once, in a fresh process.  Peak extra memory is measured
+in a fresh process per point: its peak RSS (VmHWM) is reset once the inputs exist, so the figure
+is what the compression adds on top of them.  Inputs: ``benchmarks/synthetic.py``'s structured
 video, 196 tokens per frame, float32, 2 % retention, no in-LLM merger.
 """
 
@@ -41,6 +42,8 @@ METHODS = ("ustc", "ustc w/o recycler", "visionzip", "holitom", "fastvid", "sttm
 #: the methods timed over frame counts (STTM's quadtree takes seconds per call from 64 frames on)
 SCALED = ("ustc", "visionzip", "holitom", "fastvid")
 START, END = "<!-- cpu-figures:start -->", "<!-- cpu-figures:end -->"
+#: the figures of the docs' CPU section, as ``--write`` rendered them
+FIGURES = Path(__file__).resolve().parent / "cpu" / "figures.json"
 COMMAND = (
     "OMP_WAIT_POLICY=PASSIVE python benchmarks/compressor.py --cpu-figures "
     "--write docs/performance.md"
@@ -103,26 +106,33 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_extra_mib(method: str, frames: int, tokens: int, dim: int, plan: Plan = FULL) -> float:
-    """Peak RSS growth (MiB) of one compress call in a fresh process, the inputs made first
-    (0 where ``plan.memory`` is off)."""
+def fresh_process(method: str, frames: int, tokens: int, dim: int, plan: Plan = FULL) -> dict:
+    """One compress call in a fresh process, the inputs made first: its time (ms) and its peak
+    RSS growth (MiB; the peak, VmHWM, is reset once the inputs exist).  Without
+    ``plan.memory``: the call in this process, peak 0."""
     if not plan.memory:
-        return 0.0
+        call = _compressors((method,), frames, tokens, dim)[method]
+        start = time.perf_counter()
+        call()
+        return {"ms": (time.perf_counter() - start) * 1e3, "peak_mib": 0.0}
     bench = Path(__file__).resolve().parent
     code = (
-        f"import sys, torch; sys.path.insert(0, {str(bench)!r}); torch.set_num_threads({THREADS});"
+        f"import sys, time, torch; sys.path.insert(0, {str(bench)!r}); "
+        f"torch.set_num_threads({THREADS});"
         "from compressor import rss_kib; from cpu_figures import config_of;"
         "from synthetic import make_inputs; from ustc import Compressor;"
         f"x, a = make_inputs({frames}, {tokens}, {dim}, 'cpu', torch.float32, 0, 'structured');"
         f"c = Compressor(config_of({method!r}));"
         "open('/proc/self/clear_refs', 'w').write('5'); before = rss_kib('VmRSS');"
-        "c.compress(x, a); print((rss_kib('VmHWM') - before) / 1024)"
+        "start = time.perf_counter(); c.compress(x, a); ms = (time.perf_counter() - start) * 1e3;"
+        "print(ms, (rss_kib('VmHWM') - before) / 1024)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench.parent), *sys.path])}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
-    return float(out.stdout.strip())
+    ms, peak = (float(v) for v in out.stdout.split())
+    return {"ms": ms, "peak_mib": peak}
 
 
 def _compressors(
@@ -157,7 +167,9 @@ def measure(plan: Plan, log: Callable[[str], None] = lambda line: print(line, fl
                 "method": method,
                 "ms": medians[method] * 1e3,
                 "ratio": medians[method] / medians["ustc"],
-                "peak_mib": peak_extra_mib(method, plan.compare_frames, plan.tokens, dim, plan),
+                "peak_mib": fresh_process(method, plan.compare_frames, plan.tokens, dim, plan)[
+                    "peak_mib"
+                ],
             }
             report["compare"].append(row)
             log(
@@ -165,25 +177,21 @@ def measure(plan: Plan, log: Callable[[str], None] = lambda line: print(line, fl
                 f"+{row['peak_mib']:.0f} MiB"
             )
     for frames in plan.frames:
-        rounds = 1 if frames >= plan.single_round_from else plan.repeats
-        medians = interleaved(_compressors(SCALED, frames, plan.tokens, plan.scaling_dim), rounds)
+        if frames < plan.single_round_from:
+            calls = _compressors(SCALED, frames, plan.tokens, plan.scaling_dim)
+            medians = interleaved(calls, plan.repeats)
         for method in SCALED:
-            row = {
-                "frames": frames,
-                "method": method,
-                "ms": medians[method] * 1e3,
-                "peak_mib": peak_extra_mib(method, frames, plan.tokens, plan.scaling_dim, plan),
-            }
+            # long points: one call in a fresh process gives the time and the memory at once
+            point = fresh_process(method, frames, plan.tokens, plan.scaling_dim, plan)
+            if frames < plan.single_round_from:
+                point["ms"] = medians[method] * 1e3
+            row = {"frames": frames, "method": method, **point}
             report["scaling"].append(row)
             log(f"F {frames:4d} {method:<18} {row['ms']:9.1f} ms  +{row['peak_mib']:.0f} MiB")
-    long = _compressors(("ustc",), plan.long_frames, plan.tokens, plan.long_dim)["ustc"]
-    start = time.perf_counter()
-    long()
     report["long"] = {
         "frames": plan.long_frames,
         "dim": plan.long_dim,
-        "ms": (time.perf_counter() - start) * 1e3,
-        "peak_mib": peak_extra_mib("ustc", plan.long_frames, plan.tokens, plan.long_dim, plan),
+        **fresh_process("ustc", plan.long_frames, plan.tokens, plan.long_dim, plan),
     }
     log(f"long {report['long']}")
     report["load_after"] = _load_average()
@@ -218,9 +226,10 @@ def render(report: dict, plan: Plan = FULL) -> str:
     lines += [
         "",
         f"**Frames {frames[0]}-{frames[-1]} x {plan.tokens} tokens, D {plan.scaling_dim}**: "
-        f"median of {plan.repeats} rounds up to {plan.single_round_from // 2} frames, one round "
-        f"(after a warm-up) from {plan.single_round_from} on; x prev = the time over the "
-        "previous frame count's (a doubling of the tokens).",
+        f"median of {plan.repeats} interleaved rounds below {plan.single_round_from} frames; "
+        f"from {plan.single_round_from} frames on, one call in a fresh process (no warm-up), "
+        "which also gives the peak memory; x prev = the time over the previous frame count's "
+        "(a doubling of the tokens).",
         "",
         "| frames | N |" + "".join(f" {m} (ms) | x prev | peak (MiB) |" for m in SCALED),
         "| ---: | ---: |" + " ---: | ---: | ---: |" * len(SCALED),
@@ -244,15 +253,19 @@ def render(report: dict, plan: Plan = FULL) -> str:
     long = report["long"]
     lines += [
         "",
-        f"ustc at {long['frames']} frames x {plan.tokens} tokens, D {long['dim']} (one call): "
+        f"ustc at {long['frames']} frames x {plan.tokens} tokens, D {long['dim']} (one call, "
+        "fresh process): "
         f"{long['ms'] / 1e3:.1f} s, peak extra memory {long['peak_mib']:.0f} MiB.",
         END,
     ]
     return "\n".join(lines)
 
 
-def write(doc: Path, block: str) -> None:
-    """Replace the CPU section of ``doc`` (between its markers) by ``block``."""
+def write(doc: Path, block: str, report: dict) -> None:
+    """Replace the CPU section of ``doc`` (between its markers) by ``block``, and keep the
+    figures it was rendered from in ``FIGURES`` (the docs test renders them again)."""
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(json.dumps(report, indent=1) + "\n")
     text = doc.read_text()
     if START not in text or END not in text:
         raise ValueError(f"{doc} has no {START} ... {END} section to replace")
@@ -299,5 +312,5 @@ def main(args) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.write:
-        write(args.write, block)
+        write(args.write, block, report)
     return report

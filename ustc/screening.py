@@ -439,7 +439,7 @@ class _Pool:
         # the bounds are kept when they fit in one block (pools up to ~64 frames)
         self.gaps = {0: self.lower_bounds(self.blocks[0])} if len(self.blocks) == 1 else {}
 
-    def lower_bounds(self, rows: slice) -> Tensor:
+    def lower_bounds(self, rows: slice | Tensor) -> Tensor:
         """(r, C): a lower bound on the distance from each row to every token of each cell
         (module doc, 2)."""
         centroids = self.centroids
@@ -448,21 +448,34 @@ class _Pool:
         return gap.sub_(self.radius + self.sketch.slack)
 
     def wanted(
-        self, bound: Tensor, denser: tuple[Tensor, Tensor, Tensor] | None = None
+        self,
+        bound: Tensor,
+        denser: tuple[Tensor, Tensor, Tensor] | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The cells each row still needs, given the squared distance ``bound`` (M,) its answer
         is known to be within (+inf: unknown yet): every cell within the bound not yet asked for
         (density: so that the exact-work budget is charged for what the bounds ask, see
         ``_HeldPairs``) or not held (``denser`` given), or without a bound the nearest.  With
         ``denser`` = (log rho (M,), and per cell the log rho and position of its densest
-        token), only cells holding a token denser than the row count.  Returns (C, C) bool,
-        some token of row cell a needs cell b, and (M,) bool, the rows that need any.  In row
-        blocks, so nothing is M x C."""
+        token), only cells holding a token denser than the row count.  ``active`` (M,) bool:
+        only these rows are looked at (the others are known to need nothing).  Returns (C, C)
+        bool, some token of row cell a needs cell b, and (M,) bool, the rows that need any.  In
+        row blocks, so nothing is M x C."""
         by_cell = torch.zeros(self.n_cells, self.n_cells, dtype=torch.int32)
         needs = torch.zeros(bound.shape[0], dtype=torch.bool)
         known = self.pairs.charged if denser is None else self.pairs.done
-        for rows in self.blocks:
-            gap = self.gaps[rows.start] if rows.start in self.gaps else self.lower_bounds(rows)
+        for block in self.blocks:
+            rows: slice | Tensor = block
+            if active is not None:
+                rows = block.start + active[block].nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+            if block.start in self.gaps:
+                gap = self.gaps[block.start]
+                gap = gap if active is None else gap[rows - block.start]
+            else:
+                gap = self.lower_bounds(rows)
             open_cells = ~known[self.labels[rows]]
             if denser is not None:
                 log_rho, cell_rho, cell_position = denser
@@ -493,6 +506,7 @@ class _Pool:
         n_allowed = torch.zeros(m, dtype=torch.long)
         folded = [0] * len(pairs.groups)  # blocks of each row group already merged
         want = torch.eye(self.n_cells, dtype=torch.bool)
+        active = None  # every row
         while bool(want.any()):
             touched = pairs.add(want)
             if touched is None:
@@ -514,8 +528,10 @@ class _Pool:
                 for _, d2 in new:
                     n_allowed[rows] += torch.isfinite(d2).sum(1)
             # a row's k nearest by rounded distance are measured below; the cells that may hold
-            # a true k nearest are those within the k-th rounded one plus its rounding
-            want = self.wanted(top[:, k - 1] + self.rounding)[0]
+            # a true k nearest are those within the k-th rounded one plus its rounding.  A row
+            # that needed no cell needs none later (its bound only shrinks, the cells asked for
+            # only grow), so each round looks at the rows of the last one only
+            want, active = self.wanted(top[:, k - 1] + self.rounding, active=active)
         nearest, _, certified = measure_candidates(
             self.features, self.position, top, position, n_allowed, k, self.rounding
         )
