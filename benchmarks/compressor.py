@@ -296,13 +296,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="--cpu-figures at toy sizes")
     parser.add_argument("--write", type=Path, help="--cpu-figures: replace the doc's section")
     parser.add_argument("--json", type=Path, help="--cpu-figures: keep the figures as JSON")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        help="--cpu-figures: rewrite the doc's section from the stored figures, measuring nothing",
+    )
     args = parser.parse_args(argv)
     if args.cpu_figures:
         import cpu_figures
 
         return cpu_figures.main(args)
-    if args.quick or args.write or args.json:
-        parser.error("--quick, --write and --json go with --cpu-figures")
+    if args.quick or args.write or args.json or args.render:
+        parser.error("--quick, --write, --json and --render go with --cpu-figures")
     if args.smoke:
         args.frames, args.tokens, args.dim, args.repeats = 4, 16, 64, 1
         args.retention = max(args.retention, 0.1)

@@ -256,9 +256,51 @@ def render(report: dict, plan: Plan = FULL) -> str:
         f"ustc at {long['frames']} frames x {plan.tokens} tokens, D {long['dim']} (one call, "
         "fresh process): "
         f"{long['ms'] / 1e3:.1f} s, peak extra memory {long['peak_mib']:.0f} MiB.",
+        "",
+        *goals(report),
         END,
     ]
     return "\n".join(lines)
+
+
+def goals(report: dict) -> list[str]:
+    """Issue 28's speed goals, read off the figures (so that the verdicts move with them)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = [
+        "Issue 28's goals on these figures (its FlashVID-style comparison cannot be made: no "
+        "such baseline is registered):",
+        "",
+    ]
+    for dim in sorted({r["dim"] for r in report["compare"]}, reverse=True):
+        ratio = {r["method"]: r["ratio"] for r in report["compare"] if r["dim"] == dim}
+        faster = [m for m in ratio if m != "ustc" and ratio[m] < 1.0]
+        lines.append(
+            f"- D {dim}: ustc takes {1 / ratio['holitom']:.2f}x the HoliTom-style time (goal "
+            f"<= 1: {verdict(ratio['holitom'] >= 1.0)}) and {1 / ratio['fastvid']:.2f}x the "
+            f"FastVID-style time (goal < 1: {verdict(ratio['fastvid'] > 1.0)}); faster than "
+            f"ustc here: {', '.join(faster) or 'none'}."
+        )
+    ustc = sorted(
+        (r for r in report["scaling"] if r["method"] == "ustc"), key=lambda r: r["frames"]
+    )
+    steps = [
+        (b["ms"] / a["ms"], a["frames"], b["frames"])
+        for a, b in zip(ustc[:-1], ustc[1:], strict=True)
+    ]
+    worst = max(steps) if steps else (0.0, 0, 0)
+    lines.append(
+        f"- Frames: the largest time ratio of one doubling is {worst[0]:.1f}x "
+        f"({worst[1]} -> {worst[2]} frames; goal <= 4x up to 256: {verdict(worst[0] <= 4.0)})."
+    )
+    long = report["long"]
+    lines.append(
+        f"- {long['frames']} frames at D {long['dim']}: {long['peak_mib']:.0f} MiB of extra peak "
+        f"memory (goal <= 2048: {verdict(long['peak_mib'] <= 2048)})."
+    )
+    return lines
 
 
 def write(doc: Path, block: str, report: dict) -> None:
@@ -305,6 +347,10 @@ def _fmt_load(load: list[float]) -> str:
 def main(args) -> dict:
     """``compressor.py --cpu-figures``: measure, print, and with ``--write`` update the doc."""
     plan = QUICK if args.quick else FULL
+    if args.render:  # the stored figures again, e.g. after a change of the wording
+        report = json.loads(FIGURES.read_text())
+        write(args.render, render(report, plan), report)
+        return report
     report = measure(plan)
     block = render(report, plan)
     print(block)
