@@ -6,9 +6,8 @@ extra memory, at 32 frames and over 16-256 frames.  Run through ``benchmarks/com
 
 Times are medians of interleaved rounds (every method once per round, in turn, so that a change
 of the machine's load hits all of them alike) after one warm-up, on ``THREADS`` torch threads;
-the ratio is a method's time over ustc's in the same rounds.  Calls of seconds (from
-``Plan.single_round_from`` frames on) run once, in a fresh process.  Peak extra memory is measured
-in a fresh process per point: its peak RSS (VmHWM) is reset once the inputs exist, so the figure
+the ratio is a method's time over ustc's in the same rounds; the scaling table's rounds run every
+frame count in turn.  Peak extra memory is measured in a fresh process per point: its peak RSS (VmHWM) is reset once the inputs exist, so the figure
 is what the compression adds on top of them.  Inputs: ``benchmarks/synthetic.py``'s structured
 video, 196 tokens per frame, float32, 2 % retention, no in-LLM merger.
 """
@@ -63,8 +62,8 @@ class Plan:
     long_frames: int = 256
     long_dim: int = 3584
     repeats: int = 5
-    #: from this many frames on, one round after the warm-up (each call takes seconds)
-    single_round_from: int = 128
+    #: rounds of the scaling table, every frame count in each (calls of up to tens of seconds)
+    scaling_rounds: int = 3
     #: measure peak memory (a fresh process per point, seconds each); off: reported as 0
     memory: bool = True
 
@@ -79,7 +78,7 @@ QUICK = Plan(
     long_frames=4,
     long_dim=64,
     repeats=1,
-    single_round_from=4,
+    scaling_rounds=1,
     memory=False,
 )
 
@@ -176,18 +175,24 @@ def measure(plan: Plan, log: Callable[[str], None] = lambda line: print(line, fl
                 f"D {dim:5d} {method:<18} {row['ms']:9.1f} ms  x{row['ratio']:.2f}  "
                 f"+{row['peak_mib']:.0f} MiB"
             )
-    for frames in plan.frames:
-        if frames < plan.single_round_from:
-            calls = _compressors(SCALED, frames, plan.tokens, plan.scaling_dim)
-            medians = interleaved(calls, plan.repeats)
-        for method in SCALED:
-            # long points: one call in a fresh process gives the time and the memory at once
-            point = fresh_process(method, frames, plan.tokens, plan.scaling_dim, plan)
-            if frames < plan.single_round_from:
-                point["ms"] = medians[method] * 1e3
-            row = {"frames": frames, "method": method, **point}
-            report["scaling"].append(row)
-            log(f"F {frames:4d} {method:<18} {row['ms']:9.1f} ms  +{row['peak_mib']:.0f} MiB")
+    # every (frame count, method) once per round, in turn: a change of the load over the minutes
+    # this takes hits every point alike, so that the ratios between frame counts mean something
+    calls = {
+        (frames, method): call
+        for frames in plan.frames
+        for method, call in _compressors(SCALED, frames, plan.tokens, plan.scaling_dim).items()
+    }
+    medians = interleaved(calls, plan.scaling_rounds)
+    for (frames, method), seconds in medians.items():
+        point = fresh_process(method, frames, plan.tokens, plan.scaling_dim, plan)
+        row = {
+            "frames": frames,
+            "method": method,
+            "ms": seconds * 1e3,
+            "peak_mib": point["peak_mib"],
+        }
+        report["scaling"].append(row)
+        log(f"F {frames:4d} {method:<18} {row['ms']:9.1f} ms  +{row['peak_mib']:.0f} MiB")
     report["long"] = {
         "frames": plan.long_frames,
         "dim": plan.long_dim,
@@ -226,10 +231,9 @@ def render(report: dict, plan: Plan = FULL) -> str:
     lines += [
         "",
         f"**Frames {frames[0]}-{frames[-1]} x {plan.tokens} tokens, D {plan.scaling_dim}**: "
-        f"median of {plan.repeats} interleaved rounds below {plan.single_round_from} frames; "
-        f"from {plan.single_round_from} frames on, one call in a fresh process (no warm-up), "
-        "which also gives the peak memory; x prev = the time over the previous frame count's "
-        "(a doubling of the tokens).",
+        f"median of {plan.scaling_rounds} rounds after a warm-up, every frame count and method "
+        "once per round, in turn; peak extra memory in a fresh process; x prev = the time over "
+        "the previous frame count's (a doubling of the tokens).",
         "",
         "| frames | N |" + "".join(f" {m} (ms) | x prev | peak (MiB) |" for m in SCALED),
         "| ---: | ---: |" + " ---: | ---: | ---: |" * len(SCALED),
