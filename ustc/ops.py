@@ -365,11 +365,17 @@ def exact_nearest_rows(
 
 
 def _gram64(xc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """float64 squared distances between the rows and the columns of xc (N, D): (R, C)."""
+    """float64 squared distances between the rows and the columns of xc (N, D): (R, C).  In
+    column blocks: a float64 copy of every column is 1.4 GiB at 256 x 196 tokens of width 3584."""
     a = xc.index_select(0, rows).double()
-    b = xc.index_select(0, cols).double()
-    d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2.0 * (a @ b.T)
-    return d2.clamp_(min=0.0)
+    a_sq = a.square().sum(1, keepdim=True)
+    out = torch.empty(rows.numel(), cols.numel(), dtype=torch.float64, device=xc.device)
+    step = max(1, PAIRWISE_BLOCK // (4 * xc.shape[1]))
+    for start in range(0, cols.numel(), step):
+        block = slice(start, start + step)
+        b = xc.index_select(0, cols[block]).double()
+        out[:, block] = a_sq + b.square().sum(1) - 2.0 * (a @ b.T)
+    return out.clamp_(min=0.0)
 
 
 def density_from_distances(nearest: Tensor, convention: str, scale: float) -> Tensor:
