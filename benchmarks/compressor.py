@@ -4,6 +4,8 @@
     python benchmarks/compressor.py --data structured scenes --sections combinations baselines
     python benchmarks/compressor.py --device cuda --dtype bfloat16 --scaling 32 64 128 256
     python benchmarks/compressor.py --smoke               # every code path in seconds (CPU)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/compressor.py --cpu-figures --write docs/performance.md
+    python benchmarks/compressor.py --cpu-figures --quick # the same tables at toy sizes (tests)
 
 Sections (``--sections``):
 
@@ -17,6 +19,11 @@ Sections (``--sections``):
   FastVID-style, STTM) on the same inputs; ratio = the method's time / ustc's.
 - ``scaling`` (``--scaling F1 F2 ...``): the paper's method over frame counts, time and peak extra
   memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth of a fresh process per point).
+
+``--cpu-figures``: the tables of docs/performance.md's CPU section (``cpu_figures``): ustc against
+every registered baseline at 32 frames (D 3584 and 896), and over 16-256 frames at D 896, time and
+peak extra memory; ``--write`` replaces that section between its markers, ``--json`` keeps the
+figures.
 
 Every timing is the median of ``--repeats`` rounds after one warm-up; in each round every variant
 runs once, in turn, so that a change of the machine's load hits all of them alike.  Ratios are
@@ -280,7 +287,27 @@ def main(argv: list[str] | None = None) -> dict:
         "--smoke", action="store_true", help="tiny sizes: every code path in seconds"
     )
     parser.add_argument("--output", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--cpu-figures",
+        action="store_true",
+        help="the CPU tables of docs/performance.md (benchmarks/cpu_figures.py); ignores the "
+        "size and section options",
+    )
+    parser.add_argument("--quick", action="store_true", help="--cpu-figures at toy sizes")
+    parser.add_argument("--write", type=Path, help="--cpu-figures: replace the doc's section")
+    parser.add_argument("--json", type=Path, help="--cpu-figures: keep the figures as JSON")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        help="--cpu-figures: rewrite the doc's section from the stored figures, measuring nothing",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_figures:
+        import cpu_figures
+
+        return cpu_figures.main(args)
+    if args.quick or args.write or args.json or args.render:
+        parser.error("--quick, --write, --json and --render go with --cpu-figures")
     if args.smoke:
         args.frames, args.tokens, args.dim, args.repeats = 4, 16, 64, 1
         args.retention = max(args.retention, 0.1)

@@ -1,6 +1,7 @@
 """benchmarks/: the synthetic video, the dense reference, and the compressor script's smoke mode."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +66,62 @@ def test_compressor_benchmark_smoke(tmp_path):
         ("blocked", 4),
     ]
     assert all(r["median_ms"] > 0 and r["peak_extra_mib"] >= 0 for r in report["scaling"])
+
+
+def _structure(markdown: str) -> set[str]:
+    """The lines of a rendered section with every number, verdict, list of methods and the
+    machine's OMP setting replaced: its tables' and sentences' shape."""
+    out = set()
+    for line in markdown.splitlines():
+        line = re.sub(r"\d+(\.\d+)?", "#", line)
+        line = re.sub(r"(\*\*not met\*\*|met)\)", "VERDICT)", line)
+        line = re.sub(r"faster than ustc here: [^.]*\.", "faster than ustc here: LIST.", line)
+        out.add(re.sub(r", OMP_WAIT_POLICY=\w+\.", ", OMP_WAIT_POLICY=SETTING.", line))
+    return out
+
+
+def test_docs_cpu_section_is_what_its_command_renders_from_its_figures():
+    """docs/performance.md's CPU tables are ``compressor.py --cpu-figures --write``'s output:
+    rendered again from the figures it stored, they are the same text, and the command named in
+    the section is the one that writes it."""
+    import cpu_figures
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+    report = json.loads(cpu_figures.FIGURES.read_text())
+    assert cpu_figures.section(doc) == cpu_figures.render(report)
+    assert f"`{cpu_figures.COMMAND}`" in cpu_figures.section(doc)
+    frames = sorted({r["frames"] for r in report["scaling"]})
+    assert frames == [16, 32, 64, 128, 256]
+    assert {r["method"] for r in report["compare"]} == set(cpu_figures.METHODS)
+
+
+def test_cpu_figures_quick_run_has_the_docs_tables_shape(tmp_path):
+    """The command at toy sizes gives the tables the docs hold (same methods, columns, text):
+    a change of the command's tables that the docs did not follow fails here."""
+    import cpu_figures
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+    copy = tmp_path / "performance.md"
+    copy.write_text(f"before\n{cpu_figures.START}\nold\n{cpu_figures.END}\nafter\n")
+    original = cpu_figures.FIGURES
+    try:
+        cpu_figures.FIGURES = tmp_path / "figures.json"
+        report = bench.main(["--cpu-figures", "--quick", "--write", str(copy)])
+        assert json.loads(cpu_figures.FIGURES.read_text())["compare"] == report["compare"]
+    finally:
+        cpu_figures.FIGURES = original
+    text = copy.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n")
+    assert _structure(cpu_figures.section(copy)) == _structure(cpu_figures.section(doc))
+
+
+def test_fresh_process_measures_time_and_memory():
+    import cpu_figures
+
+    point = cpu_figures.fresh_process("ustc", 2, 16, 64)
+    assert point["ms"] > 0 and point["peak_mib"] >= 0
+
+
+def test_cpu_figures_options_need_cpu_figures():
+    with pytest.raises(SystemExit):
+        bench.main(["--quick"])

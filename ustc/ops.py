@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -254,10 +254,12 @@ def exact_nearest(
     """
     fill = float("-inf") if largest else float("inf")
     c = min(count + CANDIDATE_MARGIN, gram.shape[1])
-    top, at = gram.masked_fill(~allowed, fill).topk(c, dim=1, largest=largest)
+    # one pass over the (R, C) block: ``masked_fill(~allowed)`` makes two
+    top, at = torch.where(allowed, gram, fill).topk(c, dim=1, largest=largest)
     position = cols[at].masked_fill_(~allowed.gather(1, at), -1)
+    # the count of allowed columns is needed for the few rows left unsure only
     return measure_candidates(
-        x, rows, top, position, allowed.sum(1), count, rounding, largest, measure
+        x, rows, top, position, lambda redo: allowed[redo].sum(1), count, rounding, largest, measure
     )
 
 
@@ -266,7 +268,7 @@ def measure_candidates(
     rows: Tensor,
     top: Tensor,
     position: Tensor,
-    n_allowed: Tensor,
+    n_allowed: Tensor | Callable[[Tensor], Tensor],
     count: int,
     rounding: Tensor,
     largest: bool = False,
@@ -276,12 +278,13 @@ def measure_candidates(
 
     top (R, c): the c >= count best rounded squared distances of each row, ascending (``largest``:
     descending), within ``rounding`` (R,) of the true ones; position (R, c): their columns' token
-    positions, -1 past the ``n_allowed`` (R,) columns the row may take.  Where the rounded values
-    separate the count-th candidate from the next by more than twice the rounding, the first
-    ``count`` are the right ones and only they are measured.  Elsewhere all c are measured and
-    the row is certified when no column outside them can beat its count-th measured one: every
-    such column has a rounded distance at least (at most) the c-th, so a true one beyond it less
-    (plus) the rounding.  Equal measured distances order by position (the lower first).
+    positions, -1 past the ``n_allowed`` (R,) columns the row may take (or a function giving
+    them for the unsure rows (U,) only).  Where the rounded values separate the count-th
+    candidate from the next by more than twice the rounding, the first ``count`` are the right
+    ones and only they are measured.  Elsewhere all c are measured and the row is certified
+    when no column outside them can beat its count-th measured one: every such column has a
+    rounded distance at least (at most) the c-th, so a true one beyond it less (plus) the
+    rounding.  Equal measured distances order by position (the lower first).
     measure False: where the choice is sure, the rounded values are returned (for a caller that
     needs only the positions).
 
@@ -320,7 +323,8 @@ def measure_candidates(
         ok = edge + rounding[redo] <= last
     else:
         ok = (edge - rounding[redo]).clamp(min=0.0) >= last
-    certified[redo] = (n_allowed[redo] <= c) | ok
+    allowed_redo = n_allowed(redo) if callable(n_allowed) else n_allowed[redo]
+    certified[redo] = (allowed_redo <= c) | ok
     return values, first, certified
 
 
@@ -367,11 +371,17 @@ def exact_nearest_rows(
 
 
 def _gram64(xc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """float64 squared distances between the rows and the columns of xc (N, D): (R, C)."""
+    """float64 squared distances between the rows and the columns of xc (N, D): (R, C).  In
+    column blocks: a float64 copy of every column is 1.4 GiB at 256 x 196 tokens of width 3584."""
     a = xc.index_select(0, rows).double()
-    b = xc.index_select(0, cols).double()
-    d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2.0 * (a @ b.T)
-    return d2.clamp_(min=0.0)
+    a_sq = a.square().sum(1, keepdim=True)
+    out = torch.empty(rows.numel(), cols.numel(), dtype=torch.float64, device=xc.device)
+    step = max(1, PAIRWISE_BLOCK // (4 * xc.shape[1]))
+    for start in range(0, cols.numel(), step):
+        block = slice(start, start + step)
+        b = xc.index_select(0, cols[block]).double()
+        out[:, block] = a_sq + b.square().sum(1) - 2.0 * (a @ b.T)
+    return out.clamp_(min=0.0)
 
 
 def density_from_distances(nearest: Tensor, convention: str, scale: float) -> Tensor:

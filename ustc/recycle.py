@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ustc.ops import (
     centered,
-    denser_than,
     density_from_distances,
     descending_order,
     distance_from_squared,
@@ -137,7 +136,7 @@ def knn_log_density(
             members = rows.start + mask[v, rows].nonzero().squeeze(1)
             if members.numel() == 0:
                 continue
-            local = members - rows.start
+            local = _local(members - rows.start, rows)
             nearest, _ = dist.nearest(
                 v, members, block[v, local], allowed[v, local], others, largest=False
             )
@@ -147,12 +146,26 @@ def knn_log_density(
     return out.masked_fill(~mask, float("-inf"))
 
 
-def _denser(log_rho: Tensor, rows: slice) -> Tensor:
-    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``)."""
-    idx = torch.arange(log_rho.shape[1], device=log_rho.device)
-    return denser_than(
-        log_rho[:, rows].unsqueeze(-1), idx[rows].unsqueeze(-1), log_rho.unsqueeze(1), idx
+def _local(local: Tensor, rows: slice) -> Tensor | slice:
+    """The rows ``local`` (ascending indices into a block of ``rows``) as an index: a slice (a
+    view, no copy of the (r, N) block) when they are all of them."""
+    return slice(None) if local.numel() == rows.stop - rows.start else local
+
+
+def _density_rank(log_rho: Tensor) -> Tensor:
+    """(B, N) long: each token's place in Eq. (4)'s order, densest first, equal densities by
+    index (``ops.denser_than``: j is denser than i iff rank[j] < rank[i])."""
+    order = descending_order(log_rho)
+    rank = torch.empty_like(order)
+    return rank.scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
+
+
+def _denser(rank: Tensor, rows: slice) -> Tensor:
+    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``), from
+    ``_density_rank``: one comparison per pair instead of the five of ``denser_than``."""
+    return rank.unsqueeze(1) < rank[:, rows].unsqueeze(-1)
 
 
 def peak_distance(
@@ -178,11 +191,12 @@ def peak_distance(
     farthest_rounded = torch.zeros(b, n, device=features.device)  # each row's largest, rounded
     dist = _Distances(features, mask, d2)
     col_ok = mask.unsqueeze(1)
+    rank = _density_rank(log_rho)
     for rows, block in dist.blocks():
-        denser = _denser(log_rho, rows) & col_ok
+        denser = _denser(rank, rows) & col_ok
         has_denser = denser.any(-1)
-        others = col_ok & (dist.positions != dist.positions[rows, None])
         if convention == "tcformer":
+            others = col_ok & (dist.positions != dist.positions[rows, None])
             farthest_rounded[:, rows] = block.masked_fill(~others, 0.0).amax(-1)
         for v in range(b):
             member = mask[v, rows]
@@ -190,9 +204,13 @@ def peak_distance(
                 local = (member & (has_denser[v] != peak)).nonzero().squeeze(1)
                 if local.numel() == 0 or (peak and convention == "tcformer"):
                     continue
-                allowed = (others if peak else denser)[v, local]
+                if peak:  # the densest token(s): every other member (a row or two, not r x N)
+                    at = rows.start + local
+                    allowed = mask[v].unsqueeze(0) & (dist.positions != at.unsqueeze(1))
+                else:
+                    allowed = denser[v, _local(local, rows)]
                 nearest, _ = dist.nearest(
-                    v, rows.start + local, block[v, local], allowed, 1, largest=peak
+                    v, rows.start + local, block[v, _local(local, rows)], allowed, 1, largest=peak
                 )
                 d = distance_from_squared(nearest[:, 0].clamp(min=0.0), scale)
                 out[v, rows.start + local] = d
@@ -223,30 +241,42 @@ def _pool_diameter(
     return out
 
 
-def nearest_center(features: Tensor, mask: Tensor, centers: Tensor) -> Tensor:
+def nearest_center(
+    features: Tensor, mask: Tensor, centers: Tensor, xc: Tensor | None = None
+) -> Tensor:
     """owner_i = argmin_{c in centers} d(v_i, v_c) for members of ``mask``, -1 elsewhere.
 
     Centers own themselves (a duplicate of a lower-index center would otherwise leave its own
     cluster empty); distance ties go to the lower center index.  A video without centers (a
     cluster share of 0) drops its members (-1), as recycler ``none`` does.  The nearest center
     is chosen on rounded distances of the centred features and confirmed on distances measured
-    from the differences (``ops.exact_nearest_rows``).  (B, N) long.
+    from the differences (``ops.exact_nearest_rows``).  xc: ``ops.centered(features, mask)``
+    when the caller has it.  (B, N) long.
     """
     b, n, _ = features.shape
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
-    xc = centered(features, mask)
-    rounding = gram_rounding(squared_norms(xc), mask)
+    xc = centered(features, mask) if xc is None else xc
+    sq = squared_norms(xc)
+    rounding = gram_rounding(sq, mask)
     for v in range(b):
         center_pos = centers[v].nonzero().squeeze(1)
         members = mask[v].nonzero().squeeze(1)
         if center_pos.numel() == 0 or members.numel() == 0:
             continue
-        center_x = xc[v, center_pos].unsqueeze(0)
+        center_x = xc[v, center_pos]
+        center_sq = sq[v, center_pos].unsqueeze(1)
         x = features[v].float()  # one conversion per video, not per block
-        for block in row_blocks(members.numel(), center_pos.numel()):
-            rows = members[block]
-            # (C, r): the centers as the rows of the product, the faster orientation on the CPU
-            gram = squared_distances(center_x, xc[v, rows].unsqueeze(0))[0].T
+        for block in row_blocks(n, center_pos.numel()):
+            # (C, r): the centers as the rows of the product, the faster orientation on the CPU;
+            # every token of the block, not a gathered copy of the members (a fresh copy of
+            # N x D floats costs more than the products of the few non-members)
+            gram = torch.addmm(center_sq, center_x, xc[v, block].T, alpha=-2.0)
+            gram = gram.add_(sq[v, block]).clamp_(min=0.0)
+            inside = mask[v, block]
+            rows = block.start + inside.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            gram = gram[:, inside].T
             allowed = torch.ones_like(gram, dtype=torch.bool)
             _, position = exact_nearest_rows(
                 x,
@@ -285,9 +315,11 @@ def dpc_knn(
     log_rho = torch.full(mask.shape, float("-inf"), device=features.device)
     delta = torch.zeros(mask.shape, device=features.device)
     dense = list(range(b))
+    xc = None  # the centred features, computed once for screening and the nearest centres
     if convention == "paper" and screening_applies(features, mask, k):
         # large pools on the CPU: see ustc.screening; a video it declines takes the dense path
-        screened = screen_each(features, mask, k)
+        xc = centered(features, mask)
+        screened = screen_each(features, mask, k, xc)
         for v, result in enumerate(screened):
             if result is not None:
                 log_rho[v], delta[v] = result
@@ -304,7 +336,7 @@ def dpc_knn(
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))
     centers = first_n_mask(descending_order(log_gamma), counts) & mask
-    return Recycled(centers=centers, owner=nearest_center(features, mask, centers))
+    return Recycled(centers=centers, owner=nearest_center(features, mask, centers, xc))
 
 
 class Recycler:

@@ -77,16 +77,28 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
         )
 
 
+#: entries of a (B, rows, D) block of ``redundancy``'s products
+_PRODUCT_ROWS = 1 << 22
+
+
 def redundancy(features: Tensor) -> Tensor:
     """u_i = cos(v_i, mean_j v_j / ||v_j||) = (1/N) sum_j cos(v_i, v_j) up to a positive factor
 
     How much a token repeats the rest of its video: its mean cosine similarity to all tokens,
     computed in O(N D) through the mean of the unit vectors (no N x N matrix).
 
-    features: (B, N, D).  Returns (B, N) float32.
+    features: (B, N, D).  Returns (B, N) float32.  The products go row block by row block
+    (the same values): one N x D temporary besides the unit vectors is 0.7 GiB at 256 x 196
+    tokens of width 3584.
     """
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    return (unit * unit.mean(dim=1, keepdim=True)).sum(dim=-1)
+    mean = unit.mean(dim=1, keepdim=True)
+    out = torch.empty(unit.shape[:2], device=unit.device)
+    step = max(1, _PRODUCT_ROWS // max(1, unit.shape[0] * unit.shape[2]))
+    for start in range(0, unit.shape[1], step):
+        rows = slice(start, start + step)
+        out[:, rows] = (unit[:, rows] * mean).sum(dim=-1)
+    return out
 
 
 class Scorer:

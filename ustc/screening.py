@@ -80,6 +80,8 @@ CELL = 48
 CELL_ITERATIONS = 4
 #: the k-means++ seeds are drawn from this many tokens per cell, in this many batches
 _SEED_SAMPLE, _SEED_ROUNDS = 4, 16
+#: the Lloyd steps run on this many tokens per cell (a sample)
+_FIT_SAMPLE = 16
 #: cells wider than this many times the median radius are split in two, at most this many times
 _SPLIT_WIDTH, _SPLIT_ROUNDS = 1.5, 3
 #: the exact pairs may be at most this share of the dense N^2 (else the dense path runs)
@@ -88,6 +90,8 @@ MAX_EXACT_SHARE = 0.25
 MAX_EXACT_PAIRS = 1 << 27
 #: most rows whose delta takes a full row (against every token) before the dense path is cheaper
 MAX_FULL_ROWS = 1024
+#: fewest rows of a group of cells whose exact distances are computed in one product
+GROUP_ROWS = 256
 
 
 def screening_applies(features: Tensor, mask: Tensor, k: int) -> bool:
@@ -110,7 +114,9 @@ def screen(features: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor] | No
     return torch.stack([r[0] for r in each]), torch.stack([r[1] for r in each])
 
 
-def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Tensor] | None]:
+def screen_each(
+    features: Tensor, mask: Tensor, k: int, xc: Tensor | None = None
+) -> list[tuple[Tensor, Tensor] | None]:
     """``screen`` decided per video: (log rho (N,), delta (N,)) for each video screening takes,
     None for each it declines (a pool of at most k tokens, or too much exact work).  A video's
     result depends on that video alone.
@@ -118,10 +124,11 @@ def screen_each(features: Tensor, mask: Tensor, k: int) -> list[tuple[Tensor, Te
     The cells and bounds come from the features centred on the pool's mean (``ops.centered``);
     the neighbours and the nearest denser token are measured from the differences of the
     original features (``ops.exact_nearest``), as on the dense path: the same values, bit for
-    bit, whenever both certify their candidates.
+    bit, whenever both certify their candidates.  xc: ``ops.centered(features, mask)`` when
+    the caller has it.
     """
     b, n, _ = features.shape
-    xc = centered(features, mask)
+    xc = centered(features, mask) if xc is None else xc
     rounding = gram_rounding(squared_norms(xc), mask)
     out: list[tuple[Tensor, Tensor] | None] = []
     for v in range(b):
@@ -173,15 +180,30 @@ def sketch_basis(x: Tensor, rank: int, seed: int = 0) -> Tensor:
     omega = torch.randn(columns.numel(), rank, generator=generator).to(x.device)
     # random rows: a stride could miss whole token positions (frames repeat every P rows)
     rows = x.index_select(0, torch.randperm(m, generator=generator)[:_SKETCH_ROWS].to(x.device))
-    y = torch.linalg.qr(rows.index_select(1, columns) @ omega).Q  # (rows, rank)
+    y = orthonormal_columns((rows.index_select(1, columns) @ omega).double()).float()
     y = rows @ (rows.T @ y)  # the power step
-    q, _ = torch.linalg.qr((y.T @ rows).T.double())
-    return q.float()
+    return orthonormal_columns((y.T @ rows).T.double()).float()
+
+
+def orthonormal_columns(y: Tensor) -> Tensor:
+    """An orthonormal basis (m, r) of the column space of y (m, r) float64: Cholesky QR, twice
+    (CholeskyQR2: orthonormal to float64 rounding for condition numbers up to ~1e7), or
+    Householder QR where the Gram matrix is not positive definite.  Two small products and a
+    r x r factorisation: LAPACK's blocked QR of a tall matrix synchronises its threads once per
+    column, which on a loaded 2-core machine took 0.4 s for 3584 x 64 against 17 ms on one
+    thread."""
+    q = y
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(q.T @ q)
+        if int(info) != 0:
+            return torch.linalg.qr(y).Q
+        q = torch.linalg.solve_triangular(factor, q.T, upper=False).T
+    return q
 
 
 def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """k-means of z (M, l) into about ``count`` cells: k-means++ seeding, ``CELL_ITERATIONS``
-    Lloyd steps, then cells far wider than the median split in two.  Returns labels (M,) long in
+    Lloyd steps (on a sample of ``_FIT_SAMPLE`` tokens per cell), then cells far wider than the median split in two.  Returns labels (M,) long in
     [0, C), centroids (C, l) and radius (C,), the largest distance of a cell's token to its
     centroid; empty cells dropped."""
     generator = torch.Generator().manual_seed(seed)
@@ -199,18 +221,22 @@ def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]
         new = sample[torch.multinomial(nearest, draws, generator=generator)]
         centroids = torch.cat([centroids, new])
         nearest = torch.minimum(nearest, torch.cdist(sample, new).square_().amin(1))
-    centroids = _lloyd(z, centroids, CELL_ITERATIONS)
+    # Lloyd steps on a sample of the tokens: the cells only need to be good, not optimal (any
+    # partition with true radii gives valid bounds), and each pass over all M tokens costs
+    fit = z
+    if m > _FIT_SAMPLE * count:
+        fit = z[torch.randperm(m, generator=generator)[: _FIT_SAMPLE * count]]
+    centroids = _lloyd(fit, centroids, CELL_ITERATIONS)
     for _ in range(_SPLIT_ROUNDS):
         # a cell much wider than the typical one has most likely merged two clusters (a local
         # optimum of k-means); its bounds would be loose for everyone, so it is split in two
         labels, radius = _assign(z, centroids)
-        wide = (radius > _SPLIT_WIDTH * radius.median()).nonzero().squeeze(1).tolist()
-        if not wide:
+        wide = radius > _SPLIT_WIDTH * radius.median()
+        if not bool(wide.any()):
             break
-        halves = [_bisect(z[labels == c]) for c in wide]
-        keep = torch.ones(centroids.shape[0], dtype=torch.bool)
-        keep[wide] = False
-        centroids = _lloyd(z, torch.cat([centroids[keep], *halves]), 1)
+        halves = _bisect(z, labels, centroids, wide)
+        centroids = torch.cat([centroids[~wide], halves])
+        centroids = _lloyd(fit, centroids, 1)  # cells empty in the sample are dropped
     labels, radius = _assign(z, centroids)
     return labels, centroids, radius
 
@@ -234,12 +260,35 @@ def _assign(z: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     return labels, radius.scatter_reduce_(0, labels, spread, "amax")
 
 
-def _bisect(points: Tensor) -> Tensor:
-    """Two centroids for ``points`` (m, l): 2-means seeded with the point farthest from the
-    mean and the point farthest from that one."""
-    first = points[(points - points.mean(0)).square().sum(1).argmax()]
-    second = points[(points - first).square().sum(1).argmax()]
-    return _lloyd(points, torch.stack([first, second]), 3)
+def _bisect(z: Tensor, labels: Tensor, centroids: Tensor, wide: Tensor) -> Tensor:
+    """Two centroids (2W, l) for each of the W ``wide`` (C,) bool cells of z (M, l): 2-means
+    within the cell, seeded with its token farthest from the centroid and the token farthest
+    from that one, three Lloyd steps; all wide cells at once (one loop per cell costs a few
+    dozen small operations each)."""
+    n_cells = centroids.shape[0]
+    slot = torch.full((n_cells,), -1, dtype=torch.long)
+    slot[wide] = torch.arange(int(wide.sum()))
+    inside = (slot[labels] >= 0).nonzero().squeeze(1)
+    points, cell = z[inside], slot[labels[inside]]
+    w = int(wide.sum())
+
+    def farthest(distance: Tensor) -> Tensor:
+        # per wide cell the point of largest distance, the lowest index among equals
+        top = torch.full((w,), float("-inf")).scatter_reduce_(0, cell, distance, "amax")
+        at = torch.where(distance == top[cell], torch.arange(cell.numel()), cell.numel())
+        return torch.full((w,), cell.numel()).scatter_reduce_(0, cell, at, "amin")
+
+    first = points[farthest((points - centroids[wide][cell]).square().sum(1))]
+    second = points[farthest((points - first[cell]).square().sum(1))]
+    seeds = torch.cat([first, second])  # (2W, l): cell c's halves at c and W + c
+    for _ in range(3):
+        near_first = (points - seeds[cell]).square().sum(1)
+        near_second = (points - seeds[w + cell]).square().sum(1)
+        half = cell + w * (near_second < near_first).long()
+        sizes = torch.bincount(half, minlength=2 * w).unsqueeze(1)
+        sums = torch.zeros_like(seeds).index_add_(0, half, points)
+        seeds = torch.where(sizes > 0, sums / sizes.clamp(min=1), seeds)
+    return seeds
 
 
 def _closest(z: Tensor, centroids: Tensor) -> Tensor:
@@ -251,62 +300,91 @@ def _closest(z: Tensor, centroids: Tensor) -> Tensor:
     return out
 
 
-class _CellPairs:
-    """Exact squared distances between whole cells of one pool, each pair of cells computed once.
+class _HeldPairs:
+    """Exact squared distances of one pool, computed a group of row cells at a time.
 
-    The pool's tokens are sorted cell by cell: cell b is ``cell(b)`` of that order, with its
-    features gathered once into ``x[b]`` (one tensor per cell: a single gathered copy of the
-    pool would be a fresh allocation of N x D floats, whose page faults cost more on the CPU
-    than the copy).  ``blocks[a]`` lists (b, d2) for row cell a, d2 (|a|, |b|) the squared
-    distances to cell b (for b != a the transpose of b's block for a, a view); a cell against
-    itself has +inf on the diagonal, a token not being its own neighbour.  ``done`` (C, C)
-    records the pairs held, ``budget`` the exact pairs still allowed.
+    The pool's tokens are sorted cell by cell (``cell(b)`` of that order), and the cells group
+    by group: row groups of about ``GROUP_ROWS`` tokens, cells near each other (a k-means of the
+    cells' centroids), which want mostly the same cells.  When some row cells of a group want a column cell, the whole group
+    gets it, in one product (rows x gathered columns) instead of one small product per cell
+    pair: a CPU pays a thread wake-up per product, which for 48 x 48 cell pairs cost ten times
+    the arithmetic.  The extra distances are true ones, so they only tighten what is known.
+    ``held[g]`` lists (columns (U,) sorted-order positions, d2 (R, U)) for row group g; a token
+    against itself is +inf, not being its own neighbour.  ``done`` (C, C) records the cell
+    pairs held for each row cell, ``budget`` the exact pairs still allowed: it is charged for
+    the cell pairs the bounds ask for (each unordered pair once), not for the group's extra
+    columns, so whether screening pays depends on the data, not on the grouping.
     """
 
     def __init__(
-        self, x: Tensor, sq: Tensor, position: Tensor, sizes: Tensor, budget: float
+        self,
+        x: Tensor,
+        sq: Tensor,
+        position: Tensor,
+        sizes: Tensor,
+        group_sizes: Tensor,
+        budget: float,
     ) -> None:
         self.bounds = [0, *torch.cumsum(sizes, 0).tolist()]
-        self.x = [x.index_select(0, position[self.cell(b)]) for b in range(sizes.numel())]
-        self.sq = [sq[position[self.cell(b)]] for b in range(sizes.numel())]
+        self.x, self.sq, self.position = x, sq, position
         self.sizes = sizes
-        self.done = torch.zeros(sizes.numel(), sizes.numel(), dtype=torch.bool)
-        self.blocks: list[list[tuple[int, Tensor]]] = [[] for _ in range(sizes.numel())]
+        n_cells = sizes.numel()
+        self.labels = torch.repeat_interleave(torch.arange(n_cells), sizes)
+        self.done = torch.zeros(n_cells, n_cells, dtype=torch.bool)
+        self.charged = torch.zeros(n_cells, n_cells, dtype=torch.bool)
         self.budget = budget
+        # row groups: consecutive cells, ``group_sizes`` (G,) cells each (empty groups dropped)
+        ends = torch.cumsum(group_sizes[group_sizes > 0], 0).tolist()
+        self.groups = list(zip([0, *ends[:-1]], ends, strict=True))  # (first cell, stop)
+        self.held: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.groups]
 
     def cell(self, b: int) -> slice:
         return slice(self.bounds[b], self.bounds[b + 1])
 
+    def rows(self, g: int) -> slice:
+        """The sorted-order rows of group g."""
+        first, stop = self.groups[g]
+        return slice(self.bounds[first], self.bounds[stop])
+
     def add(self, want: Tensor) -> list[int] | None:
-        """Compute the cell pairs ``want`` (C, C) bool, in either orientation, not yet held.
-        Returns the row cells that got new blocks, or None past the budget."""
-        want = (want | want.T) & ~self.done
-        pairs = want.triu().nonzero()
+        """Compute the cell pairs ``want`` (C, C) bool (row cell, column cell) not yet held.
+        Returns the row groups that got new distances, or None past the budget."""
+        charge = (want | want.T) & ~self.charged
+        pairs = charge.triu().nonzero()
         sizes = self.sizes.double()
         self.budget -= float((sizes[pairs[:, 0]] * sizes[pairs[:, 1]]).sum())
         if self.budget < 0:
             return None
-        for a, b in pairs.tolist():
+        self.charged |= charge
+        want = want & ~self.done
+        touched = []
+        for g, (first, stop) in enumerate(self.groups):
+            need = want[first:stop].any(0)  # (C,) column cells some row cell of g wants
+            if not bool(need.any()):
+                continue
+            rows = self.rows(g)
+            cols = need[self.labels].nonzero().squeeze(1)  # sorted-order positions
+            token_rows, token_cols = self.position[rows], self.position[cols]
+            x_rows = self.x.index_select(0, token_rows)
             # the dense path's expression (``ops.pairwise_squared_distances``)
-            d2 = self.sq[a].unsqueeze(1) + self.sq[b] - 2.0 * (self.x[a] @ self.x[b].T)
-            d2.clamp_(min=0.0)
-            if a == b:  # the product's two triangles can differ in the last bit: mirror one
-                d2 = d2.triu(1)
-                d2 = d2 + d2.T
-                self.blocks[a].append((a, d2.fill_diagonal_(float("inf"))))
-            else:
-                self.blocks[a].append((b, d2))
-                self.blocks[b].append((a, d2.T))
-        self.done |= want
-        return pairs.unique().tolist()
+            d2 = torch.addmm(
+                self.sq[token_cols], x_rows, self.x.index_select(0, token_cols).T, alpha=-2.0
+            )
+            d2.add_(self.sq[token_rows].unsqueeze(1)).clamp_(min=0.0)
+            own = cols.unsqueeze(0) == torch.arange(rows.start, rows.stop).unsqueeze(1)
+            d2.masked_fill_(own, float("inf"))
+            self.held[g].append((cols, d2))
+            self.done[first:stop] |= need
+            touched.append(g)
+        return touched
 
-    def columns(self, a: int) -> Tensor:
-        """The positions (in the sorted order) of the columns held for row cell a."""
-        return torch.cat([torch.arange(*self.bounds[b : b + 2]) for b, _ in self.blocks[a]])
+    def columns(self, g: int) -> Tensor:
+        """The sorted-order positions of the columns held for row group g."""
+        return torch.cat([cols for cols, _ in self.held[g]])
 
-    def distances(self, a: int) -> Tensor:
-        """The squared distances held for row cell a, (|a|, len(columns(a)))."""
-        return torch.cat([d2 for _, d2 in self.blocks[a]], 1)
+    def distances(self, g: int) -> Tensor:
+        """The squared distances held for row group g, (R, len(columns(g)))."""
+        return torch.cat([d2 for _, d2 in self.held[g]], 1)
 
 
 def _screen_pool(
@@ -333,24 +411,35 @@ class _Pool:
     def __init__(self, sketch: Sketch, members: Tensor, features: Tensor, rounding: Tensor) -> None:
         m = members.numel()
         self.features = features
-        labels, self.centroids, self.radius = cells(sketch.z[members], round(m / CELL))
-        self.n_cells = self.centroids.shape[0]
+        labels, centroids, radius = cells(sketch.z[members], round(m / CELL))
+        # cells grouped by a k-means of their centroids, so that the cells of a row group are
+        # near each other and want the same cells (``_HeldPairs``)
+        n_cells = centroids.shape[0]
+        group = cells(centroids, round(m / GROUP_ROWS))[0]
+        rank = torch.empty(n_cells, dtype=torch.long)
+        rank[torch.sort(group, stable=True).indices] = torch.arange(n_cells)
+        labels = rank[labels]
+        self.centroids = torch.empty_like(centroids).index_copy_(0, rank, centroids)
+        self.radius = torch.empty_like(radius).index_copy_(0, rank, radius)
+        cell_group = torch.empty_like(group).index_copy_(0, rank, group)
+        self.n_cells = n_cells
         self.order = torch.sort(labels, stable=True).indices  # ascending index inside a cell
         self.labels, self.position = labels[self.order], members[self.order]
         self.sketch, self.z = sketch, sketch.z[self.position]
         self.rounding = rounding[self.position]
-        self.pairs = _CellPairs(
+        self.pairs = _HeldPairs(
             sketch.x,
             sketch.sq,
             self.position,
             torch.bincount(self.labels, minlength=self.n_cells),
+            torch.bincount(cell_group, minlength=int(cell_group.max()) + 1),
             budget=min(MAX_EXACT_SHARE * m * m, MAX_EXACT_PAIRS),
         )
         self.blocks = list(row_blocks(m, self.n_cells))
         # the bounds are kept when they fit in one block (pools up to ~64 frames)
         self.gaps = {0: self.lower_bounds(self.blocks[0])} if len(self.blocks) == 1 else {}
 
-    def lower_bounds(self, rows: slice) -> Tensor:
+    def lower_bounds(self, rows: slice | Tensor) -> Tensor:
         """(r, C): a lower bound on the distance from each row to every token of each cell
         (module doc, 2)."""
         centroids = self.centroids
@@ -359,19 +448,35 @@ class _Pool:
         return gap.sub_(self.radius + self.sketch.slack)
 
     def wanted(
-        self, bound: Tensor, denser: tuple[Tensor, Tensor, Tensor] | None = None
+        self,
+        bound: Tensor,
+        denser: tuple[Tensor, Tensor, Tensor] | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The cells each row still needs, given the squared distance ``bound`` (M,) its answer
-        is known to be within (+inf: unknown yet): every cell not held within the bound, or
-        without one the nearest.  With ``denser`` = (log rho (M,), and per cell the log rho and
-        position of its densest token), only cells holding a token denser than the row count.
-        Returns (C, C) bool, some token of row cell a needs cell b, and (M,) bool, the rows that
-        need any.  In row blocks, so nothing is M x C."""
+        is known to be within (+inf: unknown yet): every cell within the bound not yet asked for
+        (density: so that the exact-work budget is charged for what the bounds ask, see
+        ``_HeldPairs``) or not held (``denser`` given), or without a bound the nearest.  With
+        ``denser`` = (log rho (M,), and per cell the log rho and position of its densest
+        token), only cells holding a token denser than the row count.  ``active`` (M,) bool:
+        only these rows are looked at (the others are known to need nothing).  Returns (C, C)
+        bool, some token of row cell a needs cell b, and (M,) bool, the rows that need any.  In
+        row blocks, so nothing is M x C."""
         by_cell = torch.zeros(self.n_cells, self.n_cells, dtype=torch.int32)
         needs = torch.zeros(bound.shape[0], dtype=torch.bool)
-        for rows in self.blocks:
-            gap = self.gaps[rows.start] if rows.start in self.gaps else self.lower_bounds(rows)
-            open_cells = ~self.pairs.done[self.labels[rows]]
+        known = self.pairs.charged if denser is None else self.pairs.done
+        for block in self.blocks:
+            rows: slice | Tensor = block
+            if active is not None:
+                rows = block.start + active[block].nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+            if block.start in self.gaps:
+                gap = self.gaps[block.start]
+                gap = gap if active is None else gap[rows - block.start]
+            else:
+                gap = self.lower_bounds(rows)
+            open_cells = ~known[self.labels[rows]]
             if denser is not None:
                 log_rho, cell_rho, cell_position = denser
                 row_rho, row_position = log_rho[rows].unsqueeze(1), self.position[rows]
@@ -392,23 +497,41 @@ class _Pool:
         distance held, or for rows with fewer than k distances the nearest cell, until no row
         needs more.  None past the budget."""
         pairs = self.pairs
-        knn = torch.full((self.labels.numel(), k), float("inf"))
-        folded = [0] * self.n_cells  # blocks of each row cell already merged into knn
+        m, c = self.labels.numel(), k + CANDIDATE_MARGIN
+        # a running top c of every row (values, token positions, -1 for none) and its count of
+        # finite columns: what ``ops.measure_candidates`` takes, kept up to date as distances
+        # arrive instead of rebuilt from every held block at the end
+        top = torch.full((m, c), float("inf"))
+        position = torch.full((m, c), -1, dtype=torch.long)
+        n_allowed = torch.zeros(m, dtype=torch.long)
+        folded = [0] * len(pairs.groups)  # blocks of each row group already merged
         want = torch.eye(self.n_cells, dtype=torch.bool)
+        active = None  # every row
         while bool(want.any()):
             touched = pairs.add(want)
             if touched is None:
                 return None
-            for a in touched:
-                rows = pairs.cell(a)
-                new = [d2 for _, d2 in pairs.blocks[a][folded[a] :]]
-                folded[a] = len(pairs.blocks[a])
-                merged = torch.cat([knn[rows], *new], 1)
-                knn[rows] = merged.topk(k, dim=1, largest=False).values
+            for g in touched:
+                rows = pairs.rows(g)
+                new = pairs.held[g][folded[g] :]
+                folded[g] = len(pairs.held[g])
+                values, at = torch.cat([top[rows], *[d2 for _, d2 in new]], 1).topk(
+                    c, dim=1, largest=False
+                )
+                columns = self.position[torch.cat([cols for cols, _ in new])]
+                taken = torch.where(
+                    at < c,
+                    position[rows].gather(1, at.clamp(max=c - 1)),
+                    columns[(at - c).clamp(min=0)],
+                )
+                top[rows], position[rows] = values, taken.masked_fill_(torch.isinf(values), -1)
+                for _, d2 in new:
+                    n_allowed[rows] += torch.isfinite(d2).sum(1)
             # a row's k nearest by rounded distance are measured below; the cells that may hold
-            # a true k nearest are those within the k-th rounded one plus its rounding
-            want = self.wanted(knn[:, -1] + self.rounding)[0]
-        top, position, n_allowed = self.candidates(k, lambda a, gram: torch.isfinite(gram))
+            # a true k nearest are those within the k-th rounded one plus its rounding.  A row
+            # that needed no cell needs none later (its bound only shrinks, the cells asked for
+            # only grow), so each round looks at the rows of the last one only
+            want, active = self.wanted(top[:, k - 1] + self.rounding, active=active)
         nearest, _, certified = measure_candidates(
             self.features, self.position, top, position, n_allowed, k, self.rounding
         )
@@ -420,20 +543,20 @@ class _Pool:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Each row's ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance, as
         ``ops.measure_candidates`` takes them: (M, c) values and token positions (-1 past the
-        columns allowed), and (M,) how many are allowed.  ``allowed(a, gram)`` (|a|, columns):
-        the held columns row cell a may take."""
+        columns allowed), and (M,) how many are allowed.  ``allowed(g, gram)`` (R, columns):
+        the held columns the rows of group g may take."""
         pairs = self.pairs
         c = count + CANDIDATE_MARGIN
         top = torch.full((self.labels.numel(), c), float("inf"))
         position = torch.full((self.labels.numel(), c), -1, dtype=torch.long)
         n_allowed = torch.zeros(self.labels.numel(), dtype=torch.long)
-        for a in range(self.n_cells):
-            rows, gram = pairs.cell(a), pairs.distances(a)
-            ok = allowed(a, gram)
+        for g in range(len(pairs.groups)):
+            rows, gram = pairs.rows(g), pairs.distances(g)
+            ok = allowed(g, gram)
             width = min(c, gram.shape[1])
-            values, at = gram.masked_fill(~ok, float("inf")).topk(width, dim=1, largest=False)
+            values, at = torch.where(ok, gram, float("inf")).topk(width, dim=1, largest=False)
             top[rows, :width] = values
-            held = self.position[pairs.columns(a)]
+            held = self.position[pairs.columns(g)]
             position[rows, :width] = held[at].masked_fill_(~ok.gather(1, at), -1)
             n_allowed[rows] = ok.sum(1)
         return top, position, n_allowed
@@ -460,14 +583,14 @@ class _Pool:
         held, then a full row for every row that leaves open; None past ``MAX_FULL_ROWS``."""
         pairs, position = self.pairs, self.position
 
-        def denser_held(a: int, gram: Tensor) -> Tensor:
-            rows, cols = pairs.cell(a), pairs.columns(a)
-            return denser_than(
-                log_rho[rows].unsqueeze(1),
-                position[rows].unsqueeze(1),
-                log_rho[cols].unsqueeze(0),
-                position[cols].unsqueeze(0),
-            )
+        # Eq. (4)'s order as one rank per token (``ops.denser_than``: by log rho, equal ones by
+        # position), so that "denser" is one comparison per held pair
+        by_position = torch.sort(position).indices
+        order = by_position[torch.sort(log_rho[by_position], descending=True, stable=True).indices]
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
+
+        def denser_held(g: int, gram: Tensor) -> Tensor:
+            return rank[pairs.columns(g)].unsqueeze(0) < rank[pairs.rows(g)].unsqueeze(1)
 
         top, nearest, n_allowed = self.candidates(1, denser_held)
         best = top[:, 0]  # rounded squared distance to the nearest denser token held
