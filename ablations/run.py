@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablations.store import Claims, ResultStore, run_key  # noqa: E402
-from ablations.wandb_log import MODES, log_run  # noqa: E402
+from ablations.wandb_log import MODES, log_run, preflight  # noqa: E402
 from ustc import strategies  # noqa: E402, F401  (registers the built-in strategies)
 from ustc.config import CompressionConfig  # noqa: E402
 from ustc.evaluation import (  # noqa: E402
@@ -759,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     try:
         plan = resolve_args(args)
+        args.wandb = preflight(args.wandb)  # online without credentials stops before any work
     except ValueError as exc:
         parser.error(str(exc))
     store = None if args.no_store else ResultStore(args.store)

@@ -44,7 +44,7 @@ from ablations.tables import (  # noqa: E402
     to_argv,
     write_outputs,
 )
-from ablations.wandb_log import MODES, log_run, log_table  # noqa: E402
+from ablations.wandb_log import MODES, log_run, log_table, preflight  # noqa: E402
 
 
 def run_flags_parser() -> argparse.ArgumentParser:
@@ -120,6 +120,7 @@ def run_sweep(
     in seconds after which a claim of a process on another host counts as abandoned."""
     sweep, table = _load(source)
     plans = plans_for(sweep, extra, store_path)
+    wandb = preflight(wandb)  # online without credentials stops here, before any run
     store = ResultStore(store_path)
     done = store.records()
     varied = [n for n, p in sweep["parameters"].items() if "values" in p]
@@ -167,7 +168,8 @@ def run_sweep(
                     )
                 continue
             if not record.pop("cached", True) and kind == "point":
-                log_run(record, mode=wandb, project=project, group=group)
+                label = " ".join(f"{n}={point[n]}" for n in varied)
+                log_run(record, mode=wandb, project=project, group=group, name=f"{group} {label}")
             if bar is not None:
                 bar.update(1)
         if busy and len(busy) == len(todo):
@@ -187,10 +189,10 @@ def run_sweep(
         )
     )
     paths = write_outputs(rendered, out_dir, stem)
-    log_table(table.name, rendered.header, rendered.rows, mode=wandb, project=project)
-    if progress:
+    if progress:  # printed and written before W&B is asked for anything
         print(rendered.markdown())
-        print("written: " + ", ".join(str(p) for p in paths))
+        print("written: " + ", ".join(str(p) for p in paths), flush=True)
+    log_table(table.name, rendered.header, rendered.rows, mode=wandb, project=project)
     return rendered
 
 

@@ -643,6 +643,128 @@ def test_wandb_offline_run_is_written_locally(
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
+    """W&B in offline mode writing under ``folder`` with no credentials; returns the runs' dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(folder / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(folder / "config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(folder))  # no ~/.netrc
+    return folder / "wandb"
+
+
+def test_an_offline_sweep_leaves_runs_and_its_table_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B's default for a user without an account: every grid point is an offline run with its
+    metrics, the table run holds every row of the printed table (Table 5's "Vanilla" row has no
+    cluster ratio: the cell wandb.Table refused before the fix)."""
+    from ablations.wandb_log import read_offline_run
+
+    runs_dir = _offline_wandb(monkeypatch, tmp_path / "w")
+    store = tmp_path / "store.jsonl"
+    rendered = sweeper.run_sweep(
+        "table5",
+        ["--benchmark", TOY, "--limit=3"],
+        store_path=str(store),
+        out_dir=str(tmp_path / "tables"),
+        progress=False,
+    )
+    assert rendered is not None and rendered.missing == 0
+    import wandb
+
+    wandb.teardown()  # wandb's service writes behind the process: wait for it, as an exit does
+    runs = [read_offline_run(d) for d in sorted(runs_dir.glob("offline-run-*"))]
+    assert runs and all(r["finished"] for r in runs)
+    points = [r for r in runs if r["job_type"] == "ablation"]
+    (table_run,) = [r for r in runs if r["job_type"] == "table"]
+    stored = ResultStore(store).records()
+    assert len(points) == len(tables.TABLES["table5"].values) == len(stored) - 1
+    for run in points:
+        record = stored[run["config"]["key"]]
+        assert run["group"] == "ustc-table5" and run["name"].startswith("ustc-table5 modules=")
+        assert run["config"]["compression"] == record["config"]
+        assert run["summary"]["avg_score"] == pytest.approx(record["avg"])
+        for column, value in record["scores"].items():
+            assert run["history"][0][f"score/{column}"] == pytest.approx(value)
+        assert run["summary"]["flops/tflops"] == pytest.approx(record["flops"]["tflops"])
+    logged = table_run["tables"]["table5"]
+    assert logged["columns"] == rendered.header
+    assert len(logged["data"]) == len(rendered.rows) == 8
+    for got, want in zip(logged["data"], rendered.rows, strict=True):
+        for logged_cell, cell in zip(got, want, strict=True):
+            if isinstance(cell, str):  # "-" (not applicable) is missing in a numeric column
+                assert logged_cell == cell or (cell == "-" and logged_cell is None)
+            else:
+                assert logged_cell == pytest.approx(cell)
+    ratio = rendered.header.index("cluster_ratio")
+    assert logged["data"][0][ratio] is None and rendered.rows[0][ratio] == "-"  # Vanilla
+    assert all(isinstance(row[ratio], float) for row in logged["data"][1:])
+
+
+def test_table_cells_keep_numbers_and_turn_mixed_columns_into_text() -> None:
+    from ablations.wandb_log import table_cells
+
+    rows = [["Vanilla", "-", "-", 1.5, True, "x"], ["Attn", 0.3, 2, 7, False, 2.0]]
+    assert table_cells(rows) == [
+        ["Vanilla", None, None, 1.5, True, "x"],  # "-" in a column of numbers: missing
+        ["Attn", 0.3, 2, 7, False, "2.0"],  # text and a number: text
+    ]
+
+
+def test_online_without_credentials_stops_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _offline_wandb(monkeypatch, tmp_path)
+    store = tmp_path / "store.jsonl"
+    for env, flags in (("online", []), ("offline", ["--wandb", "online"])):
+        monkeypatch.setenv("WANDB_MODE", env)
+        with pytest.raises(SystemExit) as exit_info:
+            runner.main(["--benchmark", TOY, "--store", str(store), "--quiet", *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "no W&B API key" in err and "--wandb offline" in err
+        with pytest.raises(SystemExit):
+            sweeper.main(["s7", "--benchmark", TOY, "--store", str(store), "--quiet", *flags])
+        assert "no W&B API key" in capsys.readouterr().err
+    # a key but no server (a closed local port: refused at once, no 30 s wait per run)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", TOY, "--store", str(store), "--quiet"])
+    assert "does not answer" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+    assert ToyBenchmark.evaluations == 0 and not store.exists()
+
+
+def test_online_logging_that_fails_mid_sweep_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb
+
+    from ablations import wandb_log
+
+    runs_dir = _offline_wandb(monkeypatch, tmp_path)
+    real_init = wandb_log._init
+
+    def init(mode: str, project: str, **kwargs: object) -> object:
+        if mode == "online":  # the network went away after the preflight check
+            raise wandb.errors.CommError("Timed out while retrying")
+        return real_init(mode, project, **kwargs)
+
+    monkeypatch.setattr(wandb_log, "_init", init)
+    record = runner.main(["--benchmark", TOY, "--no-store", "--quiet", "--no-baseline"])
+    assert record is not None
+    assert wandb_log.log_run(record, mode="online") == "offline"
+    assert "logged offline instead" in capsys.readouterr().err
+    wandb.teardown()
+    runs = [wandb_log.read_offline_run(d) for d in runs_dir.glob("offline-run-*")]
+    assert [r["summary"]["avg_score"] for r in runs] == [pytest.approx(record["avg"])] * 2
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and faults
 # --------------------------------------------------------------------------------------------
