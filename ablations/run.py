@@ -77,6 +77,16 @@ MODULE_ROWS: dict[str, tuple[bool, bool, bool]] = {
 #: the config fields a Table 5 row decides
 MODULE_FIELDS = ("scorer", "recycler", "cluster_ratio")
 
+#: flags whose useful range is narrower than what the library accepts: (range, why)
+FLAG_RANGES: dict[str, tuple[str, str]] = {
+    "tau": (
+        "(0, 1]",
+        "Eq. 2 admits a token while its largest cosine similarity to the pool is below tau; "
+        "at tau <= 0 almost no token is admitted and the recycler fills the budget (tau 1 turns "
+        "the redundancy filter off)",
+    ),
+}
+
 CONFIG_FIELDS: dict[str, Any] = {
     f.name: f.type for f in fields(CompressionConfig) if f.name != "params"
 }
@@ -197,10 +207,32 @@ def _option_strings(name: str) -> list[str]:
     return [dashed] if "_" not in name else [dashed, "--" + name]
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage of 40 flags would bury it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def _benchmark_default(argv: Sequence[str] | None) -> tuple[str, CompressionConfig | None]:
+    """The first benchmark ``argv`` names and its default config (None when it cannot be
+    built without arguments): what a run starts from, for the flags' help."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--benchmark", default="lab")
+    known, _ = pre.parse_known_args(argv)
+    name = (known.benchmark.split(",")[0] or "lab").strip()
+    try:
+        return name, load_benchmark_class(name)().default_config()
+    except Exception:  # a benchmark that needs arguments or data: the help says less
+        return name, None
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The CLI; ``argv`` only serves to find benchmarks given by import path."""
+    """The CLI; ``argv`` only serves to find benchmarks given by import path and the
+    benchmark whose defaults the help states."""
     extra_benchmarks = _named_benchmarks(argv)
-    parser = argparse.ArgumentParser(
+    bench_name, bench_defaults = _benchmark_default(argv)
+    parser = OneLineErrors(
         prog="ablations/run.py",
         description="Run one configuration of the compression on a benchmark and record it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -221,13 +253,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             continue
         parse, _ = converter(annotation)
         owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
+        paper = getattr(defaults, name)
+        runs = paper if bench_defaults is None else getattr(bench_defaults, name)
+        default = (
+            f"default {paper}"
+            if runs == paper
+            else f"default on --benchmark {bench_name}: {runs}, its mapping of the paper's {paper}"
+        )
+        if name in FLAG_RANGES:
+            default += f"; in {FLAG_RANGES[name][0]}"
         config_group.add_argument(
             *_option_strings(name),
             dest=name,
             type=parse,
             default=None,
-            help=f"(default {getattr(defaults, name)})"
-            + (f"; used by {', '.join(owners)}" if owners else ""),
+            help=f"({default})" + (f"; used by {', '.join(owners)}" if owners else ""),
         )
     strategy_group = parser.add_argument_group("strategy parameters (CompressionConfig.params)")
     for name, param in strategy_params().items():
@@ -393,7 +433,15 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
             changes.setdefault(name, value)
     extra = _given(args, list(strategy_params()))
     params = {**base.params, **extra}
+    if "tau" in changes and not 0.0 < changes["tau"] <= 1.0:
+        raise ValueError(
+            f"--tau must be in {FLAG_RANGES['tau'][0]}, got {changes['tau']:g}: "
+            f"{FLAG_RANGES['tau'][1]}"
+        )
     config = base.replace(**changes, params=params)
+    for kind, registry in REGISTRIES.items():
+        # each selected strategy checks its own parameters (FastVID's anchor_stride >= 1, ...)
+        registry.build_from(getattr(config, kind), config.strategy_values())
     if _given(args, list(IN_LLM_FIELDS)):
         args.in_llm_source = "given"
     elif method in METHODS and method_in_llm(method):
@@ -411,40 +459,43 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
             )
     if getattr(args, "output", None):
         check_output_path(args.output)
+    if not getattr(args, "no_store", False):
+        check_output_path(args.store, "--store", "ablations.jsonl")
     for bench in benches:
         bench.check()
     return RunPlan(config, benches, args)
 
 
-def check_output_path(output: str) -> None:
+def check_output_path(output: str, flag: str = "--output", example: str = "run.json") -> None:
     """Raise ``ValueError`` unless ``output`` can be written as a file: not a directory, and
     either a writable file or a name in a directory that exists (or can be created) and is
-    writable.  Checked before any model loads, so that a typo does not cost the evaluation."""
+    writable.  Checked before any model loads, so that a typo does not cost the evaluation
+    (``flag`` names the option in the message: ``--output``, ``--store``)."""
     path = Path(output)
     if output.endswith(("/", "\\")) or path.is_dir():
         raise ValueError(
-            f"--output {output!r} is a directory; give a file name, e.g. {path / 'run.json'}"
+            f"{flag} {output!r} is a directory; give a file name, e.g. {path / example}"
         )
     if path.exists():
         try:
             with path.open("a"):
                 pass
         except OSError as exc:
-            raise ValueError(f"--output {output!r} exists and cannot be written ({exc})") from None
+            raise ValueError(f"{flag} {output!r} exists and cannot be written ({exc})") from None
         return
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(
-            f"--output {output!r}: {parent} is a file, so no directory can be made under it"
+            f"{flag} {output!r}: {parent} is a file, so no directory can be made under it"
         )
     try:  # a real probe: permission bits say nothing for root or on a read-only file system
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
         raise ValueError(
-            f"--output {output!r}: cannot create files in {parent} ({exc.strerror or exc}); "
+            f"{flag} {output!r}: cannot create files in {parent} ({exc.strerror or exc}); "
             "give a path in a writable directory"
         ) from None
 
@@ -770,15 +821,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config, source)}",
             flush=True,
         )
-    record = run_plan(plan, store)
-    if not args.no_baseline and not plan.config.is_identity:
-        oracle = oracle_of(plan, store)
-        if oracle is not None:
-            record["oracle"] = {k: oracle[k] for k in ("key", "avg", "scores", "timings")}
-    if not record.pop("cached"):
-        log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
-    elif not args.quiet:
-        print(f"(from the store {args.store}; --force to rerun)")
+    try:
+        record = run_plan(plan, store)
+        if not args.no_baseline and not plan.config.is_identity:
+            oracle = oracle_of(plan, store)
+            if oracle is not None:
+                record["oracle"] = {k: oracle[k] for k in ("key", "avg", "scores", "timings")}
+        if not record.pop("cached"):
+            log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
+        elif not args.quiet:
+            print(f"(from the store {args.store}; --force to rerun)")
+    except KeyboardInterrupt:
+        print(interrupted_message(plan, store), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if not args.quiet:
         print(format_record(record))
     if args.output:
@@ -786,6 +841,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default))
     return record
+
+
+def interrupted_message(plan: RunPlan, store: ResultStore | None) -> str:
+    """What a Ctrl-C of ``run.py`` leaves: which of the run's rows are stored, and how to go on."""
+    if store is None:
+        return "\ninterrupted: nothing was stored (--no-store)"
+    try:
+        records = store.records()
+    except Exception as exc:  # the summary must not hide the interruption itself
+        return f"\ninterrupted: the store {store.path} keeps every finished run ({exc})"
+    rows = [("uncompressed", plan.baseline_key()), ("this run", plan.key)]
+    if plan.args.no_baseline:
+        rows = rows[1:]
+    stored = [name for name, key in rows if key in records]
+    missing = [name for name, key in rows if key not in records]
+    return (
+        f"\ninterrupted: {store.path} keeps its {len(records)} stored row(s)"
+        + (f", {' and '.join(stored)} among them" if stored else "")
+        + (f"; {' and '.join(missing)} not stored" if missing else "")
+        + "; the same command resumes (stored rows are read, not redone)"
+    )
 
 
 def _json_default(value: Any) -> Any:

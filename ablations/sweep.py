@@ -197,7 +197,7 @@ def run_sweep(
 
 
 def main(argv: Sequence[str] | None = None) -> Rendered | None:
-    parser = argparse.ArgumentParser(
+    parser = runner.OneLineErrors(
         prog="ablations/sweep.py",
         description="Run a sweep YAML's grid locally (resumable) and write the paper's table.",
         epilog="Other flags are passed to every run (see ablations/run.py --help).",

@@ -233,7 +233,7 @@ def test_defaults_come_from_the_benchmark() -> None:
         ),
         (["--merger=fancy"], "unknown merger"),
         (["--retention=1.5"], r"retention must be in \(0, 1\]"),
-        (["--tau=2"], r"tau must be in \[-1, 1\]"),
+        (["--tau=2"], r"--tau must be in \(0, 1\]"),
         (["--k=0"], "k .* must be >= 1"),
         (["--cluster-ratio=1.2"], "cluster_ratio"),
         (["--layer=4"], r"K must be in \[0, 3\]"),
@@ -910,6 +910,138 @@ def test_ctrl_c_says_what_is_stored_and_how_to_resume(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(ResultStore(store)) == 8
+
+
+def _run_cmd(store: Path | str, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "ablations" / "run.py"),
+        "--benchmark",
+        "tests.test_ablations:ToyBenchmark",
+        "--store",
+        str(store),
+        "--wandb",
+        "disabled",
+        *flags,
+    ]
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], prog: str) -> str:
+    """The error of a refused command: exit 2, no traceback, one line on stderr."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    return lines[0]
+
+
+def test_ctrl_c_during_run_py_says_what_is_stored(tmp_path: Path) -> None:
+    """Ctrl-C while the run itself is evaluated: the uncompressed row, finished first, stays in
+    the store and the message says so; the rerun evaluates only the run."""
+    store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
+    cmd = _run_cmd(store, "--retention", "0.05")
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=_toy_env(TOY_SIGINT_AFTER="1", TOY_LOG=str(log)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert (
+        f"interrupted: {store} keeps its 1 stored row(s), uncompressed among them; this run "
+        "not stored; the same command resumes" in result.stderr
+    )
+    assert len(ResultStore(store)) == 1 and len(log.read_text().splitlines()) == 1
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_toy_env(TOY_LOG=str(log)), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(ResultStore(store)) == 2  # the uncompressed row and the run (no toy oracle)
+    assert len(log.read_text().splitlines()) == 2  # the uncompressed row was not redone
+
+
+def test_a_directory_as_store_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for store in (str(folder), str(tmp_path / "new") + "/"):
+        result = subprocess.run(
+            _run_cmd(store, "--quiet"),
+            cwd=ROOT,
+            env=_toy_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        line = _one_line_error(result, "ablations/run.py")
+        assert "is a directory; give a file name, e.g." in line and "ablations.jsonl" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no lock file, nothing
+    assert not any(folder.iterdir())
+    with pytest.raises(ValueError, match="--store .* is a directory"):
+        sweeper.plans_for(tables.get_table("s7").sweep(), ["--benchmark", TOY], str(folder))
+
+
+def test_a_sweep_yaml_with_a_syntax_error_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nparameters:\n  tau: {values: [0.5, 0.7]\n")
+    cmd = [sys.executable, str(ROOT / "ablations" / "sweep.py"), str(bad), "--store"]
+    result = subprocess.run(
+        [*cmd, str(tmp_path / "s.jsonl")],
+        cwd=ROOT,
+        env=_toy_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = _one_line_error(result, "ablations/sweep.py")
+    assert f"{bad}: not valid YAML at line 4, column 1" in line
+    with pytest.raises(ValueError, match="cannot read the sweep file"):
+        tables.load_sweep(tmp_path / "missing.yaml")
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tau", "-0.5"], r"--tau must be in \(0, 1\], got -0.5: Eq. 2 admits"),
+        (["--tau", "0"], r"--tau must be in \(0, 1\]"),
+        (["--retention", "0"], r"retention must be in \(0, 1\]"),
+        (["--cluster-ratio", "1.5"], r"cluster_ratio must be in \[0, 1\]"),
+        (["--k", "0"], r"k \(DPC-KNN neighbours\) must be >= 1"),
+        (["--lam", "-0.1"], r"lam must be in \[0, 1\]"),
+        (["--keep-ratio", "0"], r"keep_ratio must be in \(0, 1\]"),
+        (["--layer", "4"], r"K must be in \[0, 3\]"),
+        (["--paper-layer", "29"], r"paper layer K must be in \[0, 28\]"),
+        (["--method", "fastvid", "--anchor-stride", "0"], r"anchor_stride must be an integer >= 1"),
+        (["--method", "fastvid", "--salient-ratio", "2"], r"salient_ratio must be in \[0, 1\]"),
+        (["--method", "holitom", "--max-window", "0"], r"max_window must be an integer >= 1"),
+        (["--method", "sttm", "--spatial-tau", "1.5"], r"spatial_tau must be in \[-1, 1\]"),
+        (["--method", "visionzip", "--contextual-ratio", "-1"], r"contextual_ratio must be in"),
+    ],
+)
+def test_every_numeric_flag_is_range_checked_before_any_model(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve(*flags)
+    assert ToyBenchmark.loads == 0 and ToyBenchmark.evaluations == 0
+    resolve("--tau", "1")  # the top of the range turns the filter off, and is allowed
+
+
+def test_layer_help_states_the_k_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    lab_k = runner.resolve([]).config.layer  # what `python ablations/run.py` runs
+    assert (
+        f"--layer LAYER (default on --benchmark lab: {lab_k}, its mapping of the paper's 18)"
+        in (help_text)
+    )
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", TOY, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--layer LAYER (default on --benchmark" in help_text and ": 3, its mapping" in help_text
 
 
 # --------------------------------------------------------------------------------------------
