@@ -341,6 +341,10 @@ class RunPlan:
     config: CompressionConfig
     benchmarks: list[Benchmark]
     args: argparse.Namespace
+    #: what the progress bars call this run (a sweep: ``ustc-table5 modules=attn``)
+    label: str = ""
+    #: what they call its uncompressed run (a sweep: ``ustc-table5 uncompressed``)
+    baseline_label: str = "uncompressed"
 
     @property
     def key(self) -> str:
@@ -556,7 +560,8 @@ def flops_of(config: CompressionConfig, bench: Benchmark) -> dict[str, Any] | No
 
 def _evaluate(plan: RunPlan, config: CompressionConfig, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    results = [b.evaluate(config, progress=progress) for b in plan.benchmarks]
+    label = plan.baseline_label if config == VANILLA else plan.label or short_label(config)
+    results = [b.evaluate(config, progress=progress and label) for b in plan.benchmarks]
     merged = _merge_results(plan.benchmarks, results)
     avg = sum(merged["scores"].values()) / len(merged["scores"])
     merged["timings"]["wall"] = time.perf_counter() - start
@@ -669,7 +674,8 @@ def oracle_of(plan: RunPlan, store: ResultStore | None) -> dict[str, Any] | None
     if hit is not None:
         return hit
     start = time.perf_counter()
-    results = [b.oracle(retention, progress=not plan.args.quiet) for b in plan.benchmarks]
+    label = f"oracle r={retention:g}"
+    results = [b.oracle(retention, progress=not plan.args.quiet and label) for b in plan.benchmarks]
     if any(r is None for r in results):
         return None
     merged = _merge_results(plan.benchmarks, [r for r in results if r is not None])
@@ -755,6 +761,14 @@ def format_record(record: dict[str, Any]) -> str:
     )
     lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def short_label(config: CompressionConfig) -> str:
+    """A few words naming a run for its progress bar: ``r=0.02 attn+sim/greedy/dpc text-aware``
+    (ustc's method) or ``r=0.02 visionzip none``."""
+    c = config
+    stages = f"{c.scorer}/{c.pool}/{c.recycler}" if c.method == "ustc" else c.method
+    return f"r={c.retention:g} {stages} {c.merger}"
 
 
 def describe_config(config: CompressionConfig, in_llm_source: str = "default") -> str:

@@ -69,20 +69,28 @@ def _load(source: str) -> tuple[dict[str, Any], TableDef | None]:
     return table.sweep(), table
 
 
-def plans_for(sweep: dict[str, Any], extra: Sequence[str], store: str) -> list[runner.RunPlan]:
-    """Resolve every grid point (raises before anything runs if one is invalid)."""
+def plans_for(
+    sweep: dict[str, Any], extra: Sequence[str], store: str, quiet: bool = True
+) -> list[runner.RunPlan]:
+    """Resolve every grid point (raises before anything runs if one is invalid); ``quiet``
+    False: each run draws its own progress bar, under the sweep's."""
     varied = {n for n, p in sweep["parameters"].items() if "values" in p}
     for flag in extra:
         name = flag.lstrip("-").split("=", 1)[0].replace("_", "-")
         if name in {v.replace("_", "-") for v in varied}:
             raise ValueError(f"--{name} is what this sweep varies; it cannot be fixed")
     plans = []
+    group = str(sweep.get("name", "sweep"))
     for point in expand_grid(sweep):
-        argv = [*to_argv(point), *extra, "--store", store, "--quiet"]
+        argv = [*to_argv(point), *extra, "--store", store, *(["--quiet"] if quiet else [])]
         try:
-            plans.append(runner.resolve(argv))
+            plan = runner.resolve(argv)
         except ValueError as exc:
             raise ValueError(f"grid point {point}: {exc}") from None
+        # what the progress bars say: the table and its row (the benchmark adds its name)
+        plan.label = f"{group} " + " ".join(f"{n}={point[n]}" for n in sorted(varied))
+        plan.baseline_label = f"{group} uncompressed"
+        plans.append(plan)
     return plans
 
 
@@ -119,7 +127,7 @@ def run_sweep(
     process waits (polling every ``poll_seconds``) until they are stored.  ``stale_after``: age
     in seconds after which a claim of a process on another host counts as abandoned."""
     sweep, table = _load(source)
-    plans = plans_for(sweep, extra, store_path)
+    plans = plans_for(sweep, extra, store_path, quiet=not progress)
     wandb = preflight(wandb)  # online without credentials stops here, before any run
     store = ResultStore(store_path)
     done = store.records()

@@ -1183,3 +1183,38 @@ def test_the_lab_benchmark_is_identified_by_its_weights(tmp_path: Path) -> None:
     assert {k: v for k, v in before.items() if k != "weights"} == {
         k: v for k, v in after.items() if k != "weights"
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------------
+
+
+def test_progress_bars_name_the_table_row_and_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the lab benchmark (2 questions): every bar says what it evaluates, where it used to
+    say "lab eval" for all of them."""
+    store = str(tmp_path / "store.jsonl")
+    runner.main(["--limit", "2", "--store", store, "--wandb", "disabled"])
+    err = capsys.readouterr().err
+    where = "lab test (first 2)"
+    for label in ("uncompressed", "oracle r=0.02", "r=0.02 attn+sim/greedy/dpc text-aware"):
+        assert f"{label} · {where}:" in err, err[-2000:]
+    # two rows of Table 5 in a fresh store (so that its uncompressed row is run too)
+    sweep = tmp_path / "table5.yaml"
+    rows = tables.TABLES["table5"].sweep()
+    rows["parameters"]["modules"]["values"] = ["attn", "attn+sim+cluster"]
+    sweep.write_text(yaml.safe_dump(rows))
+    sweeper.run_sweep(
+        str(sweep),
+        ["--limit=2"],
+        store_path=str(tmp_path / "sweep.jsonl"),
+        out_dir=str(tmp_path),
+        wandb="disabled",
+    )
+    err = capsys.readouterr().err
+    assert "ustc-table5:" in err  # the sweep's own bar
+    for row in ("uncompressed", "modules=attn", "modules=attn+sim+cluster"):
+        assert f"ustc-table5 {row} · {where}:" in err, err[-2000:]
+    assert "lab eval" not in err
