@@ -360,6 +360,23 @@ def _command(name: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import {attr}; sys.exit({attr}())"]
 
 
+def _accelerate_launch(*extra: str) -> list[str]:
+    """``accelerate launch`` asking for 2 processes on one machine, no mixed precision, no
+    dynamo, then ``extra`` (the launcher's own flags and what to run)."""
+    return _command("accelerate") + [
+        "launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *extra,
+    ]
+
+
 def _expected_input_tokens(question: str, frames: int, per_frame: int, budget: int) -> int:
     """Tokens entering the LLM for one toy question: the chat prompt around F*P + 1 video
     placeholders, less the visual tokens the compression removed (F*P - budget)."""
@@ -480,22 +497,7 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
     left-padded batches) and rank 0 writes the results once.
     (``--cpu`` makes accelerate 1.x use its single-process launcher whatever --num_processes
     says; see docs/lmms-eval.md.)"""
-    launcher = _command("accelerate") + [
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "lmms_eval",
-    ]
+    launcher = _accelerate_launch("--multi_gpu", "--main_process_port", "0", "-m", "lmms_eval")
     run = _run_toy(toy_run, launcher, "two", batch_size=2)
     _check_toy_run(run, ranks=2, batch_size=2)
 
@@ -630,17 +632,7 @@ def test_accelerate_without_multi_gpu_runs_one_process_and_the_plugin_says_so(
         "from ustc.lmms_eval.base import processes_asked_of_accelerate\n"
         "print('asked', processes_asked_of_accelerate(), 'world', os.environ.get('WORLD_SIZE'))\n"
     )
-    launcher = _command("accelerate") + [
-        "launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launcher = _accelerate_launch()  # no --multi_gpu
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [*launcher, str(script)], env=env, capture_output=True, text=True, timeout=300

@@ -90,26 +90,34 @@ def tiny_tokenizer() -> Any:
     )
 
 
-def tiny_model(layers: int = 3, seed: int = 0, attn: str = "sdpa") -> Any:
-    """A random LLaVA-OneVision: SigLIP (2 layers, 28 px images, 4 px patches -> 7 x 7 patches,
-    pooled to 4 x 4 = 16 tokens per frame) and Qwen2 (``layers`` layers), greedy, no eos stop."""
-    import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+def tiny_config(
+    layers: int = 3,
+    image_size: int = 28,
+    patch_size: int = 4,
+    vision_layers: int = 2,
+    vocab: int = VOCAB,
+    image_token: int = IMAGE_TOKEN,
+    video_token: int = VIDEO_TOKEN,
+) -> Any:
+    """The ``LlavaOnevisionConfig`` of a tiny LLaVA-OneVision: SigLIP (``vision_layers``
+    layers; 28 px images in 4 px patches -> 7 x 7 patches, pooled to 4 x 4 = 16 tokens per frame)
+    and Qwen2 (``layers`` layers, ``vocab`` ids).  tests/models_helpers.py builds the tests'
+    LLaVA-OneVision and LLaVA-Video layouts from it too."""
+    from transformers import LlavaOnevisionConfig
 
-    torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(
+    return LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
             "hidden_size": 32,
             "intermediate_size": 64,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": vision_layers,
             "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 4,
+            "image_size": image_size,
+            "patch_size": patch_size,
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": VOCAB,
+            "vocab_size": vocab,
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": layers,
@@ -117,11 +125,20 @@ def tiny_model(layers: int = 3, seed: int = 0, attn: str = "sdpa") -> Any:
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
+        image_token_id=image_token,
+        video_token_id=video_token,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
+
+
+def tiny_model(layers: int = 3, seed: int = 0, attn: str = "sdpa") -> Any:
+    """A random LLaVA-OneVision of :func:`tiny_config`, greedy, no eos stop, pad id 0."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_config(layers)
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = attn
     model = LlavaOnevisionForConditionalGeneration(config).eval()
