@@ -19,7 +19,6 @@ from transformers import (
     InternVLForConditionalGeneration,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -123,26 +122,11 @@ def tiny_llava_onevision(
     model: 27 x 27 -> 14 x 14 = 196, also for LLaVA-Video weights).  image 52 / patch 2 -> 26 x 26
     -> 13 x 13 = 169, the per-frame count the paper gives LLaVA-Video.
     """
+    from ustc.lmms_eval.quickstart import tiny_config
+
     torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
-            "image_size": image_size,
-            "patch_size": patch_size,
-        },
-        text_config={
-            "model_type": "qwen2",
-            **TINY_LLM,
-            "num_hidden_layers": layers,
-        },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
+    config = tiny_config(
+        layers, image_size, patch_size, vision_layers, VOCAB, IMAGE_TOKEN, VIDEO_TOKEN
     )
     return _built(LlavaOnevisionForConditionalGeneration, config, attn, dtype)
 
