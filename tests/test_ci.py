@@ -78,3 +78,23 @@ def test_ci_builds_the_second_environment_with_the_overlay() -> None:
     ]
     assert any("python .ci/overlay_env.py" in line for line in commands)
     assert not any("venv" in line and "--system-site-packages" in line for line in commands)
+
+
+def test_ci_runs_the_backbone_battery_on_the_oldest_transformers() -> None:
+    """The per-family adapter tests live in tests/test_backbones.py (one battery for every
+    backbone); the oldest-transformers pass must run it, not only tests/test_models_*.py."""
+    line = next(
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith('"$overlay" -m pytest')
+    )
+    shell = subprocess.run(
+        ["bash", "-c", f"echo {line.split(' -q ', 1)[1]}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ran = set(shell.stdout.split())
+    assert "tests/test_backbones.py" in ran, ran
+    assert "tests/test_models_llava_onevision.py" in ran and "tests/test_lmms_eval.py" in ran
