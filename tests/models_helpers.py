@@ -34,20 +34,16 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
+from ustc.lmms_eval.quickstart import TINY_LLM as QUICKSTART_LLM
+from ustc.lmms_eval.quickstart import tiny_config
+
 VOCAB = 96
 IMAGE_TOKEN = 90
 VIDEO_TOKEN = 91
 #: token ids for prompts: anything below the special ids
 TEXT_IDS = (5, 80)
 #: the LLM of every tiny model: hidden 64, 4 heads, 2 KV heads (plus its depth and extras)
-TINY_LLM = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-}
+TINY_LLM = {"vocab_size": VOCAB, **QUICKSTART_LLM}
 #: M-RoPE of the tiny Qwen LLMs: sections (2, 3, 3) of the 8 rotary pairs of head_dim 16
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
 #: the special tokens of the tiny Qwen models' prompts
@@ -122,8 +118,6 @@ def tiny_llava_onevision(
     model: 27 x 27 -> 14 x 14 = 196, also for LLaVA-Video weights).  image 52 / patch 2 -> 26 x 26
     -> 13 x 13 = 169, the per-frame count the paper gives LLaVA-Video.
     """
-    from ustc.lmms_eval.quickstart import tiny_config
-
     torch.manual_seed(seed)
     config = tiny_config(
         layers, image_size, patch_size, vision_layers, VOCAB, IMAGE_TOKEN, VIDEO_TOKEN

@@ -27,6 +27,15 @@ import numpy as np
 TOY_TASK = Path(__file__).with_name("toy_task")
 #: vocabulary size and the image / video placeholder ids of the tiny model
 VOCAB, IMAGE_TOKEN, VIDEO_TOKEN = 96, 90, 91
+#: the tiny LLM (Qwen2 here; tests/models_helpers.py gives every tiny backbone the same): hidden
+#: 64, 4 heads, 2 KV heads; its vocabulary and depth come with each config
+TINY_LLM: dict[str, int] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
 #: words of the tiny tokenizer (WordLevel, split on spaces and newlines): the task's prompts
 WORDS = [
     "[UNK]",
@@ -118,12 +127,8 @@ def tiny_config(
         text_config={
             "model_type": "qwen2",
             "vocab_size": vocab,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            **TINY_LLM,
             "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
         },
         image_token_id=image_token,
         video_token_id=video_token,
