@@ -198,7 +198,8 @@ def run(
     layers = len(model.model.language_model.layers)
     data = samples(split, limit)  # rendered once, shared by every row
     t0 = time.perf_counter()
-    vanilla = evaluate(None, model=model, data=data, progress=progress)
+    where = f"lab {split}" + (f" (first {limit})" if limit else "")
+    vanilla = evaluate(None, model=model, data=data, progress=progress and f"Vanilla · {where}")
     rows = [
         Row(
             "Vanilla",
@@ -215,11 +216,12 @@ def run(
     log(f"Vanilla: {vanilla.summary()}")
     for method, r, config, lab_k in plan(methods, retentions, layers):
         t0 = time.perf_counter()
+        bar = progress and f"{method.label} {method.retention_text(r)} · {where}"
         if method.selector is not None:
             picks = method.selector(r)
-            result = evaluate(None, model=model, data=data, progress=progress, selector=picks)
+            result = evaluate(None, model=model, data=data, progress=bar, selector=picks)
         else:
-            result = evaluate(config, model=model, data=data, progress=progress)
+            result = evaluate(config, model=model, data=data, progress=bar)
         tera, ratio = flops_of(config, method.paper_layer, spec)
         row = Row(
             method.label,

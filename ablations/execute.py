@@ -7,6 +7,7 @@ import inspect
 import time
 from typing import Any
 
+from ablations.output import short_label
 from ablations.plan import VANILLA, RunPlan
 from ablations.store import Claims, ResultStore, run_key
 from ustc.config import CompressionConfig
@@ -67,7 +68,8 @@ def flops_of(config: CompressionConfig, bench: Benchmark) -> dict[str, Any] | No
 
 def _evaluate(plan: RunPlan, config: CompressionConfig, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    results = [b.evaluate(config, progress=progress) for b in plan.benchmarks]
+    label = plan.baseline_label if config == VANILLA else plan.label or short_label(config)
+    results = [b.evaluate(config, progress=progress and label) for b in plan.benchmarks]
     merged = _merge_results(plan.benchmarks, results)
     avg = sum(merged["scores"].values()) / len(merged["scores"])
     merged["timings"]["wall"] = time.perf_counter() - start
@@ -180,7 +182,8 @@ def oracle_of(plan: RunPlan, store: ResultStore | None) -> dict[str, Any] | None
     if hit is not None:
         return hit
     start = time.perf_counter()
-    results = [b.oracle(retention, progress=not plan.args.quiet) for b in plan.benchmarks]
+    label = f"oracle r={retention:g}"
+    results = [b.oracle(retention, progress=not plan.args.quiet and label) for b in plan.benchmarks]
     if any(r is None for r in results):
         return None
     merged = _merge_results(plan.benchmarks, [r for r in results if r is not None])

@@ -25,6 +25,16 @@ from ustc.registry import REGISTRIES, Param
 
 DEFAULT_STORE = "results/ablations.jsonl"
 
+#: flags whose useful range is narrower than what the library accepts: (range, why)
+FLAG_RANGES: dict[str, tuple[str, str]] = {
+    "tau": (
+        "(0, 1]",
+        "Eq. 2 admits a token while its largest cosine similarity to the pool is below tau; "
+        "at tau <= 0 almost no token is admitted and the recycler fills the budget (tau 1 turns "
+        "the redundancy filter off)",
+    ),
+}
+
 CONFIG_FIELDS: dict[str, Any] = {
     f.name: f.type for f in fields(CompressionConfig) if f.name != "params"
 }
@@ -140,10 +150,32 @@ def _option_strings(name: str) -> list[str]:
     return [dashed] if "_" not in name else [dashed, "--" + name]
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage of 40 flags would bury it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def _benchmark_default(argv: Sequence[str] | None) -> tuple[str, CompressionConfig | None]:
+    """The first benchmark ``argv`` names and its default config (None when it cannot be
+    built without arguments): what a run starts from, for the flags' help."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--benchmark", default="lab")
+    known, _ = pre.parse_known_args(argv)
+    name = (known.benchmark.split(",")[0] or "lab").strip()
+    try:
+        return name, load_benchmark_class(name)().default_config()
+    except Exception:  # a benchmark that needs arguments or data: the help says less
+        return name, None
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The CLI; ``argv`` only serves to find benchmarks given by import path."""
+    """The CLI; ``argv`` only serves to find benchmarks given by import path and the
+    benchmark whose defaults the help states."""
     extra_benchmarks = _named_benchmarks(argv)
-    parser = argparse.ArgumentParser(
+    bench_name, bench_defaults = _benchmark_default(argv)
+    parser = OneLineErrors(
         prog="ablations/run.py",
         description="Run one configuration of the compression on a benchmark and record it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,13 +196,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             continue
         parse, _ = converter(annotation)
         owners = [f"{kind} {n}" for kind in REGISTRIES for n in _owners(kind).get(name, [])]
+        paper = getattr(defaults, name)
+        runs = paper if bench_defaults is None else getattr(bench_defaults, name)
+        default = (
+            f"default {paper}"
+            if runs == paper
+            else f"default on --benchmark {bench_name}: {runs}, its mapping of the paper's {paper}"
+        )
+        if name in FLAG_RANGES:
+            default += f"; in {FLAG_RANGES[name][0]}"
         config_group.add_argument(
             *_option_strings(name),
             dest=name,
             type=parse,
             default=None,
-            help=f"(default {getattr(defaults, name)})"
-            + (f"; used by {', '.join(owners)}" if owners else ""),
+            help=f"({default})" + (f"; used by {', '.join(owners)}" if owners else ""),
         )
     strategy_group = parser.add_argument_group("strategy parameters (CompressionConfig.params)")
     for name, param in strategy_params().items():

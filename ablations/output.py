@@ -1,10 +1,11 @@
-"""What a run prints: its record beside the paper's row, its configuration in words, and the
-``--list`` of every strategy and benchmark."""
+"""What a run prints: its record beside the paper's row, its configuration in words (and a few
+words for its progress bars), the ``--list`` of every strategy and benchmark, and what a Ctrl-C
+left stored."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ustc import strategies  # noqa: F401  (registers the built-in strategies)
 from ustc.config import CompressionConfig
@@ -12,6 +13,10 @@ from ustc.evaluation import (
     BENCHMARKS,
 )
 from ustc.registry import REGISTRIES
+
+if TYPE_CHECKING:
+    from ablations.plan import RunPlan
+    from ablations.store import ResultStore
 
 
 def format_record(record: dict[str, Any]) -> str:
@@ -83,6 +88,14 @@ def format_record(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def short_label(config: CompressionConfig) -> str:
+    """A few words naming a run for its progress bar: ``r=0.02 attn+sim/greedy/dpc text-aware``
+    (ustc's method) or ``r=0.02 visionzip none``."""
+    c = config
+    stages = f"{c.scorer}/{c.pool}/{c.recycler}" if c.method == "ustc" else c.method
+    return f"r={c.retention:g} {stages} {c.merger}"
+
+
 def describe_config(config: CompressionConfig, in_llm_source: str = "default") -> str:
     """One line saying what runs: the method and its own parameters (the scorer, pool and
     recycler only for ustc's method, the only one that uses them), then the in-LLM stage and
@@ -126,3 +139,24 @@ def list_everything() -> str:
         params = ", ".join(p.name for p in BENCHMARKS.params(name))
         lines.append(f"{'benchmark':9s} {name:14s} {params}")
     return "\n".join(lines)
+
+
+def interrupted_message(plan: RunPlan, store: ResultStore | None) -> str:
+    """What a Ctrl-C of ``run.py`` leaves: which of the run's rows are stored, and how to go on."""
+    if store is None:
+        return "\ninterrupted: nothing was stored (--no-store)"
+    try:
+        records = store.records()
+    except Exception as exc:  # the summary must not hide the interruption itself
+        return f"\ninterrupted: the store {store.path} keeps every finished run ({exc})"
+    rows = [("uncompressed", plan.baseline_key()), ("this run", plan.key)]
+    if plan.args.no_baseline:
+        rows = rows[1:]
+    stored = [name for name, key in rows if key in records]
+    missing = [name for name, key in rows if key not in records]
+    return (
+        f"\ninterrupted: {store.path} keeps its {len(records)} stored row(s)"
+        + (f", {' and '.join(stored)} among them" if stored else "")
+        + (f"; {' and '.join(missing)} not stored" if missing else "")
+        + "; the same command resumes (stored rows are read, not redone)"
+    )

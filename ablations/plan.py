@@ -13,6 +13,7 @@ from typing import Any
 
 from ablations.flags import (
     CONFIG_FIELDS,
+    FLAG_RANGES,
     _option_strings,
     benchmark_params,
     build_parser,
@@ -30,7 +31,7 @@ from ustc.evaluation import (
     map_paper_layer,
 )
 from ustc.presets import TABLE5_ROWS
-from ustc.registry import IN_LLM_FIELDS, METHODS, method_in_llm
+from ustc.registry import IN_LLM_FIELDS, METHODS, REGISTRIES, method_in_llm
 
 #: the uncompressed model every "% of uncompressed" refers to
 VANILLA = CompressionConfig(retention=1.0, merger="none")
@@ -43,6 +44,10 @@ class RunPlan:
     config: CompressionConfig
     benchmarks: list[Benchmark]
     args: argparse.Namespace
+    #: what the progress bars call this run (a sweep: ``ustc-table5 modules=attn``)
+    label: str = ""
+    #: what they call its uncompressed run (a sweep: ``ustc-table5 uncompressed``)
+    baseline_label: str = "uncompressed"
 
     @property
     def key(self) -> str:
@@ -135,7 +140,15 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
             changes.setdefault(name, value)
     extra = _given(args, list(strategy_params()))
     params = {**base.params, **extra}
+    if "tau" in changes and not 0.0 < changes["tau"] <= 1.0:
+        raise ValueError(
+            f"--tau must be in {FLAG_RANGES['tau'][0]}, got {changes['tau']:g}: "
+            f"{FLAG_RANGES['tau'][1]}"
+        )
     config = base.replace(**changes, params=params)
+    for kind, registry in REGISTRIES.items():
+        # each selected strategy checks its own parameters (FastVID's anchor_stride >= 1, ...)
+        registry.build_from(getattr(config, kind), config.strategy_values())
     if _given(args, list(IN_LLM_FIELDS)):
         args.in_llm_source = "given"
     elif method in METHODS and method_in_llm(method):
@@ -153,39 +166,42 @@ def resolve_args(args: argparse.Namespace) -> RunPlan:
             )
     if getattr(args, "output", None):
         check_output_path(args.output)
+    if not getattr(args, "no_store", False):
+        check_output_path(args.store, "--store", "ablations.jsonl")
     for bench in benches:
         bench.check()
     return RunPlan(config, benches, args)
 
 
-def check_output_path(output: str) -> None:
+def check_output_path(output: str, flag: str = "--output", example: str = "run.json") -> None:
     """Raise ``ValueError`` unless ``output`` can be written as a file: not a directory, and
     either a writable file or a name in a directory that exists (or can be created) and is
-    writable.  Checked before any model loads, so that a typo does not cost the evaluation."""
+    writable.  Checked before any model loads, so that a typo does not cost the evaluation
+    (``flag`` names the option in the message: ``--output``, ``--store``)."""
     path = Path(output)
     if output.endswith(("/", "\\")) or path.is_dir():
         raise ValueError(
-            f"--output {output!r} is a directory; give a file name, e.g. {path / 'run.json'}"
+            f"{flag} {output!r} is a directory; give a file name, e.g. {path / example}"
         )
     if path.exists():
         try:
             with path.open("a"):
                 pass
         except OSError as exc:
-            raise ValueError(f"--output {output!r} exists and cannot be written ({exc})") from None
+            raise ValueError(f"{flag} {output!r} exists and cannot be written ({exc})") from None
         return
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(
-            f"--output {output!r}: {parent} is a file, so no directory can be made under it"
+            f"{flag} {output!r}: {parent} is a file, so no directory can be made under it"
         )
     try:  # a real probe: permission bits say nothing for root or on a read-only file system
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
         raise ValueError(
-            f"--output {output!r}: cannot create files in {parent} ({exc.strerror or exc}); "
+            f"{flag} {output!r}: cannot create files in {parent} ({exc.strerror or exc}); "
             "give a path in a writable directory"
         ) from None

@@ -41,12 +41,20 @@ from ablations.execute import flops_of, oracle_of, run_baseline, run_plan  # noq
 from ablations.flags import (  # noqa: E402, F401
     CONFIG_FIELDS,
     DEFAULT_STORE,
+    FLAG_RANGES,
+    OneLineErrors,
     benchmark_params,
     build_parser,
     converter,
     strategy_params,
 )
-from ablations.output import describe_config, format_record, list_everything  # noqa: E402
+from ablations.output import (  # noqa: E402, F401
+    describe_config,
+    format_record,
+    interrupted_message,
+    list_everything,
+    short_label,
+)
 from ablations.paper_tables import MODULE_FIELDS, MODULE_ROWS  # noqa: E402, F401
 from ablations.plan import (  # noqa: E402, F401
     _BENCH_CACHE,
@@ -57,7 +65,7 @@ from ablations.plan import (  # noqa: E402, F401
     resolve_args,
 )
 from ablations.store import ResultStore  # noqa: E402
-from ablations.wandb_log import log_run  # noqa: E402
+from ablations.wandb_log import log_run, preflight  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -68,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     try:
         plan = resolve_args(args)
+        args.wandb = preflight(args.wandb)  # online without credentials stops before any work
     except ValueError as exc:
         parser.error(str(exc))
     store = None if args.no_store else ResultStore(args.store)
@@ -78,15 +87,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             f"ustc ablation [{plan.key}] on {names}: {describe_config(plan.config, source)}",
             flush=True,
         )
-    record = run_plan(plan, store)
-    if not args.no_baseline and not plan.config.is_identity:
-        oracle = oracle_of(plan, store)
-        if oracle is not None:
-            record["oracle"] = {k: oracle[k] for k in ("key", "avg", "scores", "timings")}
-    if not record.pop("cached"):
-        log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
-    elif not args.quiet:
-        print(f"(from the store {args.store}; --force to rerun)")
+    try:
+        record = run_plan(plan, store)
+        if not args.no_baseline and not plan.config.is_identity:
+            oracle = oracle_of(plan, store)
+            if oracle is not None:
+                record["oracle"] = {k: oracle[k] for k in ("key", "avg", "scores", "timings")}
+        if not record.pop("cached"):
+            log_run(record, mode=args.wandb, project=args.wandb_project, group=args.wandb_group)
+        elif not args.quiet:
+            print(f"(from the store {args.store}; --force to rerun)")
+    except KeyboardInterrupt:
+        print(interrupted_message(plan, store), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if not args.quiet:
         print(format_record(record))
     if args.output:

@@ -36,7 +36,7 @@ from ablations.paper_tables import TABLES, TableDef, get_table  # noqa: E402
 from ablations.render import Rendered, render, write_outputs  # noqa: E402
 from ablations.store import ClaimedElsewhere, Claims, ResultStore, describe_owner  # noqa: E402
 from ablations.sweep_files import expand_grid, load_sweep, to_argv  # noqa: E402
-from ablations.wandb_log import MODES, log_run, log_table  # noqa: E402
+from ablations.wandb_log import MODES, log_run, log_table, preflight  # noqa: E402
 
 
 def run_flags_parser() -> argparse.ArgumentParser:
@@ -61,20 +61,28 @@ def _load(source: str) -> tuple[dict[str, Any], TableDef | None]:
     return table.sweep(), table
 
 
-def plans_for(sweep: dict[str, Any], extra: Sequence[str], store: str) -> list[runner.RunPlan]:
-    """Resolve every grid point (raises before anything runs if one is invalid)."""
+def plans_for(
+    sweep: dict[str, Any], extra: Sequence[str], store: str, quiet: bool = True
+) -> list[runner.RunPlan]:
+    """Resolve every grid point (raises before anything runs if one is invalid); ``quiet``
+    False: each run draws its own progress bar, under the sweep's."""
     varied = {n for n, p in sweep["parameters"].items() if "values" in p}
     for flag in extra:
         name = flag.lstrip("-").split("=", 1)[0].replace("_", "-")
         if name in {v.replace("_", "-") for v in varied}:
             raise ValueError(f"--{name} is what this sweep varies; it cannot be fixed")
     plans = []
+    group = str(sweep.get("name", "sweep"))
     for point in expand_grid(sweep):
-        argv = [*to_argv(point), *extra, "--store", store, "--quiet"]
+        argv = [*to_argv(point), *extra, "--store", store, *(["--quiet"] if quiet else [])]
         try:
-            plans.append(runner.resolve(argv))
+            plan = runner.resolve(argv)
         except ValueError as exc:
             raise ValueError(f"grid point {point}: {exc}") from None
+        # what the progress bars say: the table and its row (the benchmark adds its name)
+        plan.label = f"{group} " + " ".join(f"{n}={point[n]}" for n in sorted(varied))
+        plan.baseline_label = f"{group} uncompressed"
+        plans.append(plan)
     return plans
 
 
@@ -111,7 +119,8 @@ def run_sweep(
     process waits (polling every ``poll_seconds``) until they are stored.  ``stale_after``: age
     in seconds after which a claim of a process on another host counts as abandoned."""
     sweep, table = _load(source)
-    plans = plans_for(sweep, extra, store_path)
+    plans = plans_for(sweep, extra, store_path, quiet=not progress)
+    wandb = preflight(wandb)  # online without credentials stops here, before any run
     store = ResultStore(store_path)
     done = store.records()
     varied = [n for n, p in sweep["parameters"].items() if "values" in p]
@@ -159,7 +168,8 @@ def run_sweep(
                     )
                 continue
             if not record.pop("cached", True) and kind == "point":
-                log_run(record, mode=wandb, project=project, group=group)
+                label = " ".join(f"{n}={point[n]}" for n in varied)
+                log_run(record, mode=wandb, project=project, group=group, name=f"{group} {label}")
             if bar is not None:
                 bar.update(1)
         if busy and len(busy) == len(todo):
@@ -179,15 +189,15 @@ def run_sweep(
         )
     )
     paths = write_outputs(rendered, out_dir, stem)
-    log_table(table.name, rendered.header, rendered.rows, mode=wandb, project=project)
-    if progress:
+    if progress:  # printed and written before W&B is asked for anything
         print(rendered.markdown())
-        print("written: " + ", ".join(str(p) for p in paths))
+        print("written: " + ", ".join(str(p) for p in paths), flush=True)
+    log_table(table.name, rendered.header, rendered.rows, mode=wandb, project=project)
     return rendered
 
 
 def main(argv: Sequence[str] | None = None) -> Rendered | None:
-    parser = argparse.ArgumentParser(
+    parser = runner.OneLineErrors(
         prog="ablations/sweep.py",
         description="Run a sweep YAML's grid locally (resumable) and write the paper's table.",
         epilog="Other flags are passed to every run (see ablations/run.py --help).",

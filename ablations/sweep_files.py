@@ -43,8 +43,16 @@ def write_sweeps() -> list[Path]:
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read a sweep YAML; only ``method: grid`` with ``value``/``values`` parameters is supported
     by the local runner (the paper's tables need nothing else)."""
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or "parameters" not in data:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read the sweep file {path} ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("parameters"), dict):
         raise ValueError(f"{path}: not a W&B sweep file (no 'parameters')")
     if data.get("method", "grid") != "grid":
         raise ValueError(

@@ -3,6 +3,10 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR           # on a machine with a CUDA GPU (default results/gpu)
 #   bash benchmarks/gpu.sh --smoke /tmp/g    # the same steps on the CPU at toy sizes, in seconds
+#   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu.sh OUT   # an interpreter not on PATH
+#
+# It runs $PYTHON, else the first python3 on PATH (an activated venv or conda env puts its own
+# first); the tests pass the interpreter that runs them.
 #
 # Steps, each under its own time limit (seconds), each writing one file:
 #   env.json                   torch / transformers / device, bf16 products with float32 output?

@@ -23,7 +23,6 @@ from transformers import (
     InternVLForConditionalGeneration,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -41,20 +40,16 @@ from transformers import (
     VideoLlama3ForConditionalGeneration,
 )
 
+from ustc.lmms_eval.quickstart import TINY_LLM as QUICKSTART_LLM
+from ustc.lmms_eval.quickstart import tiny_config
+
 VOCAB = 96
 IMAGE_TOKEN = 90
 VIDEO_TOKEN = 91
 #: token ids for prompts: anything below the special ids
 TEXT_IDS = (5, 80)
 #: the LLM of every tiny model: hidden 64, 4 heads, 2 KV heads (plus its depth and extras)
-TINY_LLM = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-}
+TINY_LLM = {"vocab_size": VOCAB, **QUICKSTART_LLM}
 #: M-RoPE of the tiny Qwen LLMs: sections (2, 3, 3) of the 8 rotary pairs of head_dim 16
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
 #: the special tokens of the tiny Qwen models' prompts
@@ -130,25 +125,8 @@ def tiny_llava_onevision(
     -> 13 x 13 = 169, the per-frame count the paper gives LLaVA-Video.
     """
     torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
-            "image_size": image_size,
-            "patch_size": patch_size,
-        },
-        text_config={
-            "model_type": "qwen2",
-            **TINY_LLM,
-            "num_hidden_layers": layers,
-        },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
+    config = tiny_config(
+        layers, image_size, patch_size, vision_layers, VOCAB, IMAGE_TOKEN, VIDEO_TOKEN
     )
     return _built(LlavaOnevisionForConditionalGeneration, config, attn, dtype)
 

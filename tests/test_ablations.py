@@ -233,7 +233,7 @@ def test_defaults_come_from_the_benchmark() -> None:
         ),
         (["--merger=fancy"], "unknown merger"),
         (["--retention=1.5"], r"retention must be in \(0, 1\]"),
-        (["--tau=2"], r"tau must be in \[-1, 1\]"),
+        (["--tau=2"], r"--tau must be in \(0, 1\]"),
         (["--k=0"], "k .* must be >= 1"),
         (["--cluster-ratio=1.2"], "cluster_ratio"),
         (["--layer=4"], r"K must be in \[0, 3\]"),
@@ -642,6 +642,128 @@ def test_wandb_offline_run_is_written_locally(
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
+    """W&B in offline mode writing under ``folder`` with no credentials; returns the runs' dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(folder / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(folder / "config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(folder))  # no ~/.netrc
+    return folder / "wandb"
+
+
+def test_an_offline_sweep_leaves_runs_and_its_table_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B's default for a user without an account: every grid point is an offline run with its
+    metrics, the table run holds every row of the printed table (Table 5's "Vanilla" row has no
+    cluster ratio: the cell wandb.Table refused before the fix)."""
+    from ablations.wandb_log import read_offline_run
+
+    runs_dir = _offline_wandb(monkeypatch, tmp_path / "w")
+    store = tmp_path / "store.jsonl"
+    rendered = sweeper.run_sweep(
+        "table5",
+        ["--benchmark", TOY, "--limit=3"],
+        store_path=str(store),
+        out_dir=str(tmp_path / "tables"),
+        progress=False,
+    )
+    assert rendered is not None and rendered.missing == 0
+    import wandb
+
+    wandb.teardown()  # wandb's service writes behind the process: wait for it, as an exit does
+    runs = [read_offline_run(d) for d in sorted(runs_dir.glob("offline-run-*"))]
+    assert runs and all(r["finished"] for r in runs)
+    points = [r for r in runs if r["job_type"] == "ablation"]
+    (table_run,) = [r for r in runs if r["job_type"] == "table"]
+    stored = ResultStore(store).records()
+    assert len(points) == len(tables.TABLES["table5"].values) == len(stored) - 1
+    for run in points:
+        record = stored[run["config"]["key"]]
+        assert run["group"] == "ustc-table5" and run["name"].startswith("ustc-table5 modules=")
+        assert run["config"]["compression"] == record["config"]
+        assert run["summary"]["avg_score"] == pytest.approx(record["avg"])
+        for column, value in record["scores"].items():
+            assert run["history"][0][f"score/{column}"] == pytest.approx(value)
+        assert run["summary"]["flops/tflops"] == pytest.approx(record["flops"]["tflops"])
+    logged = table_run["tables"]["table5"]
+    assert logged["columns"] == rendered.header
+    assert len(logged["data"]) == len(rendered.rows) == 8
+    for got, want in zip(logged["data"], rendered.rows, strict=True):
+        for logged_cell, cell in zip(got, want, strict=True):
+            if isinstance(cell, str):  # "-" (not applicable) is missing in a numeric column
+                assert logged_cell == cell or (cell == "-" and logged_cell is None)
+            else:
+                assert logged_cell == pytest.approx(cell)
+    ratio = rendered.header.index("cluster_ratio")
+    assert logged["data"][0][ratio] is None and rendered.rows[0][ratio] == "-"  # Vanilla
+    assert all(isinstance(row[ratio], float) for row in logged["data"][1:])
+
+
+def test_table_cells_keep_numbers_and_turn_mixed_columns_into_text() -> None:
+    from ablations.wandb_log import table_cells
+
+    rows = [["Vanilla", "-", "-", 1.5, True, "x"], ["Attn", 0.3, 2, 7, False, 2.0]]
+    assert table_cells(rows) == [
+        ["Vanilla", None, None, 1.5, True, "x"],  # "-" in a column of numbers: missing
+        ["Attn", 0.3, 2, 7, False, "2.0"],  # text and a number: text
+    ]
+
+
+def test_online_without_credentials_stops_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _offline_wandb(monkeypatch, tmp_path)
+    store = tmp_path / "store.jsonl"
+    for env, flags in (("online", []), ("offline", ["--wandb", "online"])):
+        monkeypatch.setenv("WANDB_MODE", env)
+        with pytest.raises(SystemExit) as exit_info:
+            runner.main(["--benchmark", TOY, "--store", str(store), "--quiet", *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "no W&B API key" in err and "--wandb offline" in err
+        with pytest.raises(SystemExit):
+            sweeper.main(["s7", "--benchmark", TOY, "--store", str(store), "--quiet", *flags])
+        assert "no W&B API key" in capsys.readouterr().err
+    # a key but no server (a closed local port: refused at once, no 30 s wait per run)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", TOY, "--store", str(store), "--quiet"])
+    assert "does not answer" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+    assert ToyBenchmark.evaluations == 0 and not store.exists()
+
+
+def test_online_logging_that_fails_mid_sweep_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb
+
+    from ablations import wandb_log
+
+    runs_dir = _offline_wandb(monkeypatch, tmp_path)
+    real_init = wandb_log._init
+
+    def init(mode: str, project: str, **kwargs: object) -> object:
+        if mode == "online":  # the network went away after the preflight check
+            raise wandb.errors.CommError("Timed out while retrying")
+        return real_init(mode, project, **kwargs)
+
+    monkeypatch.setattr(wandb_log, "_init", init)
+    record = runner.main(["--benchmark", TOY, "--no-store", "--quiet", "--no-baseline"])
+    assert record is not None
+    assert wandb_log.log_run(record, mode="online") == "offline"
+    assert "logged offline instead" in capsys.readouterr().err
+    wandb.teardown()
+    runs = [wandb_log.read_offline_run(d) for d in runs_dir.glob("offline-run-*")]
+    assert [r["summary"]["avg_score"] for r in runs] == [pytest.approx(record["avg"])] * 2
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and faults
 # --------------------------------------------------------------------------------------------
@@ -789,6 +911,138 @@ def test_ctrl_c_says_what_is_stored_and_how_to_resume(tmp_path: Path) -> None:
     assert len(ResultStore(store)) == 8
 
 
+def _run_cmd(store: Path | str, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "ablations" / "run.py"),
+        "--benchmark",
+        "tests.test_ablations:ToyBenchmark",
+        "--store",
+        str(store),
+        "--wandb",
+        "disabled",
+        *flags,
+    ]
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], prog: str) -> str:
+    """The error of a refused command: exit 2, no traceback, one line on stderr."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    return lines[0]
+
+
+def test_ctrl_c_during_run_py_says_what_is_stored(tmp_path: Path) -> None:
+    """Ctrl-C while the run itself is evaluated: the uncompressed row, finished first, stays in
+    the store and the message says so; the rerun evaluates only the run."""
+    store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
+    cmd = _run_cmd(store, "--retention", "0.05")
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=_toy_env(TOY_SIGINT_AFTER="1", TOY_LOG=str(log)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert (
+        f"interrupted: {store} keeps its 1 stored row(s), uncompressed among them; this run "
+        "not stored; the same command resumes" in result.stderr
+    )
+    assert len(ResultStore(store)) == 1 and len(log.read_text().splitlines()) == 1
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_toy_env(TOY_LOG=str(log)), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(ResultStore(store)) == 2  # the uncompressed row and the run (no toy oracle)
+    assert len(log.read_text().splitlines()) == 2  # the uncompressed row was not redone
+
+
+def test_a_directory_as_store_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for store in (str(folder), str(tmp_path / "new") + "/"):
+        result = subprocess.run(
+            _run_cmd(store, "--quiet"),
+            cwd=ROOT,
+            env=_toy_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        line = _one_line_error(result, "ablations/run.py")
+        assert "is a directory; give a file name, e.g." in line and "ablations.jsonl" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no lock file, nothing
+    assert not any(folder.iterdir())
+    with pytest.raises(ValueError, match="--store .* is a directory"):
+        sweeper.plans_for(tables.get_table("s7").sweep(), ["--benchmark", TOY], str(folder))
+
+
+def test_a_sweep_yaml_with_a_syntax_error_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nparameters:\n  tau: {values: [0.5, 0.7]\n")
+    cmd = [sys.executable, str(ROOT / "ablations" / "sweep.py"), str(bad), "--store"]
+    result = subprocess.run(
+        [*cmd, str(tmp_path / "s.jsonl")],
+        cwd=ROOT,
+        env=_toy_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = _one_line_error(result, "ablations/sweep.py")
+    assert f"{bad}: not valid YAML at line 4, column 1" in line
+    with pytest.raises(ValueError, match="cannot read the sweep file"):
+        sweep_files.load_sweep(tmp_path / "missing.yaml")
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tau", "-0.5"], r"--tau must be in \(0, 1\], got -0.5: Eq. 2 admits"),
+        (["--tau", "0"], r"--tau must be in \(0, 1\]"),
+        (["--retention", "0"], r"retention must be in \(0, 1\]"),
+        (["--cluster-ratio", "1.5"], r"cluster_ratio must be in \[0, 1\]"),
+        (["--k", "0"], r"k \(DPC-KNN neighbours\) must be >= 1"),
+        (["--lam", "-0.1"], r"lam must be in \[0, 1\]"),
+        (["--keep-ratio", "0"], r"keep_ratio must be in \(0, 1\]"),
+        (["--layer", "4"], r"K must be in \[0, 3\]"),
+        (["--paper-layer", "29"], r"paper layer K must be in \[0, 28\]"),
+        (["--method", "fastvid", "--anchor-stride", "0"], r"anchor_stride must be an integer >= 1"),
+        (["--method", "fastvid", "--salient-ratio", "2"], r"salient_ratio must be in \[0, 1\]"),
+        (["--method", "holitom", "--max-window", "0"], r"max_window must be an integer >= 1"),
+        (["--method", "sttm", "--spatial-tau", "1.5"], r"spatial_tau must be in \[-1, 1\]"),
+        (["--method", "visionzip", "--contextual-ratio", "-1"], r"contextual_ratio must be in"),
+    ],
+)
+def test_every_numeric_flag_is_range_checked_before_any_model(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve(*flags)
+    assert ToyBenchmark.loads == 0 and ToyBenchmark.evaluations == 0
+    resolve("--tau", "1")  # the top of the range turns the filter off, and is allowed
+
+
+def test_layer_help_states_the_k_the_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    lab_k = runner.resolve([]).config.layer  # what `python ablations/run.py` runs
+    assert (
+        f"--layer LAYER (default on --benchmark lab: {lab_k}, its mapping of the paper's 18)"
+        in (help_text)
+    )
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", TOY, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--layer LAYER (default on --benchmark" in help_text and ": 3, its mapping" in help_text
+
+
 # --------------------------------------------------------------------------------------------
 # Baselines run as their papers describe
 # --------------------------------------------------------------------------------------------
@@ -928,3 +1182,38 @@ def test_the_lab_benchmark_is_identified_by_its_weights(tmp_path: Path) -> None:
     assert {k: v for k, v in before.items() if k != "weights"} == {
         k: v for k, v in after.items() if k != "weights"
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------------
+
+
+def test_progress_bars_name_the_table_row_and_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the lab benchmark (2 questions): every bar says what it evaluates, where it used to
+    say "lab eval" for all of them."""
+    store = str(tmp_path / "store.jsonl")
+    runner.main(["--limit", "2", "--store", store, "--wandb", "disabled"])
+    err = capsys.readouterr().err
+    where = "lab test (first 2)"
+    for label in ("uncompressed", "oracle r=0.02", "r=0.02 attn+sim/greedy/dpc text-aware"):
+        assert f"{label} · {where}:" in err, err[-2000:]
+    # two rows of Table 5 in a fresh store (so that its uncompressed row is run too)
+    sweep = tmp_path / "table5.yaml"
+    rows = tables.TABLES["table5"].sweep()
+    rows["parameters"]["modules"]["values"] = ["attn", "attn+sim+cluster"]
+    sweep.write_text(yaml.safe_dump(rows))
+    sweeper.run_sweep(
+        str(sweep),
+        ["--limit=2"],
+        store_path=str(tmp_path / "sweep.jsonl"),
+        out_dir=str(tmp_path),
+        wandb="disabled",
+    )
+    err = capsys.readouterr().err
+    assert "ustc-table5:" in err  # the sweep's own bar
+    for row in ("uncompressed", "modules=attn", "modules=attn+sim+cluster"):
+        assert f"ustc-table5 {row} · {where}:" in err, err[-2000:]
+    assert "lab eval" not in err

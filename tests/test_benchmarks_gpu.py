@@ -2,8 +2,10 @@
 at toy sizes), and its JSON rendered beside the paper's Table 6 (analysis/efficiency.py)."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
+    # the interpreter running the tests, not whichever python3 is first on PATH: inside a venv
+    # that is not activated, PATH's python3 is the system one, without torch
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", str(out)],
         cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=1200,

@@ -2,9 +2,11 @@
 
 The plugin tests go through lmms-eval's own entry-point loader, its real ``Instance`` requests
 and, end to end, its real ``lmms-eval`` command line (one process, and two under
-``accelerate launch --cpu``) on a tiny random LLaVA-OneVision saved to a folder and the tiny
-video task of ``tests/data/lmms_eval_toy``.  They need lmms-eval installed (the optional extra; the
-``--no-deps`` recipe of ``.ci/lmms-eval-nodeps.txt``) and are skipped otherwise.
+``accelerate launch --multi_gpu``) on a tiny random LLaVA-OneVision saved to a folder and the
+tiny video task of ``ustc/lmms_eval/toy_task``, both built by ``ustc.lmms_eval.quickstart`` (the
+offline quick start of docs/lmms-eval.md, whose commands are run here as documented).  They need
+lmms-eval installed (the optional extra; the ``--no-deps`` recipe of
+``.ci/lmms-eval-nodeps.txt``) and are skipped otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY_TASK = ROOT / "tests" / "data" / "lmms_eval_toy"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,110 +36,15 @@ from ustc.lmms_eval import (  # noqa: E402
     default_device,
     left_pad,
 )
+from ustc.lmms_eval.quickstart import (  # noqa: E402
+    TOY_TASK,
+    tiny_checkpoint,
+    tiny_tokenizer,
+    toy_task,
+)
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")
-
-#: words of the tiny tokenizer (WordLevel, split on spaces and newlines)
-WORDS = [
-    "[UNK]",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "system",
-    "user",
-    "assistant",
-    "You",
-    "are",
-    "a",
-    "helpful",
-    "assistant.",
-    "what",
-    "colour",
-    "is",
-    "the",
-    "ball",
-    "in",
-    "at",
-    "end",
-    "of",
-    "video",
-    "?",
-    "A",
-    "B",
-    "C",
-    ".",
-    "red",
-    "blue",
-    "green",
-    "answer",
-    "with",
-    "letter",
-]
-
-
-def tiny_tokenizer() -> object:
-    from models_helpers import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = WORDS + [f"w{i}" for i in range(len(WORDS), IMAGE_TOKEN)] + ["<image>", "<video>"]
-    words += [f"x{i}" for i in range(len(words), VOCAB)]
-    assert words.index("<video>") == VIDEO_TOKEN
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", "removed"), pre_tokenizers.WhitespaceSplit()]
-    )
-    # the chat markers are special tokens, as in Qwen2's tokenizer: never glued to a word
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[UNK]",
-        additional_special_tokens=[w for w in WORDS if w.startswith("<|")],
-    )
-
-
-def write_clip(path: Path, colours: list[tuple[int, int, int]], frames: int = 8) -> None:
-    """An mp4 of ``frames`` 32 x 32 frames: a ball of each colour in turn on grey (PyAV)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            image = np.full((32, 32, 3), 128, np.uint8)
-            colour = colours[i * len(colours) // frames]
-            x = 4 + 3 * i
-            image[10:22, x : x + 12] = colour
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-
-
-def toy_task(folder: Path) -> Path:
-    """The ustc_toy task copied to ``folder`` with its clips written into videos/."""
-    shutil.copytree(TOY_TASK, folder, ignore=shutil.ignore_patterns("__pycache__", "videos"))
-    (folder / "videos").mkdir()
-    for line in (folder / "questions.jsonl").read_text().splitlines():
-        name = json.loads(line)["video"]
-        write_clip(folder / "videos" / name, [COLOURS[c] for c in name[:-4].split("_")])
-    return folder
-
-
-def tiny_checkpoint(folder: Path) -> Path:
-    """A tiny random LLaVA-OneVision and its tokenizer saved as a checkpoint folder."""
-    from models_helpers import tiny_llava_onevision
-
-    model = tiny_llava_onevision(layers=3)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _entry_point_dist(folder: Path) -> Path:
@@ -454,6 +360,23 @@ def _command(name: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import {attr}; sys.exit({attr}())"]
 
 
+def _accelerate_launch(*extra: str) -> list[str]:
+    """``accelerate launch`` asking for 2 processes on one machine, no mixed precision, no
+    dynamo, then ``extra`` (the launcher's own flags and what to run)."""
+    return _command("accelerate") + [
+        "launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *extra,
+    ]
+
+
 def _expected_input_tokens(question: str, frames: int, per_frame: int, budget: int) -> int:
     """Tokens entering the LLM for one toy question: the chat prompt around F*P + 1 video
     placeholders, less the visual tokens the compression removed (F*P - budget)."""
@@ -574,22 +497,7 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
     left-padded batches) and rank 0 writes the results once.
     (``--cpu`` makes accelerate 1.x use its single-process launcher whatever --num_processes
     says; see docs/lmms-eval.md.)"""
-    launcher = _command("accelerate") + [
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "lmms_eval",
-    ]
+    launcher = _accelerate_launch("--multi_gpu", "--main_process_port", "0", "-m", "lmms_eval")
     run = _run_toy(toy_run, launcher, "two", batch_size=2)
     _check_toy_run(run, ranks=2, batch_size=2)
 
@@ -639,3 +547,116 @@ def test_a_backbone_without_a_manual_layout_names_what_it_needs():
     plugin = BACKBONES["qwen3_vl_ustc"].__new__(BACKBONES["qwen3_vl_ustc"])
     with pytest.raises(ValueError, match="needs torchvision.*qwen2_5_vl_ustc"):
         plugin.manual_processor(None, None, "some/checkpoint")
+
+
+# --------------------------------------------------------------------------------------------
+# The offline quick start of docs/lmms-eval.md, and accelerate's single-process launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _quickstart_block() -> str:
+    """The commands of docs/lmms-eval.md's "Offline quick start", as written there."""
+    page = (ROOT / "docs" / "lmms-eval.md").read_text()
+    section = page.split("## Offline quick start", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@lmms
+def test_the_offline_quick_start_runs_as_documented(tmp_path: Path) -> None:
+    """The documented lines, run by bash in an empty folder with no network (this checkout's ustc
+    and its entry points first on the path, this interpreter's scripts first on PATH)."""
+    block = _quickstart_block()
+    assert block.startswith("python -m ustc.lmms_eval.quickstart lmms-quickstart\n")
+    env = dict(os.environ)
+    env.update(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(_entry_point_dist(tmp_path / "dist")), str(ROOT), env.get("PYTHONPATH", "")]
+        ),
+        HF_HOME=str(tmp_path / "hf"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    if not (Path(sys.executable).parent / "lmms-eval").is_file():
+        pytest.skip("the lmms-eval script is not beside this interpreter")
+    work = tmp_path / "user"
+    work.mkdir()
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in log, log[-6000:]
+    out = work / "lmms-quickstart" / "results"
+    (results,) = out.glob("*/*_results.json")
+    (samples,) = out.glob("*/*_samples_ustc_toy.jsonl")
+    assert json.loads(results.read_text())["n-samples"]["ustc_toy"]["effective"] == 5
+    scored = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in scored) == list(range(5))
+    sys.path.insert(0, str(TOY_TASK))
+    try:
+        import utils as toy_utils
+    finally:
+        sys.path.remove(str(TOY_TASK))
+    docs = [json.loads(x) for x in (TOY_TASK / "questions.jsonl").read_text().splitlines()]
+    for sample in scored:  # 4 frames x 16 tokens at 25 %: 16 visual tokens entered the LLM
+        question = toy_utils.doc_to_text(docs[sample["doc_id"]])
+        tokens = _expected_input_tokens(question, 4, 16, 16)
+        assert sample["token_counts"] == [{"input_tokens": tokens, "output_tokens": 3}]
+
+
+def test_processes_asked_of_accelerate_reads_the_launcher_command_line() -> None:
+    from ustc.lmms_eval.base import processes_asked_of_accelerate as asked
+
+    launch = ["accelerate", "launch", "--num_processes", "2", "-m", "lmms_eval"]
+    assert asked({"ACCELERATE_USE_CPU": "False"}, launch) == 2
+    assert asked({"ACCELERATE_USE_CPU": "False"}, ["x", "--num_processes=4"]) == 4
+    assert asked({"ACCELERATE_USE_CPU": "False"}, ["accelerate", "launch", "-m", "x"]) is None
+    assert asked({}, launch) is None  # not started by accelerate (torchrun, plain lmms-eval)
+
+
+@lmms
+def test_accelerate_without_multi_gpu_runs_one_process_and_the_plugin_says_so(
+    tmp_path: Path,
+) -> None:
+    """The real launcher: ``--num_processes 2`` without ``--multi_gpu`` starts one process with no
+    WORLD_SIZE; the ustc model built there warns, naming the fix."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, warnings\n"
+        "from ustc.lmms_eval.base import processes_asked_of_accelerate\n"
+        "print('asked', processes_asked_of_accelerate(), 'world', os.environ.get('WORLD_SIZE'))\n"
+    )
+    launcher = _accelerate_launch()  # no --multi_gpu
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [*launcher, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("asked 2 world None") == 1  # one process, which knows 2 were asked
+
+
+@lmms
+def test_the_plugin_warns_when_accelerate_started_fewer_processes_than_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from models_helpers import tiny_llava_onevision
+
+    from ustc.lmms_eval import base
+
+    model, tokenizer = tiny_llava_onevision(layers=3), tiny_tokenizer()
+    monkeypatch.setattr(base, "processes_asked_of_accelerate", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match=r"--num_processes 2` started ONE process.*--multi_gpu"):
+        first = LlavaOneVisionUSTC(model=model, tokenizer=tokenizer, pretrained=None, layer=1)
+    first.handle.remove()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # --multi_gpu: as many processes as asked, no warning
+    monkeypatch.setenv("RANK", "0")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*started ONE process.*")
+        LlavaOneVisionUSTC(model=model, tokenizer=tokenizer, pretrained=None, layer=1)

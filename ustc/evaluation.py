@@ -133,10 +133,16 @@ class Benchmark(ABC):
         return None
 
     @abstractmethod
-    def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
-        """Score ``config``.  May load (and cache) the model on first use."""
+    def evaluate(
+        self, config: CompressionConfig, *, progress: bool | str = True
+    ) -> BenchmarkResult:
+        """Score ``config``.  May load (and cache) the model on first use.
 
-    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult | None:
+        progress: False for no progress bar; True for one; a string is what the caller runs
+        (``table5 modules=attn``): a benchmark that draws a bar labels it with that and its
+        own name."""
+
+    def oracle(self, retention: float, *, progress: bool | str = True) -> BenchmarkResult | None:
         """Scores of a selection that keeps the tokens each question's evidence is in, within
         the budget of ``retention``: whether that budget can hold the evidence at all.  Only a
         benchmark that knows where its evidence is (the lab's generator does) can say; None
@@ -304,24 +310,33 @@ class LabBenchmark(Benchmark):
             self._data = lab_evaluate.samples(self.split, self.limit)
         return self._data
 
-    def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
+    def _bar(self, progress: bool | str) -> bool | str:
+        """The lab's progress bar label: the caller's row, then this benchmark and split."""
+        if not progress:
+            return False
+        name = f"lab {self.split}" + (f" (first {self.limit})" if self.limit else "")
+        return f"{progress} · {name}" if isinstance(progress, str) else name
+
+    def evaluate(
+        self, config: CompressionConfig, *, progress: bool | str = True
+    ) -> BenchmarkResult:
         from ustc.lab.evaluate import evaluate as lab_evaluate
 
         out = lab_evaluate(
             None if config.is_identity else config,
-            progress=progress,
+            progress=self._bar(progress),
             model=self._load(),
             data=self._samples(),
         )
         return _lab_result(out)
 
-    def oracle(self, retention: float, *, progress: bool = True) -> BenchmarkResult:
+    def oracle(self, retention: float, *, progress: bool | str = True) -> BenchmarkResult:
         from ustc.lab.evaluate import evaluate as lab_evaluate
         from ustc.lab.evaluate import oracle_selector
 
         out = lab_evaluate(
             None,
-            progress=progress,
+            progress=self._bar(progress),
             model=self._load(),
             data=self._samples(),
             selector=oracle_selector(retention),
@@ -524,7 +539,9 @@ class LmmsEvalBenchmark(Benchmark):
             + config_to_model_args(config)
         )
 
-    def evaluate(self, config: CompressionConfig, *, progress: bool = True) -> BenchmarkResult:
+    def evaluate(
+        self, config: CompressionConfig, *, progress: bool | str = True
+    ) -> BenchmarkResult:
         self.check()
         from lmms_eval.evaluator import simple_evaluate
 

@@ -304,7 +304,7 @@ def evaluate(
     config: CompressionConfig | None = None,
     split: str = "test",
     limit: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     model: Any = None,
     batch_size: int = 25,
     selector: Selector | None = None,
@@ -320,6 +320,9 @@ def evaluate(
     selector: instead of ``config``, keep the visual tokens this function picks (e.g.
               :func:`random_selector`); mutually exclusive with a compressing config.
     data:     samples to use instead of ``split``/``limit`` (already rendered).
+    progress: False for no progress bar; True for one labelled ``lab <split>``; a string labels
+              it (the callers name the table, row and benchmark: ``table5 modules=attn · lab
+              test``).
     """
     if selector is not None and config is not None and not config.is_identity:
         raise ValueError("pass either a compressing config or a selector, not both")
@@ -328,6 +331,7 @@ def evaluate(
     tokenizer = build_tokenizer()
     frames = int(model.config.lab["frames"]) if hasattr(model.config, "lab") else LabShape().frames
     t0 = time.perf_counter()
+    source = "lab" if data is not None else f"lab {split}"  # the bar's label without a caller's
     data = list(data) if data is not None else samples(split, limit)
     data_seconds = time.perf_counter() - t0
     device = next(model.parameters()).device
@@ -349,7 +353,8 @@ def evaluate(
     try:
         prompts = encode_prompts(tokenizer, [s.question for s in data], video_tokens)
         batches = length_batches(prompts, batch_size)
-        bar = _progress(len(data), progress)
+        label = progress if isinstance(progress, str) else source
+        bar = _progress(len(data), bool(progress), label)
         for batch in batches:
             ids = torch.tensor([prompts[i] for i in batch], device=device)
             px = pixel_values(np.stack([data[i].frames for i in batch])).to(device)
@@ -422,9 +427,9 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, label: str) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="lab eval", unit="q", leave=False)
+    return tqdm(total=total, desc=label, unit="q", leave=False)

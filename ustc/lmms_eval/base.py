@@ -27,6 +27,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -116,6 +117,33 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
+
+
+def processes_asked_of_accelerate(
+    environ: dict[str, str] | None = None, parent_cmdline: list[str] | None = None
+) -> int | None:
+    """``--num_processes`` of the ``accelerate launch`` that started this process, or None when
+    accelerate did not start it (or the launcher's command line cannot be read).
+
+    accelerate's launchers set ``ACCELERATE_USE_CPU`` in the processes they start; its
+    single-process launcher (chosen without ``--multi_gpu``) sets no ``WORLD_SIZE`` and drops
+    ``--num_processes``, which is only left in the launcher's own command line: this process's
+    parent (``/proc/<ppid>/cmdline`` on Linux)."""
+    environ = dict(os.environ) if environ is None else environ
+    if "ACCELERATE_USE_CPU" not in environ:
+        return None
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return None
+        parent_cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    for i, arg in enumerate(parent_cmdline):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (parent_cmdline[i + 1] if i + 1 < len(parent_cmdline) else "")
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -225,6 +253,15 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
             device = default_device()  # one GPU per process
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        asked = processes_asked_of_accelerate()
+        if asked is not None and asked > self._world_size:
+            warnings.warn(
+                f"{self.name}: `accelerate launch --num_processes {asked}` started ONE process: "
+                "without --multi_gpu accelerate uses its single-process launcher and ignores "
+                "--num_processes, so this process evaluates every question alone; add "
+                f"--multi_gpu (also on a machine without GPUs) to run {asked} processes",
+                stacklevel=2,
+            )
 
         loaded = model is None
         if loaded:
