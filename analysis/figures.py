@@ -11,6 +11,7 @@
 | ``fig5`` | Fig. 5 / Tables S5-S8 | the published lab tables of docs/ablations.md |
 | ``fig6`` | Fig. 6 | the lab model on 8 test videos (``analysis/token_indices.py``) |
 | ``figS1`` | Fig. S1 (its FLOPs side) | Eq. S3 of ``ustc.flops`` |
+| ``figS1acc`` | Fig. S1 (its accuracy side) | the lab model on the test split, R x K |
 | ``figS3`` | Fig. S3 | one lab video (``analysis/token_maps.py``) |
 | ``budget`` | Table 1 (budget vs accuracy) | the published baselines table of docs/baselines.md |
 | ``frames`` | Table 3 (scaling with frames) | Eq. S3 of ``ustc.flops`` and the paper's printed FLOPs |
@@ -484,6 +485,71 @@ def _result(stored: dict[str, list[int]]) -> Any:
 # ----------------------------------------------------------------------------- the registry
 
 
+# ----------------------------------------------------------------------------- Fig. S1, accuracy
+
+#: the lab's R x K grid of Fig. S1: 2 % retention (the lab's default method), text-aware merging
+#: at each layer K of the lab's 4-layer LLM that leaves layers after it, keeping R of the visual
+#: tokens; the whole test split (600 questions, about 25 s a setting on 2 quiet cores)
+FIGS1_ACC = {
+    "split": "test",
+    "start": 0,
+    "limit": 600,
+    "retention": 0.02,
+    "layers": [1, 2, 3],
+    "keep": [0.25, 0.5, 0.75],
+}
+
+
+def figs1_acc_data(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Lab accuracy (% of uncompressed) for each (K, R) of ``FIGS1_ACC``, and without merging."""
+    from ustc.lab.evaluate import evaluate
+    from ustc.lab.model import default_config, load_model
+
+    params = inputs["params"]
+    model = load_model()
+    limit = params["limit"]
+
+    def acc(config: Any, label: str) -> float:
+        result = evaluate(config, params["split"], limit, progress=f"figS1acc {label}", model=model)
+        return float(result.overall)
+
+    full = acc(None, "uncompressed")
+    base = default_config().replace(retention=params["retention"])
+    pct = {
+        str(k): [
+            round(100 * acc(base.replace(layer=k, keep_ratio=r), f"K={k} R={r}") / full, 2)
+            for r in params["keep"]
+        ]
+        for k in params["layers"]
+    }
+    flat = acc(base.replace(merger="none"), "no merging")
+    return {
+        "keep": params["keep"],
+        "pct": pct,
+        "no_merge": round(100 * flat / full, 2),
+        "uncompressed": round(full, 2),
+    }
+
+
+def draw_figs1_acc(data: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for i, (k, ys) in enumerate(data["pct"].items()):
+        ax.plot(data["keep"], ys, marker="o", color=f"C{i}", label=f"K = {k} (lab layers)")
+    ax.axhline(data["no_merge"], color="0.4", ls="--", lw=1, label="no in-LLM merging")
+    ax.set_xlabel("R, share of the visual tokens kept at layer K")
+    ax.set_ylabel("lab accuracy, % of uncompressed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"Fig. S1, accuracy side: the lab at 2 % retention, 600 test questions "
+        f"(uncompressed {data['uncompressed']:.1f} %)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
 @dataclass(frozen=True)
 class DocFigure:
     """A docs figure: its paper counterpart, the page showing it, and how it is made.
@@ -552,6 +618,15 @@ FIGURE_LIST = [
         "FLOPs of in-LLM merging at each layer K and share R",
         figs1_inputs,
         draw_figs1,
+    ),
+    DocFigure(
+        "figS1acc",
+        "Fig. S1 (accuracy side)",
+        "analysis.md",
+        "lab accuracy of in-LLM merging at each layer K and share R",
+        lambda: _lab_inputs(FIGS1_ACC),
+        draw_figs1_acc,
+        figs1_acc_data,
     ),
     DocFigure(
         "figS3",

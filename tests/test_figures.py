@@ -33,7 +33,16 @@ def test_every_figure_matches_its_inputs(name):
 
 def test_the_paper_figures_each_have_one():
     papers = " ".join(f.paper for f in figures.FIGURE_LIST)
-    for paper in ("Fig. 4", "Fig. 5", "Fig. 6", "Fig. S1", "Fig. S3", "Table 1", "Table 3"):
+    for paper in (
+        "Fig. 4",
+        "Fig. 5",
+        "Fig. 6",
+        "Fig. S1 (FLOPs side)",
+        "Fig. S1 (accuracy side)",
+        "Fig. S3",
+        "Table 1",
+        "Table 3",
+    ):
         assert paper in papers
 
 
@@ -161,7 +170,7 @@ def test_the_token_maps_record_holds_whole_compressions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fig4", "fig6", "figS3"])
+@pytest.mark.parametrize("name", ["fig4", "fig6", "figS1acc", "figS3"])
 def test_lab_figures_numbers_are_what_the_lab_gives_now(name, request):
     """The lab figures' numbers computed again from the lab (minutes): a change of the code
     that moves them makes the figure stale."""
@@ -172,3 +181,16 @@ def test_lab_figures_numbers_are_what_the_lab_gives_now(name, request):
     assert figures.digest(data) == _record(figure)["data_sha256"], (
         f"run python -m analysis.figures --write {name}"
     )
+
+
+def test_figs1_accuracy_side_runs_its_grid_on_a_reduced_set():
+    """Fig. S1's accuracy side on 4 questions: one line per K, one point per R, each a share of
+    the uncompressed accuracy, and the no-merge line: the same code the full figure runs."""
+    params = {**figures.FIGS1_ACC, "limit": 4, "layers": [1, 3], "keep": [0.25, 0.75]}
+    data = figures.figs1_acc_data({"params": params})
+    assert data["keep"] == [0.25, 0.75]
+    assert list(data["pct"]) == ["1", "3"]
+    assert all(len(ys) == 2 for ys in data["pct"].values())
+    assert data["uncompressed"] > 0
+    values = [v for ys in data["pct"].values() for v in ys] + [data["no_merge"]]
+    assert all(0 <= v <= 100 * 100 / data["uncompressed"] for v in values)
