@@ -274,21 +274,31 @@ def figs1_inputs() -> dict[str, Any]:
     return {"keep": S1_KEEP, "pct": pct, "no_merge": round(100 * flat / full, DECIMALS)}
 
 
-def draw_figs1(data: dict[str, Any]) -> Figure:
+def _r_by_k(data: dict[str, Any], label: str, ylabel: str, title: str, ncol: int) -> Figure:
+    """Fig. S1's layout: one line per layer K (``label`` formats it) over R, and the no-merge
+    level as a dashed line."""
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     for i, (k, ys) in enumerate(data["pct"].items()):
-        ax.plot(data["keep"], ys, marker="o", color=f"C{i}", label=f"K = {k}")
+        ax.plot(data["keep"], ys, marker="o", color=f"C{i}", label=label.format(k=k))
     ax.axhline(data["no_merge"], color="0.4", ls="--", lw=1, label="no in-LLM merging")
     ax.set_xlabel("R, share of the visual tokens kept at layer K")
-    ax.set_ylabel("LLM FLOPs, % of uncompressed (Eq. S3)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title(
-        "Fig. S1, computation side: LLaVA-OV-7B, 2 % retention, text-aware merging", fontsize=10
-    )
+    ax.legend(fontsize=8, ncol=ncol)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def draw_figs1(data: dict[str, Any]) -> Figure:
+    return _r_by_k(
+        data,
+        "K = {k}",
+        "LLM FLOPs, % of uncompressed (Eq. S3)",
+        "Fig. S1, computation side: LLaVA-OV-7B, 2 % retention, text-aware merging",
+        ncol=2,
+    )
 
 
 # ----------------------------------------------------------------------------- lab figures
@@ -532,22 +542,14 @@ def figs1_acc_data(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def draw_figs1_acc(data: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.subplots()
-    for i, (k, ys) in enumerate(data["pct"].items()):
-        ax.plot(data["keep"], ys, marker="o", color=f"C{i}", label=f"K = {k} (lab layers)")
-    ax.axhline(data["no_merge"], color="0.4", ls="--", lw=1, label="no in-LLM merging")
-    ax.set_xlabel("R, share of the visual tokens kept at layer K")
-    ax.set_ylabel("lab accuracy, % of uncompressed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(
+    return _r_by_k(
+        data,
+        "K = {k} (lab layers)",
+        "lab accuracy, % of uncompressed",
         f"Fig. S1, accuracy side: the lab at 2 % retention, 600 test questions "
         f"(uncompressed {data['uncompressed']:.1f} %)",
-        fontsize=10,
+        ncol=1,
     )
-    fig.tight_layout()
-    return fig
 
 
 @dataclass(frozen=True)
