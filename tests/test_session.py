@@ -220,3 +220,135 @@ def test_the_session_cache_misses_on_another_video_or_config():
         assert asked(handle, first)
     assert (cache.hits, cache.misses) == (1, 3)
     cache.clear()
+
+
+# ----------------------------------------------------------------- a batch of questions
+def kv_widths(cache):
+    return [layer.keys.shape[-2] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_a_batch_of_questions_gives_the_padded_batch_and_each_question_alone(
+    backbone, attn, config
+):
+    """``ask_batch`` answers questions of 7, 3 and 12 tokens in one ``generate()``: it returns
+    what ``generate()`` returns on the left-padded batch of the three prompts (unreused), and
+    each row's tokens are those of its question asked alone.  FastV lets the padding itself
+    enter the LLM (nothing removed before it), the merging configs replace it by -1 slots."""
+    build, make_inputs = BACKBONES[backbone]
+    config = CONFIGS[config]
+    model = build(attn=attn, layers=4)
+    prefix, first = split(make_inputs(model, suffix=9), question_length=7)
+    handle = attach(model, config)
+    session = ustc.prepare(model, prefix)
+    asked_qs = questions(first)
+    options = dict(max_new_tokens=STEPS, return_dict_in_generate=True, output_logits=True)
+    vision = Counter(
+        handle.base_model().visual
+        if hasattr(handle.base_model(), "visual")
+        else handle.base_model().vision_tower
+    )
+    layer0 = Counter(handle.decoder_layers()[0])
+    asked = session.ask_batch(asked_qs, **options)
+    # one generate(): no vision tower; layer 0 saw the (B, 12) padded questions, then 1 token
+    assert vision.lengths == []
+    widest = max(q.reshape(-1).shape[0] for q in asked_qs)
+    if session.shared_layers > 0:
+        assert layer0.lengths == [widest] + [1] * (STEPS - 1)
+    n_p = session.prefix.keep.shape[1]
+    if config.merger != "none":  # layers < K: the prefix once per row, then the questions
+        widths = kv_widths(asked.past_key_values)
+        assert widths[: session.shared_layers] == [n_p + widest + STEPS - 1] * config.layer
+
+    batch = session.prompts(asked_qs)
+    n = batch["input_ids"].shape[1]
+    assert n == session.prefix_length + widest
+    padded = model.generate(**batch, **options)
+    assert torch.equal(asked.sequences, padded.sequences)
+    for got, want in zip(asked.logits, padded.logits, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for i, question in enumerate(asked_qs):
+        prompt = session.prompt(question)
+        alone = model.generate(**prompt, **options)
+        assert torch.equal(
+            asked.sequences[i, n:], alone.sequences[0, prompt["input_ids"].shape[1] :]
+        )
+        for got, want in zip(asked.logits, alone.logits, strict=True):
+            torch.testing.assert_close(got[i], want[0], atol=2e-5, rtol=1e-5)
+    session.close()
+    handle.remove()
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_a_sampled_batch_of_questions_gives_the_padded_batch_with_the_same_seed(backbone):
+    build, make_inputs = BACKBONES[backbone]
+    model = build(layers=4)
+    prefix, first = split(make_inputs(model, suffix=9), question_length=7)
+    session = ustc.prepare(model, prefix, MERGING)
+    asked_qs = questions(first)
+    options = dict(max_new_tokens=8, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    asked = session.ask_batch(asked_qs, **options)
+    torch.manual_seed(3)
+    padded = model.generate(**session.prompts(asked_qs), **options)
+    assert torch.equal(asked, padded)
+    # a single question through the batch path is the question asked alone
+    assert torch.equal(
+        session.ask_batch(asked_qs[1:2], max_new_tokens=STEPS),
+        session.ask(asked_qs[1], max_new_tokens=STEPS),
+    )
+    session.close()
+
+
+def test_num_return_sequences_leaves_the_prepared_session_intact():
+    """Regression: generate(num_return_sequences=r) repeats the video encoding it is given in
+    place; ask() used to hand it the prepared one, fail mid-generate ("video features have shape
+    (3, ...)") and leave every later question failing ("features and video tokens do not
+    match").  Now each row gets a copy: r sampled answers, the prepared session unchanged."""
+    model = tiny_qwen2_5_vl(layers=4)
+    prefix, first = split(qwen_video_inputs(model, suffix=9), question_length=7)
+    session = ustc.prepare(model, prefix, MERGING)
+    options = dict(max_new_tokens=STEPS, do_sample=True, num_return_sequences=3)
+    torch.manual_seed(1)
+    asked = session.ask(first, **options)
+    torch.manual_seed(1)
+    assert torch.equal(asked, model.generate(**session.prompt(first), **options))
+    assert torch.equal(
+        session.ask(first, max_new_tokens=STEPS),
+        model.generate(**session.prompt(first), max_new_tokens=STEPS),
+    )
+    session.close()
+
+
+def test_a_bad_batch_of_questions_is_refused_before_any_work():
+    model = tiny_llava_onevision(layers=4)
+    prefix, first = split(llava_video_inputs(model, suffix=9), question_length=7)
+    session = ustc.prepare(model, prefix, MERGING)
+    layer0 = Counter(session.handle.decoder_layers()[0])
+    short = torch.randint(5, 80, (3,))
+    with pytest.raises(ValueError, match="questions is empty"):
+        session.ask_batch([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="a list of token-id tensors"):
+        session.ask_batch(first, max_new_tokens=2)  # a tensor, not a list of questions
+    with pytest.raises(ValueError, match="one non-empty row"):
+        session.ask_batch([short, first.repeat(2, 1)], max_new_tokens=2)
+    with pytest.raises(ValueError, match="one non-empty row"):
+        session.ask_batch([short, first[:, :0]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\(q,\) or \(1, q\)"):
+        session.ask_batch([short, first[None]], max_new_tokens=2)
+    # the short question would fit, the longest row does not
+    limit = model.config.text_config.max_position_embeddings
+    fits_short = limit - session.prefix_length - short.shape[0]
+    session.prompt(short)  # valid alone
+    with pytest.raises(ValueError, match=r"longest\) question \(7 tokens\)"):
+        session.ask_batch([short, first], max_new_tokens=fits_short)
+    with pytest.raises(ValueError, match="is the model's video_token"):
+        session.ask_batch([short, first], pad_token_id=model.config.video_token_id)
+    with pytest.raises(ValueError, match="belong to the prepared video"):
+        session.ask_batch([short], pixel_values_videos=prefix["pixel_values_videos"])
+    assert layer0.lengths == []  # nothing ran
+    session.close()
+    with pytest.raises(ValueError, match="closed"):
+        session.ask_batch([short], max_new_tokens=2)

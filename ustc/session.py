@@ -40,7 +40,7 @@ not supported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from ustc.models import attach
 from ustc.models.base import Handle, Session, VideoCall
 from ustc.models.compat import cache_argument
 from ustc.models.masks import rebuilt_layer_mask
+from ustc.models.sequence import gather_columns, take_columns
 
 #: per-token arguments of a prompt, extended by a question: name -> the question's value
 _PER_TOKEN = {"attention_mask": 1, "mm_token_type_ids": 0}
@@ -114,6 +115,57 @@ class VideoSession:
                 kwargs[name] = torch.cat([prefix, torch.full_like(question, value)], dim=1)
         return kwargs
 
+    def prompts(self, questions: list[Tensor], pad_token_id: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of ``generate()`` for a left-padded batch, row i = [padding,
+        prefix, question i] (B = len(questions) rows of n_p + max q_i tokens): what a
+        transformers user passes for these prompts (a tokenizer with ``padding_side="left"``).
+
+        ``input_ids`` are padded with ``pad_token_id`` (default: the model's generation
+        config's, else its first end-of-sequence id), ``attention_mask`` with 0 and
+        ``mm_token_type_ids`` with 0; every other tensor of the prepared inputs belongs to the
+        video (``pixel_values_videos``, ``video_grid_thw``) and is repeated for each row (dim 0),
+        one video per row as a batch of prompts takes it.
+        """
+        if isinstance(questions, Tensor) or not isinstance(questions, (list, tuple)):
+            raise ValueError(
+                "questions must be a list of token-id tensors, one (q,) or (1, q) per question, "
+                f"got {type(questions).__name__}"
+            )
+        if not questions:
+            raise ValueError("questions is empty: give at least one question to ask")
+        ids = self.inputs["input_ids"]
+        rows = [_as_row(q, ids) for q in questions]
+        pad = self._pad_token(pad_token_id)
+        width = max(r.shape[1] for r in rows)
+        b = len(rows)
+
+        def padded(prefix: Tensor, fill: int, value: int | None) -> Tensor:
+            """(B, n_p + width): [fill * (width - q_i), prefix, question i (or value)]."""
+            out = torch.full(
+                (b, prefix.shape[1] + width), fill, dtype=prefix.dtype, device=prefix.device
+            )
+            for i, row in enumerate(rows):
+                q = row.shape[1]
+                out[i, width - q : width - q + prefix.shape[1]] = prefix[0]
+                out[i, out.shape[1] - q :] = row[0] if value is None else value
+            return out
+
+        kwargs: dict[str, Any] = {}
+        for name, value in self.inputs.items():
+            if name == "input_ids":
+                kwargs[name] = padded(value, pad, None)
+            elif name in _PER_TOKEN:
+                kwargs[name] = padded(value, 0, _PER_TOKEN[name])
+            elif isinstance(value, Tensor):  # the video's: one copy per row
+                kwargs[name] = _repeated(value, b)
+            elif isinstance(value, (list, tuple)):
+                kwargs[name] = type(value)(list(value) * b)
+            else:
+                kwargs[name] = value
+        if "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = padded(torch.ones_like(ids), 0, 1)
+        return kwargs
+
     def ask(self, question_ids: Tensor, **generate_kwargs: Any) -> Any:
         """``model.generate()`` on the prefix followed by ``question_ids`` ((q,) or (1, q)),
         reusing the prepared vision encoding, compression and prefix below K.
@@ -122,6 +174,30 @@ class VideoSession:
         except inputs that would change the prepared video or prefix.
         """
         self._check_usable()
+        return self._generate(self.prompt(question_ids), generate_kwargs)
+
+    def ask_batch(self, questions: list[Tensor], **generate_kwargs: Any) -> Any:
+        """Several questions in one ``generate()`` call: returns what
+        ``model.generate(**session.prompts(questions), **generate_kwargs)`` returns on the
+        attached model (sequences (B, n_p + max q_i + new tokens), row i's answer after the
+        padded prompt), reusing the prepared vision encoding, compression and prefix below K
+        for every row.
+
+        questions: token ids, one (q_i,) or (1, q_i) tensor per question, of any lengths.
+        ``pad_token_id`` (a ``generate()`` option) also pads the prompts; see ``prompts``.
+        """
+        self._check_usable()
+        kwargs = self.prompts(questions, generate_kwargs.get("pad_token_id"))
+        return self._generate(kwargs, generate_kwargs)
+
+    def ask_many(self, questions: list[Tensor], **generate_kwargs: Any) -> list[Any]:
+        """``ask`` each question in turn (one ``generate()`` each; ``ask_batch`` asks them in
+        one call)."""
+        return [self.ask(q, **generate_kwargs) for q in questions]
+
+    def _generate(self, kwargs: dict[str, Any], generate_kwargs: dict[str, Any]) -> Any:
+        """``model.generate(**kwargs, **generate_kwargs)`` with the hooks told to reuse the
+        prepared state; refuses, before generating, what would change the prepared video."""
         given = sorted(set(generate_kwargs) & {*self.inputs, "inputs_embeds", "mm_encoder_outputs"})
         if given:
             raise ValueError(
@@ -130,7 +206,6 @@ class VideoSession:
             )
         if generate_kwargs.get("use_cache") is False:
             raise ValueError("ask() reuses the prefix's KV cache: use_cache=False is not supported")
-        kwargs = self.prompt(question_ids)
         self._check_context(kwargs["input_ids"].shape[1], generate_kwargs)
         self.asking = True
         self.handle.resume = self
@@ -140,10 +215,6 @@ class VideoSession:
         finally:
             self.handle.resume = None
             self.asking = False
-
-    def ask_many(self, questions: list[Tensor], **generate_kwargs: Any) -> list[Any]:
-        """``ask`` each question in turn (one ``generate()`` each)."""
-        return [self.ask(q, **generate_kwargs) for q in questions]
 
     def close(self) -> None:
         """Drop the prepared state; detach the compressor if ``prepare`` attached it."""
@@ -212,55 +283,104 @@ class VideoSession:
     def encoded_video(
         self, handle: Handle, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, VideoCall]:
-        """Asking: the prepared encoding, after checking the call is for the prepared video."""
+        """Asking: the prepared encoding, once per prompt row, after checking the call is for
+        the prepared video (once per row: a batch of questions, or ``num_return_sequences``)."""
         assert self._encoding is not None
         pixels = args[0] if args else kwargs.get(handle.video_argument, kwargs.get("pixel_values"))
-        ours = self.inputs[handle.video_argument]
-        if pixels is not ours and not (
-            isinstance(pixels, Tensor) and pixels.shape == ours.shape and torch.equal(pixels, ours)
-        ):
+        copies = _copies(pixels, self.inputs[handle.video_argument])
+        if copies is None:
             raise ValueError(
                 "the video given to a prepared session differs from the one it prepared: "
                 "prepare a new session for another video"
             )
-        return self._encoding
+        output, video = self._encoding
+        return _repeated_encoding(output, copies), replace(
+            video,
+            batch=video.batch * copies,
+            grid=None if video.grid is None else video.grid.repeat(copies, 1),
+            scores=None if video.scores is None else video.scores.repeat(copies),
+        )
 
     def compress(
         self, handle: Handle, group: int, features: Tensor, scores: Tensor | None
     ) -> CompressionResult:
-        """The external compression (Eq. 1-4): computed while preparing, reused when asking."""
+        """The external compression (Eq. 1-4): computed while preparing, reused when asking
+        (the same for every row: each row's video is the prepared one)."""
         if self.preparing:
             result = handle.compressor.compress(features, scores)
             self._compressions.append((tuple(features.shape), result))
             return result
         shape, result = self._compressions[group]
-        if tuple(features.shape) != shape:
+        if tuple(features.shape[1:]) != shape[1:]:
             raise RuntimeError(
                 f"the asked prompt's video features have shape {tuple(features.shape)}, the "
                 f"prepared ones {shape}"
             )
-        return result
+        rows = features.shape[0]
+        return replace(
+            result, **{f.name: _repeated(getattr(result, f.name), rows) for f in fields(result)}
+        )
 
     def enter_language_model(
         self, handle: Handle, kwargs: dict[str, Any], session: Session
     ) -> None:
         """Preparing: remember the prefix's kept columns.  Asking: the language model runs the
-        question's tokens only, on a cache whose layers < K hold the prefix."""
-        if session.keep.shape[0] != 1:
-            raise ValueError("a prepared session asks one question per generate() call")
+        questions' tokens only, on a cache whose layers < K hold the prefix.
+
+        A left-padded batch enters compressed as [padding, prefix', question i] (B, n'); the
+        cache of layers < K holds the prefix in the first n_p' columns of every row, so each
+        row is reordered to [prefix', padding, question i]: the new tokens below K are then a
+        left-padded batch of questions, and the padding slots, now between the prefix and the
+        question, stay masked (columns -1 of ``session.keep``, False in ``session.valid``).
+        """
         if self.preparing:
+            if session.keep.shape[0] != 1:
+                raise ValueError("a session prepares one prompt row")
             self.prefix = _Prefix(keep=session.keep.clone(), kv=[])
             self._cache = cache_argument(kwargs)
             return
         assert self.prefix is not None
         n_p = self.prefix.keep.shape[1]
-        if not torch.equal(session.keep[:, :n_p], self.prefix.keep):
+        keep, valid = session.keep, session.valid
+        b, width = keep.shape
+        # padding slots in front of each row: -1 columns of a compressed prompt, the padding
+        # itself where nothing was removed before the LLM (FastV)
+        lead = (~valid).sum(dim=1)
+        slots = torch.arange(width, device=keep.device)
+        order = torch.where(
+            slots < n_p,
+            slots + lead[:, None],
+            torch.where(slots < n_p + lead[:, None], slots - n_p, slots),
+        )
+        prefix = keep.gather(1, order[:, :n_p])
+        shift = prefix[:, :1] - self.prefix.keep[:, :1]  # where each row's prefix starts
+        layout = (slots < n_p) | (slots >= n_p + lead[:, None])  # real: prefix', question i
+        if not torch.equal(prefix - shift, self.prefix.keep.expand(b, -1)) or not torch.equal(
+            valid.gather(1, order), layout
+        ):
             raise RuntimeError("the asked prompt does not start with the prepared prefix")
         cache = cache_argument(kwargs)
         if cache is None:
             raise ValueError("ask() reuses the prefix's KV cache: the model was called without one")
+        if bool(lead.any()):
+            session.keep = keep.gather(1, order)
+            session.valid = layout
+            session.visual_columns = torch.where(
+                session.visual_columns >= 0, session.visual_columns - lead[:, None], -1
+            )
+            session.text_starts = session.text_starts - lead
+            if handle.last is not None and handle.last.input_positions is keep:
+                handle.last.input_positions = session.keep
+            kwargs["inputs_embeds"] = take_columns(kwargs["inputs_embeds"], order)
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = gather_columns(kwargs["position_ids"], order, b)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                kwargs["attention_mask"] = mask.gather(1, order.to(mask.device))
         for index, (keys, values) in enumerate(self.prefix.kv):
-            cache.update(keys, values, index)
+            cache.update(
+                keys.expand(b, *keys.shape[1:]), values.expand(b, *values.shape[1:]), index
+            )
         kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, n_p:]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"][..., n_p:]
@@ -286,32 +406,42 @@ class VideoSession:
                 raise _PrefixReady
             return hidden, args, kwargs
         assert prefix.hidden is not None and prefix.position_embeddings is not None
+        session = handle._fwd.session
+        assert session is not None
+        b, width = session.keep.shape
         if index == self.config.layer:
-            hidden = torch.cat([prefix.hidden.to(hidden.dtype), hidden], dim=1)
+            shared = prefix.hidden.to(hidden.dtype).expand(b, *prefix.hidden.shape[1:])
+            hidden = torch.cat([shared, hidden], dim=1)
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
+
+        def before(prefix_part: Tensor, part: Tensor, dim: int) -> Tensor:
+            """The prefix's (.., 1, n_p', ..) part, one per row, in front of ``part``'s."""
+            shape = list(part.shape)
+            shape[dim] = prefix_part.shape[dim]
+            return torch.cat([prefix_part.to(part.dtype).expand(*shape), part], dim=dim)
+
         kwargs["position_embeddings"] = handle._sliced(
             kwargs["position_embeddings"],
             lambda pe: tuple(
-                torch.cat([p.to(x.dtype), x], dim=-2)
+                before(p, x, x.dim() - 2)
                 for p, x in zip(prefix.position_embeddings, pe, strict=True)
             ),
         )
         if kwargs.get("position_ids") is not None and prefix.position_ids is not None:
             kwargs["position_ids"] = handle._sliced(
-                kwargs["position_ids"], lambda pos: torch.cat([prefix.position_ids, pos], dim=-1)
+                kwargs["position_ids"], lambda pos: before(prefix.position_ids, pos, pos.dim() - 1)
             )
-        width = handle._fwd.session.keep.shape[1]
         mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = handle._sliced(
             mask if mask is not None else self,
             lambda _: rebuilt_layer_mask(
                 handle,
                 index,
-                hidden.new_zeros(1, width, 1).expand(1, width, hidden.shape[-1]),
-                torch.ones(1, width, dtype=torch.bool, device=hidden.device),
+                hidden.new_zeros(1, width, 1).expand(b, width, hidden.shape[-1]),
+                session.valid,  # the padding slots between the prefix and each question
                 {},
             ),
         )
@@ -338,6 +468,41 @@ class VideoSession:
                 f"{handle.config!r}); prepare the video again"
             )
 
+    def _pad_token(self, given: int | None) -> int:
+        """The id that pads a batch of questions: ``given``, the generation config's
+        ``pad_token_id``, else its first ``eos_token_id`` (what ``generate()`` pads with); never
+        a video or image placeholder, which the model counts."""
+        config = self.model.generation_config
+        pad = given
+        if pad is None:
+            pad = config.pad_token_id
+        if pad is None:
+            eos = config.eos_token_id
+            pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        if isinstance(pad, Tensor) and pad.numel() == 1:
+            pad = int(pad)
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(
+                f"a batch of questions is padded with pad_token_id, got {pad!r}: pass "
+                "pad_token_id=<the tokenizer's pad id> (the model's generation config has none)"
+            )
+        placeholders = {
+            name: getattr(self.model.config, name, None)
+            for name in (
+                "video_token_id",
+                "image_token_id",
+                "video_token_index",
+                "image_token_index",
+            )
+        }
+        clash = [name for name, value in placeholders.items() if value == pad]
+        if clash:
+            raise ValueError(
+                f"pad_token_id={pad} is the model's {clash[0]}: padding would read as video "
+                "placeholders; pass pad_token_id=<the tokenizer's pad id>"
+            )
+        return pad
+
     def _check_context(self, length: int, generate_kwargs: dict[str, Any]) -> None:
         config = self.handle.language_model().config
         limit = getattr(config, "max_position_embeddings", None)
@@ -347,7 +512,7 @@ class VideoSession:
         question = length - self.prefix_length
         if length + int(new) > int(limit):
             raise ValueError(
-                f"the question ({question} tokens) and max_new_tokens={new} do not fit the "
+                f"the (longest) question ({question} tokens) and max_new_tokens={new} do not fit the "
                 f"context left after the prepared prefix: {int(limit)} positions - "
                 f"{self.prefix_length} prefix tokens = {int(limit) - self.prefix_length}; ask "
                 "a shorter question or fewer new tokens"
@@ -417,6 +582,60 @@ def _as_row(question: Tensor, like: Tensor) -> Tensor:
             "use ask_many for several questions"
         )
     return question.to(device=like.device, dtype=like.dtype)
+
+
+def _copies(pixels: Any, ours: Tensor) -> int | None:
+    """How many copies of the prepared video ``ours`` the pixels of a call are (one per prompt
+    row, concatenated along dim 0), or None if they are anything else."""
+    if pixels is ours:
+        return 1
+    if (
+        not isinstance(pixels, Tensor)
+        or pixels.dim() != ours.dim()
+        or pixels.shape[1:] != ours.shape[1:]
+        or ours.shape[0] == 0
+        or pixels.shape[0] == 0
+        or pixels.shape[0] % ours.shape[0]
+    ):
+        return None
+    copies = pixels.shape[0] // ours.shape[0]
+    same = pixels.reshape(copies, *ours.shape) == ours.to(pixels.device)
+    return copies if bool(same.all()) else None
+
+
+def _repeated(x: Tensor, copies: int) -> Tensor:
+    """``copies`` copies of ``x`` one after the other along dim 0."""
+    return x.repeat(copies, *[1] * (x.dim() - 1))
+
+
+def _repeat_videos(value: Any, copies: int) -> Any:
+    """One video's encoder output repeated for ``copies`` videos, as a batch of them encodes:
+    a tensor along dim 0 (LLaVA-OV's (1, L, D); a flat (L, D) of one video), a tuple or list of
+    per-video tensors (Qwen's split outputs) as that many more entries."""
+    if isinstance(value, Tensor):
+        return _repeated(value, copies)
+    if isinstance(value, (list, tuple)):
+        return type(value)(list(value) * copies)
+    return value
+
+
+def _repeated_encoding(output: Any, copies: int) -> Any:
+    """A new ``get_video_features`` output for ``copies`` copies of the prepared video (always a
+    new object: generate(num_return_sequences=...) expands the encoding it is given in place,
+    which must not reach the prepared one)."""
+    if isinstance(output, Tensor):
+        return _repeat_videos(output, copies)
+    if not hasattr(output, "pooler_output"):
+        raise ValueError(
+            f"cannot repeat a prepared video encoding of type {type(output).__name__} for a "
+            "batch of questions; ask them one at a time (ask_many)"
+        )
+    fields = dict(output.items())
+    fields["pooler_output"] = _repeat_videos(output.pooler_output, copies)
+    stack = fields.get("deepstack_features")
+    if isinstance(stack, (list, tuple)):  # Qwen3-VL: one entry per DeepStack level
+        fields["deepstack_features"] = [_repeat_videos(level, copies) for level in stack]
+    return type(output)(**fields)
 
 
 def _tensors(value: Any) -> list[Tensor]:
