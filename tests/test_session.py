@@ -302,6 +302,26 @@ def test_a_sampled_batch_of_questions_gives_the_padded_batch_with_the_same_seed(
     session.close()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=True, num_return_sequences=2), dict(num_beams=3, num_return_sequences=2)],
+    ids=["sampled-r2", "beams3-r2"],
+)
+def test_an_expanded_batch_of_questions_gives_the_padded_batch(options):
+    """generate() repeats each row (num_return_sequences, beams): every copy gets the prepared
+    video, and the beams reorder a cache that starts with the shared prefix."""
+    model = tiny_qwen3_vl(layers=4)
+    prefix, first = split(qwen3_video_inputs(model, suffix=9), question_length=7)
+    session = ustc.prepare(model, prefix, MERGING)
+    asked_qs = questions(first)
+    torch.manual_seed(1)
+    asked = session.ask_batch(asked_qs, max_new_tokens=STEPS, **options)
+    torch.manual_seed(1)
+    padded = model.generate(**session.prompts(asked_qs), max_new_tokens=STEPS, **options)
+    assert asked.shape[0] == 6 and torch.equal(asked, padded)
+    session.close()
+
+
 def test_num_return_sequences_leaves_the_prepared_session_intact():
     """Regression: generate(num_return_sequences=r) repeats the video encoding it is given in
     place; ask() used to hand it the prepared one, fail mid-generate ("video features have shape

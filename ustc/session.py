@@ -3,6 +3,7 @@
     session = ustc.prepare(model, video_inputs, config)      # vision, compression, prefix < K
     out = session.ask(question_ids, max_new_tokens=32)       # = generate() on prefix + question
     out = session.ask(other_ids, do_sample=True, top_p=0.9)  # every generate() option
+    out = session.ask_batch([q1, q2, q3], max_new_tokens=32)  # one generate(), left-padded rows
 
 ``video_inputs`` are a processor's outputs for the prompt up to and including the video (one
 row: ``input_ids`` (1, n_p), ``pixel_values_videos``, and the backbone's grid / token types); a
@@ -33,9 +34,18 @@ Each question's tokens equal those of asking it alone (float32, eager and sdpa; 
 ``tests/test_session.py``): the prefix's keys are the same numbers, only the question rows'
 attention below K runs as a q x (n_p' + q) masked product instead of inside the full causal one.
 
-Questions are asked one at a time (one ``generate()`` each; a batch of questions would need the
-prefix repeated per row); ``ask_many`` loops.  Models with recurrent (linear-attention) layers, e.g. Qwen3.5, are
-not supported.
+A batch of questions (``ask_batch``) runs in one ``generate()`` on the left-padded rows
+[padding, prefix, question i] that ``session.prompts(questions)`` builds, and returns what
+``generate()`` returns on them.  The prefix is the same video and text in every row, so it
+enters the LLM with the same n_p' tokens everywhere: the prepared encoding, compression, KV of
+layers < K and hidden states at K are repeated per row, not recomputed.  Only the
+padding's place differs from a plain padded batch: inside the LLM each row is reordered to
+[prefix', padding, question i], so that the cached prefix sits in the same columns of every row;
+the padding slots between prefix and question are masked below K and dropped at the merge, which
+packs rows as it packs any padded batch.  Each row's tokens equal its question asked alone and
+the padded batch's (tests in ``tests/test_session.py``).  ``ask_many`` asks one at a time.
+
+Models with recurrent (linear-attention) layers, e.g. Qwen3.5, are refused at ``prepare``.
 """
 
 from __future__ import annotations
