@@ -10,6 +10,8 @@ For Q = 1, 3, 10 questions about one video (random weights, the model of
 
 * alone: Q ``generate()`` calls on prefix + question (vision, compression, whole prefill each);
 * reuse: one ``ustc.prepare`` then Q ``session.ask`` calls,
+* batch (with ``--batch``): one ``ustc.prepare`` then one ``session.ask_batch`` of the Q
+  questions (one ``generate()`` on Q rows),
 
 and the peak memory of each (a fresh process per figure: peak RSS on the CPU, peak allocated
 memory on CUDA), beside the prediction
@@ -72,12 +74,20 @@ def prompt(prefix: dict, question: torch.Tensor) -> dict:
     return {**prefix, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def run(model, prefix: dict, asked: list[torch.Tensor], reuse: bool, new_tokens: int) -> None:
-    """Ask every question: from one prepared session, or each alone."""
-    if reuse:
+MODES = ("alone", "reuse", "batch")
+
+
+def run(model, prefix: dict, asked: list[torch.Tensor], mode: str, new_tokens: int) -> None:
+    """Ask every question: each alone, from one prepared session one at a time (reuse), or
+    from one prepared session in one batch."""
+    if mode == "reuse":
         session = ustc.prepare(model, prefix)
         for q in asked:
             session.ask(q, max_new_tokens=new_tokens)
+        session.close()
+    elif mode == "batch":
+        session = ustc.prepare(model, prefix)
+        session.ask_batch(asked, max_new_tokens=new_tokens)
         session.close()
     else:
         with torch.no_grad():
@@ -142,9 +152,9 @@ def components(model, handle, prefix: dict, question: torch.Tensor, args) -> dic
     }
 
 
-def peak_memory(args, reuse: bool, count: int) -> float:
-    """Peak memory (MiB) of a fresh process asking ``count`` questions."""
-    command = [sys.executable, __file__, "--worker", "reuse" if reuse else "alone", str(count)]
+def peak_memory(args, mode: str, count: int) -> float:
+    """Peak memory (MiB) of a fresh process asking ``count`` questions (``mode`` of ``run``)."""
+    command = [sys.executable, __file__, "--worker", mode, str(count)]
     command += ["--size", args.size, "--device", args.device, "--retention", str(args.retention)]
     command += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -168,7 +178,7 @@ def worker(args) -> None:
     model, _, prefix, _ = setup(args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run(model, prefix, questions(int(count), args.device), mode == "reuse", args.new_tokens)
+    run(model, prefix, questions(int(count), args.device), mode, args.new_tokens)
     if args.device.startswith("cuda"):
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
@@ -186,6 +196,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--counts", type=int, nargs="*", default=list(COUNTS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument(
+        "--batch", action="store_true", help="also time one session.ask_batch of the questions"
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--update-docs", type=Path, help="render the figures into this page")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -217,17 +230,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for count in args.counts:
         asked = questions(count, args.device)
-        # alone and reuse interleaved, so that a burst of load on the shared machine hits both
-        times: dict[bool, list[float]] = {False: [], True: []}
+        modes = MODES if args.batch else MODES[:2]
+        # the modes interleaved, so that a burst of load on the shared machine hits them all
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         for repeat in range(args.repeats + 1):
-            for reuse_mode in (False, True):
+            for mode in modes:
                 sync(args.device)
                 start = time.perf_counter()
-                run(model, prefix, asked, reuse_mode, args.new_tokens)
+                run(model, prefix, asked, mode, args.new_tokens)
                 sync(args.device)
                 if repeat:  # the first round is a warm-up
-                    times[reuse_mode].append(time.perf_counter() - start)
-        alone, reuse = statistics.median(times[False]), statistics.median(times[True])
+                    times[mode].append(time.perf_counter() - start)
+        alone, reuse = statistics.median(times["alone"]), statistics.median(times["reuse"])
         predicted_saved = (count - 1) * saved
         row = {
             "questions": count,
@@ -239,16 +253,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             # the saving measured over the predicted one (1 question: nothing to save)
             "saved_over_predicted": (alone - reuse) / predicted_saved if count > 1 else None,
         }
+        if args.batch:
+            row["batch_s"] = statistics.median(times["batch"])
         if not args.no_memory:
-            row["alone_peak_mib"] = peak_memory(args, False, count)
-            row["reuse_peak_mib"] = peak_memory(args, True, count)
+            for mode in modes:
+                row[f"{mode}_peak_mib"] = peak_memory(args, mode, count)
         rows.append(row)
     header = (
         f"{'Q':>3}{'alone s':>10}{'reuse s':>10}{'predicted':>11}{'saved s':>10}"
         f"{'pred. saved':>12}{'ratio':>8}"
     )
+    if args.batch:
+        header += f"{'batch s':>10}"
     if not args.no_memory:
         header += f"{'alone MiB':>11}{'reuse MiB':>11}"
+        header += f"{'batch MiB':>11}" if args.batch else ""
     print(header)
     for row in rows:
         line = (
@@ -256,8 +275,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['predicted_reuse_s']:11.3f}{row['saved_s']:10.3f}"
             f"{row['predicted_saved_s']:12.3f}{_ratio(row):>8}"
         )
+        if args.batch:
+            line += f"{row['batch_s']:10.3f}"
         if not args.no_memory:
             line += f"{row['alone_peak_mib']:11.0f}{row['reuse_peak_mib']:11.0f}"
+            line += f"{row['batch_peak_mib']:11.0f}" if args.batch else ""
         print(line)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -297,17 +319,25 @@ def render(result: dict) -> str:
         f"so the predicted saving is S = {part['saved_per_question_s'] * 1e3:.0f} ms per extra "
         "question. Times are medians of the repeats (alone and reuse interleaved).",
         "",
+    ]
+    batch = any("batch_s" in row for row in result["rows"])
+    lines += [
         "| questions | alone (s) | reuse (s) | predicted reuse (s) | saved (s) "
-        "| predicted saved (s) | saved / predicted | peak alone (MiB) | peak reuse (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| predicted saved (s) | saved / predicted | "
+        + ("batch (s) | " if batch else "")
+        + "peak alone (MiB) | peak reuse (MiB) |"
+        + (" peak batch (MiB) |" if batch else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if batch else ""),
     ]
     for row in result["rows"]:
         peaks = [row.get("alone_peak_mib"), row.get("reuse_peak_mib")]
+        peaks += [row.get("batch_peak_mib")] if batch else []
         peak_cells = " | ".join("-" if p is None else f"{p:.0f}" for p in peaks)
+        batch_cell = f"{row['batch_s']:.2f} | " if batch else ""
         lines.append(
             f"| {row['questions']} | {row['alone_s']:.2f} | {row['reuse_s']:.2f} | "
             f"{row['predicted_reuse_s']:.2f} | {row['saved_s']:.2f} | "
-            f"{row['predicted_saved_s']:.2f} | {_ratio(row)} | {peak_cells} |"
+            f"{row['predicted_saved_s']:.2f} | {_ratio(row)} | {batch_cell}{peak_cells} |"
         )
     return "\n".join(lines)
 

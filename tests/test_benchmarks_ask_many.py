@@ -33,6 +33,7 @@ def test_the_script_prints_its_table_on_a_reduced_set(tmp_path, capsys):
             "--new-tokens",
             "2",
             "--no-memory",
+            "--batch",
             "--retention",
             "0.02",
             "--output",
@@ -42,9 +43,17 @@ def test_the_script_prints_its_table_on_a_reduced_set(tmp_path, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    assert "alone s" in printed and "predicted" in printed
+    assert "alone s" in printed and "predicted" in printed and "batch s" in printed
     assert [row["questions"] for row in rows] == [1, 2]
+    assert all(row["batch_s"] > 0 for row in rows)
     assert rows[0]["predicted_saved_s"] == 0.0 and rows[1]["predicted_saved_s"] > 0
     text = page.read_text()
     assert text.startswith("before\n") and text.endswith("after\n")
-    assert ask_many.render(json.loads(out.read_text())) in text
+    rendered = ask_many.render(json.loads(out.read_text()))
+    assert rendered in text and "| batch (s) |" in rendered
+
+
+def test_a_memory_worker_asks_a_batch(capsys):
+    """The fresh process that measures the peak memory of one ask_batch (--batch)."""
+    ask_many.main(["--worker", "batch", "2", "--new-tokens", "2", "--retention", "0.02"])
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 0
