@@ -64,22 +64,26 @@ class Counter:
         self.lengths.append(x.shape[-2] if x.dim() > 2 else x.shape[0])
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_each_question_gives_the_tokens_of_asking_it_alone(backbone, attn, config):
+def prepared(backbone, attn, config):
+    """(model, handle, session, first question, vision-tower Counter): a tiny ``backbone``
+    with ``config`` attached and its video prepared."""
     build, make_inputs = BACKBONES[backbone]
-    config = CONFIGS[config]
     model = build(attn=attn, layers=4)
     # the shared prefix ends two text tokens after the video: text may follow the video there
     prefix, first = split(make_inputs(model, suffix=9), question_length=7)
     handle = attach(model, config)
     session = ustc.prepare(model, prefix)
-    vision = Counter(
-        handle.base_model().visual
-        if hasattr(handle.base_model(), "visual")
-        else handle.base_model().vision_tower
-    )
+    base = handle.base_model()
+    vision = Counter(base.visual if hasattr(base, "visual") else base.vision_tower)
+    return model, handle, session, first, vision
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_each_question_gives_the_tokens_of_asking_it_alone(backbone, attn, config):
+    config = CONFIGS[config]
+    model, handle, session, first, vision = prepared(backbone, attn, config)
     layer0 = Counter(handle.decoder_layers()[0])
     compress = []
     original = handle.compressor.compress
@@ -237,19 +241,10 @@ def test_a_batch_of_questions_gives_the_padded_batch_and_each_question_alone(
     what ``generate()`` returns on the left-padded batch of the three prompts (unreused), and
     each row's tokens are those of its question asked alone.  FastV lets the padding itself
     enter the LLM (nothing removed before it), the merging configs replace it by -1 slots."""
-    build, make_inputs = BACKBONES[backbone]
     config = CONFIGS[config]
-    model = build(attn=attn, layers=4)
-    prefix, first = split(make_inputs(model, suffix=9), question_length=7)
-    handle = attach(model, config)
-    session = ustc.prepare(model, prefix)
+    model, handle, session, first, vision = prepared(backbone, attn, config)
     asked_qs = questions(first)
     options = dict(max_new_tokens=STEPS, return_dict_in_generate=True, output_logits=True)
-    vision = Counter(
-        handle.base_model().visual
-        if hasattr(handle.base_model(), "visual")
-        else handle.base_model().vision_tower
-    )
     layer0 = Counter(handle.decoder_layers()[0])
     asked = session.ask_batch(asked_qs, **options)
     # one generate(): no vision tower; layer 0 saw the (B, 12) padded questions, then 1 token
