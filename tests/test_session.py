@@ -363,6 +363,8 @@ def test_a_bad_batch_of_questions_is_refused_before_any_work():
         session.ask_batch([short, first], pad_token_id=model.config.video_token_id)
     with pytest.raises(ValueError, match="belong to the prepared video"):
         session.ask_batch([short], pixel_values_videos=prefix["pixel_values_videos"])
+    with pytest.raises(ValueError, match="attention_mask belong to the prepared video"):
+        session.ask_batch([short], attention_mask=torch.ones(1, 3, dtype=torch.long))
     assert layer0.lengths == []  # nothing ran
     session.close()
     with pytest.raises(ValueError, match="closed"):

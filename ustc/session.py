@@ -208,7 +208,8 @@ class VideoSession:
     def _generate(self, kwargs: dict[str, Any], generate_kwargs: dict[str, Any]) -> Any:
         """``model.generate(**kwargs, **generate_kwargs)`` with the hooks told to reuse the
         prepared state; refuses, before generating, what would change the prepared video."""
-        given = sorted(set(generate_kwargs) & {*self.inputs, "inputs_embeds", "mm_encoder_outputs"})
+        prompt = {*self.inputs, "attention_mask", "inputs_embeds", "mm_encoder_outputs"}
+        given = sorted(set(generate_kwargs) & prompt)
         if given:
             raise ValueError(
                 f"ask() takes the question only; {', '.join(given)} belong to the prepared "
@@ -341,7 +342,8 @@ class VideoSession:
         cache of layers < K holds the prefix in the first n_p' columns of every row, so each
         row is reordered to [prefix', padding, question i]: the new tokens below K are then a
         left-padded batch of questions, and the padding slots, now between the prefix and the
-        question, stay masked (columns -1 of ``session.keep``, False in ``session.valid``).
+        question, stay masked (False in ``session.valid``; -1 in ``session.keep`` where the
+        compression dropped them, the padding's own columns where nothing was removed).
         """
         if self.preparing:
             if session.keep.shape[0] != 1:
