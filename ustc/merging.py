@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ustc.ops import descending_order, first_n_mask, group_mean, slot_map, sorted_indices
+from ustc.ops import group_mean, slot_map, sorted_indices, top_count_mask
 from ustc.registry import MERGERS
 
 
@@ -98,12 +98,6 @@ def kept_result(visual: Tensor, keep: Tensor, indices: Tensor, pruned: Tensor | 
     and each slot is the mean of its tokens (Eq. 10's v~_k)."""
     assignment = torch.where(keep, slot_map(indices, visual.shape[1]), pruned)
     return MergeResult(group_mean(visual, assignment, indices), indices, assignment)
-
-
-def top_count_mask(scores: Tensor, count: int) -> Tensor:
-    """(B, Nv) bool: the top-``count`` tokens of each row of ``scores`` (ties: lower index)."""
-    counts = torch.full((scores.shape[0],), count, dtype=torch.long, device=scores.device)
-    return first_n_mask(descending_order(scores), counts)
 
 
 def select_and_merge(visual: Tensor, scores: Tensor, count: int) -> MergeResult:

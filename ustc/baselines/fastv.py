@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ustc.merging import LastTokenMerger, MergeResult, kept_result, top_count_mask
-from ustc.ops import sorted_indices
+from ustc.merging import LastTokenMerger, MergeResult, kept_result
+from ustc.ops import sorted_indices, top_count_mask
 from ustc.registry import MERGERS
 
 
