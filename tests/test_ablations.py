@@ -24,19 +24,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ablations import paper_tables, sweep_files, tables
+from ablations import run as runner
+from ablations import sweep as sweeper
+from ablations.store import ResultStore, run_key
+from ablations.wandb_log import metrics_of, resolve_mode
+from ustc import flops
+from ustc.config import CompressionConfig
+from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer
+from ustc.presets import TABLE5_ROWS
+from ustc.registry import RECYCLERS, SCORERS
 
-from ablations import paper_tables, sweep_files, tables  # noqa: E402
-from ablations import run as runner  # noqa: E402
-from ablations import sweep as sweeper  # noqa: E402
-from ablations.store import ResultStore, run_key  # noqa: E402
-from ablations.wandb_log import metrics_of, resolve_mode  # noqa: E402
-from ustc import flops  # noqa: E402
-from ustc.config import CompressionConfig  # noqa: E402
-from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer  # noqa: E402
-from ustc.presets import TABLE5_ROWS  # noqa: E402
-from ustc.registry import RECYCLERS, SCORERS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY = f"{__name__}:ToyBenchmark"
 

@@ -25,11 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ustc.lmms_eval import (  # noqa: E402
+from ustc.lmms_eval import (
     BACKBONES,
     LlavaOneVisionUSTC,
     Qwen2_5_VLUSTC,
@@ -37,12 +33,14 @@ from ustc.lmms_eval import (  # noqa: E402
     default_device,
     left_pad,
 )
-from ustc.lmms_eval.quickstart import (  # noqa: E402
+from ustc.lmms_eval.quickstart import (
     TOY_TASK,
     tiny_checkpoint,
     tiny_tokenizer,
     toy_task,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")
