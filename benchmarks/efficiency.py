@@ -27,6 +27,7 @@ import transformers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 import ustc
+from ustc.flops import MODEL_SPECS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds, sync  # noqa: E402
@@ -48,13 +49,9 @@ SIZES = {
             image_size=384,
             patch_size=14,
         ),
+        # the LLM of the FLOPs counts' llava-onevision-7b (ustc.flops.MODEL_SPECS)
         text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
+            MODEL_SPECS["llava-onevision-7b"].text_config(),
             max_position_embeddings=32768,
             rope_theta=1e6,
         ),

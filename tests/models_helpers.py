@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from ustc.lmms_eval.quickstart import TINY_LLM as QUICKSTART_LLM
-from ustc.lmms_eval.quickstart import tiny_config
+from ustc.lmms_eval.quickstart import TINY_VIT, tiny_config
 
 VOCAB = 96
 IMAGE_TOKEN = 90
@@ -184,10 +184,8 @@ def tiny_llava_next_video(
     config = LlavaNextVideoConfig(
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            **TINY_VIT,
             "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
             "image_size": image_size,
             "patch_size": patch_size,
             "projection_dim": 32,
@@ -276,6 +274,35 @@ def tiny_qwen2_vl(
     return _built(Qwen2VLForConditionalGeneration, config, attn, dtype)
 
 
+def patch_grid(model, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(t, h, w, P) of a video laid out by the Qwen2-VL video processor (also GLM-4V's): the
+    grid (frames / T_p, height / p, width / p) of patches and the h*w/merge^2 tokens per frame
+    pair the merger makes of them."""
+    vision = model.config.vision_config
+    p, merge = vision.patch_size, vision.spatial_merge_size
+    t, h, w = frames // vision.temporal_patch_size, height // p, width // p
+    return t, h, w, h * w // merge**2
+
+
+def patch_grid_kwargs(
+    model, ids: torch.Tensor, grid: tuple[int, int, int], placeholder: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The kwargs of ``generate`` for prompts ``ids`` (B, n) of a Qwen-style video of ``grid``
+    (t, h, w) per row: random patches (B*t*h*w, C * T_p * p * p) drawn from ``g``, the grid,
+    and ``mm_token_type_ids`` 2 on the ``placeholder`` tokens."""
+    vision = model.config.vision_config
+    p, batch = vision.patch_size, ids.shape[0]
+    t, h, w = grid
+    pixels = torch.randn(batch * t * h * w, 3 * vision.temporal_patch_size * p * p, generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+        "mm_token_type_ids": (ids == placeholder).int() * 2,
+    }
+
+
 def qwen_video_inputs(
     model: Qwen2_5_VLForConditionalGeneration,
     frames: int = 4,
@@ -291,10 +318,7 @@ def qwen_video_inputs(
     grid (t, h, w) = (frames / 2, height / p, width / p); F*P = t*h*w/4 placeholders between
     <|vision_start|> and <|vision_end|>; ``mm_token_type_ids`` marks them with 2.  With
     ``timestamps``, Qwen3-VL's layout (``qwen3_video_inputs``)."""
-    vision = model.config.vision_config
-    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
-    t, h, w = frames // tp, height // p, width // p
-    per_frame = h * w // merge**2
+    t, h, w, per_frame = patch_grid(model, frames, height, width)
     g = torch.Generator().manual_seed(seed)
     # (placeholders, timestamp tokens before them) of each run
     runs = (
@@ -311,14 +335,7 @@ def qwen_video_inputs(
         ]
     parts.append(torch.randint(*TEXT_IDS, (batch, suffix), generator=g))
     ids = torch.cat(parts, dim=1)
-    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values_videos": pixels.to(model.dtype),
-        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
-        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
-    }
+    kwargs = patch_grid_kwargs(model, ids, (t, h, w), VIDEO_TOKEN, g)
     if not timestamps:
         return VideoInputs(kwargs, t, per_frame, prefix + 1)
     columns = (ids[0] == VIDEO_TOKEN).nonzero()[:, 0]
@@ -384,10 +401,8 @@ def tiny_internvl(
     torch.manual_seed(seed)
     config = InternVLConfig(
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            **TINY_VIT,
             "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
             "image_size": [image_size, image_size],
             "patch_size": [patch_size, patch_size],
         },
@@ -571,10 +586,7 @@ def glm4v_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix
     <|begin_of_image|> + h*w/4 image placeholders + <|end_of_image|> + its timestamp (one digit
     token: pairs at 0, 1, 2 ... s), <|end_of_video|>, suffix text; ``mm_token_type_ids`` 2 on the
     video's placeholders; patches as ``qwen_video_inputs``."""
-    vision = model.config.vision_config
-    p, tp, merge = vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size
-    t, h, w = frames // tp, height // p, width // p
-    per_frame = h * w // merge**2
+    t, h, w, per_frame = patch_grid(model, frames, height, width)
     g = torch.Generator().manual_seed(seed)
     parts = [torch.randint(*TEXT_IDS, (batch, prefix), generator=g), torch.full((batch, 1), 94)]
     for i in range(t):
@@ -589,15 +601,8 @@ def glm4v_inputs(model, frames=4, height=32, width=32, batch=1, prefix=5, suffix
         torch.randint(*TEXT_IDS, (batch, suffix), generator=g),
     ]
     ids = torch.cat(parts, dim=1)
-    pixels = torch.randn(batch * t * h * w, 3 * tp * p * p, generator=g)
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values_videos": pixels.to(model.dtype),
-        "video_grid_thw": torch.tensor([[t, h, w]] * batch),
-        "mm_token_type_ids": (ids == IMAGE_TOKEN).int() * 2,
-    }
-    return glm4v_layout(kwargs, merge)
+    kwargs = patch_grid_kwargs(model, ids, (t, h, w), IMAGE_TOKEN, g)
+    return glm4v_layout(kwargs, model.config.vision_config.spatial_merge_size)
 
 
 # ------------------------------------------------------------------------------ VideoLLaMA3
@@ -610,13 +615,7 @@ def tiny_video_llama_3(attn="sdpa", layers=3, seed=0, dtype=torch.float32):
     pooling for videos, a Qwen2 LLM with 1-D RoPE."""
     torch.manual_seed(seed)
     config = VideoLlama3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "patch_size": 4,
-        },
+        vision_config={**TINY_VIT, "num_hidden_layers": 2, "patch_size": 4},
         text_config={"model_type": "qwen2", **TINY_LLM, "num_hidden_layers": layers},
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,

@@ -24,19 +24,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ablations import paper_tables, sweep_files, tables
+from ablations import run as runner
+from ablations import sweep as sweeper
+from ablations.store import ResultStore, run_key
+from ablations.wandb_log import metrics_of, resolve_mode
+from ustc import flops
+from ustc.config import CompressionConfig
+from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer
+from ustc.presets import TABLE5_ROWS
+from ustc.registry import RECYCLERS, SCORERS
 
-from ablations import paper_tables, sweep_files, tables  # noqa: E402
-from ablations import run as runner  # noqa: E402
-from ablations import sweep as sweeper  # noqa: E402
-from ablations.store import ResultStore, run_key  # noqa: E402
-from ablations.wandb_log import metrics_of, resolve_mode  # noqa: E402
-from ustc import flops  # noqa: E402
-from ustc.config import CompressionConfig  # noqa: E402
-from ustc.evaluation import Benchmark, BenchmarkResult, map_paper_layer  # noqa: E402
-from ustc.presets import TABLE5_ROWS  # noqa: E402
-from ustc.registry import RECYCLERS, SCORERS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY = f"{__name__}:ToyBenchmark"
 
@@ -532,19 +531,10 @@ def test_a_grid_killed_by_sigkill_finishes_after_a_restart(tmp_path: Path) -> No
         "disabled",
         "--quiet",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "TOY_LOG": str(log),
-        "TOY_KILL_AFTER": "3",
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
-    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    killed = _toy_run(cmd, TOY_LOG=str(log), TOY_KILL_AFTER="3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len(ResultStore(store)) == 3
-    env.pop("TOY_KILL_AFTER")
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = _toy_run(cmd, TOY_LOG=str(log))
     assert done.returncode == 0, done.stderr
     keys = [json.loads(line)["key"] for line in store.read_text().splitlines()]
     assert len(keys) == 1 + 7 == len(set(keys))
@@ -828,6 +818,13 @@ def _toy_env(**extra: str) -> dict[str, str]:
     }
 
 
+def _toy_run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``cmd`` run from the repository root with ``_toy_env(**env)``, its output captured."""
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_toy_env(**env), capture_output=True, text=True, timeout=120
+    )
+
+
 def test_two_sweeps_on_one_grid_split_it(tmp_path: Path) -> None:
     store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
     env = _toy_env(TOY_LOG=str(log), TOY_SLEEP="1.0")
@@ -889,14 +886,7 @@ def test_a_claim_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 def test_ctrl_c_says_what_is_stored_and_how_to_resume(tmp_path: Path) -> None:
     store = tmp_path / "store.jsonl"
     cmd = _sweep_cmd(store, tmp_path)
-    result = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=_toy_env(TOY_SIGINT_AFTER="3"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _toy_run(cmd, TOY_SIGINT_AFTER="3")
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
     stored = f"interrupted: 2 of 7 grid points are stored in {store} (with the uncompressed run)"
@@ -904,9 +894,7 @@ def test_ctrl_c_says_what_is_stored_and_how_to_resume(tmp_path: Path) -> None:
     assert "resume with" in result.stderr and "ablations/sweep.py s7 --benchmark" in result.stderr
     assert len(ResultStore(store)) == 3
     assert not list((tmp_path / "store.jsonl.claims").glob("*.claim"))  # the claim was released
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=_toy_env(), capture_output=True, text=True, timeout=120
-    )
+    done = _toy_run(cmd)
     assert done.returncode == 0, done.stderr
     assert len(ResultStore(store)) == 8
 
@@ -938,14 +926,7 @@ def test_ctrl_c_during_run_py_says_what_is_stored(tmp_path: Path) -> None:
     the store and the message says so; the rerun evaluates only the run."""
     store, log = tmp_path / "store.jsonl", tmp_path / "evaluated.jsonl"
     cmd = _run_cmd(store, "--retention", "0.05")
-    result = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=_toy_env(TOY_SIGINT_AFTER="1", TOY_LOG=str(log)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _toy_run(cmd, TOY_SIGINT_AFTER="1", TOY_LOG=str(log))
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
     assert (
@@ -953,9 +934,7 @@ def test_ctrl_c_during_run_py_says_what_is_stored(tmp_path: Path) -> None:
         "not stored; the same command resumes" in result.stderr
     )
     assert len(ResultStore(store)) == 1 and len(log.read_text().splitlines()) == 1
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=_toy_env(TOY_LOG=str(log)), capture_output=True, text=True, timeout=120
-    )
+    done = _toy_run(cmd, TOY_LOG=str(log))
     assert done.returncode == 0, done.stderr
     assert len(ResultStore(store)) == 2  # the uncompressed row and the run (no toy oracle)
     assert len(log.read_text().splitlines()) == 2  # the uncompressed row was not redone
@@ -965,14 +944,7 @@ def test_a_directory_as_store_is_refused_and_leaves_nothing(tmp_path: Path) -> N
     folder = tmp_path / "results"
     folder.mkdir()
     for store in (str(folder), str(tmp_path / "new") + "/"):
-        result = subprocess.run(
-            _run_cmd(store, "--quiet"),
-            cwd=ROOT,
-            env=_toy_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = _toy_run(_run_cmd(store, "--quiet"))
         line = _one_line_error(result, "ablations/run.py")
         assert "is a directory; give a file name, e.g." in line and "ablations.jsonl" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no lock file, nothing
@@ -985,14 +957,7 @@ def test_a_sweep_yaml_with_a_syntax_error_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nparameters:\n  tau: {values: [0.5, 0.7]\n")
     cmd = [sys.executable, str(ROOT / "ablations" / "sweep.py"), str(bad), "--store"]
-    result = subprocess.run(
-        [*cmd, str(tmp_path / "s.jsonl")],
-        cwd=ROOT,
-        env=_toy_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _toy_run([*cmd, str(tmp_path / "s.jsonl")])
     line = _one_line_error(result, "ablations/sweep.py")
     assert f"{bad}: not valid YAML at line 4, column 1" in line
     with pytest.raises(ValueError, match="cannot read the sweep file"):

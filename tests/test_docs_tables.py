@@ -9,15 +9,13 @@ NAME --write``), which rewrites the table and its fingerprint.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ablations import docs_tables
 
-from ablations import docs_tables  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: pages with published figures
 PAGES = ("docs/ablations.md", "docs/baselines.md", "docs/lab.md", "README.md")

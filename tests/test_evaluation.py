@@ -8,26 +8,21 @@ entry-point loader and its real ``Instance`` request objects, with a tiny random
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ustc import evaluation  # noqa: E402
-from ustc.config import CompressionConfig  # noqa: E402
-from ustc.evaluation import (  # noqa: E402
+from ustc import evaluation
+from ustc.config import CompressionConfig
+from ustc.evaluation import (
     BenchmarkResult,
     LabBenchmark,
     LmmsEvalBenchmark,
     build_benchmarks,
     parse_lmms_results,
 )
-from ustc.lmms_eval import config_from_model_args, config_to_model_args  # noqa: E402
+from ustc.lmms_eval import config_from_model_args, config_to_model_args
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 

@@ -377,6 +377,24 @@ def test_from_config_reads_text_config_top_level_files_and_objects(tmp_path):
     assert (top.num_kv_heads, top.frames, top.tokens_per_frame) == (4, 64, 169)
 
 
+@pytest.mark.parametrize("name", sorted(MODEL_SPECS))
+def test_text_config_is_what_from_config_reads_back(name):
+    spec = MODEL_SPECS[name]
+    text = spec.text_config()
+    back = ModelSpec.from_config(
+        text, name=name, frames=spec.frames, tokens_per_frame=spec.tokens_per_frame
+    )
+    assert back == spec
+    # head_dim only where transformers would not derive it (d / H)
+    assert ("head_dim" in text) == (spec.head_dim != spec.hidden_size // spec.num_heads)
+
+
+def test_text_config_keeps_a_head_dim_that_is_not_hidden_over_heads():
+    spec = ModelSpec("wide-heads", 2, 64, 128, 4, 2, head_dim=32)
+    assert spec.text_config()["head_dim"] == 32
+    assert ModelSpec.from_config(spec.text_config(), name="wide-heads") == spec
+
+
 @pytest.mark.parametrize(
     "source, message",
     [

@@ -19,16 +19,13 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ustc.lmms_eval import (  # noqa: E402
+from ustc.lmms_eval import (
     BACKBONES,
     LlavaOneVisionUSTC,
     Qwen2_5_VLUSTC,
@@ -36,12 +33,14 @@ from ustc.lmms_eval import (  # noqa: E402
     default_device,
     left_pad,
 )
-from ustc.lmms_eval.quickstart import (  # noqa: E402
+from ustc.lmms_eval.quickstart import (
     TOY_TASK,
     tiny_checkpoint,
     tiny_tokenizer,
     toy_task,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (optional extra)")
@@ -391,24 +390,31 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny checkpoint, the toy task with its clips, and the environment the command lines
     run in: this checkout's ustc and entry points first on the path, the hub offline."""
     folder = tmp_path_factory.mktemp("lmms")
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join(
-            [str(_entry_point_dist(folder / "dist")), str(ROOT), env.get("PYTHONPATH", "")]
-        ),
-        HF_HOME=str(folder / "hf"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        CUDA_VISIBLE_DEVICES="",
-    )
+    env = _command_env(folder, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return {
         "checkpoint": tiny_checkpoint(folder / "checkpoint"),
         "task": toy_task(folder / "task"),
         "env": env,
         "folder": folder,
     }
+
+
+def _command_env(folder: Path, **extra: str) -> dict[str, str]:
+    """The environment of a command line: this checkout's ustc and its entry points (built in
+    ``folder``) first on the path, the hub cache in ``folder``, one thread, no GPU; and
+    ``extra``."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join(
+            [str(_entry_point_dist(folder / "dist")), str(ROOT), env.get("PYTHONPATH", "")]
+        ),
+        HF_HOME=str(folder / "hf"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+        **extra,
+    )
+    return env
 
 
 def _run_toy(toy_run: dict, launcher: list[str], out: str, batch_size: int = 1) -> dict:
@@ -502,6 +508,22 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
     _check_toy_run(run, ranks=2, batch_size=2)
 
 
+def _tiny_lm(backbone: str, model_args: str, docs: list[dict] | dict[int, dict]) -> Any:
+    """The lmms-eval model ``backbone`` (llava_onevision_ustc or qwen2_5_vl_ustc) with
+    ``model_args`` on a fresh 3-layer tiny model and the toy task's ``docs`` (Qwen2.5-VL's
+    processor at 32 x 32 px, the tiny model's size)."""
+    from models_helpers import tiny_llava_onevision, tiny_qwen2_5_vl
+
+    build = tiny_llava_onevision if backbone == "llava_onevision_ustc" else tiny_qwen2_5_vl
+    lm = BACKBONES[backbone].create_from_arg_string(
+        model_args, {"model": build(layers=3), "tokenizer": tiny_tokenizer(), "pretrained": None}
+    )
+    if backbone == "qwen2_5_vl_ustc":
+        lm.processor.min_pixels, lm.processor.max_pixels = 32 * 32, 32 * 32
+    lm.task_dict = {"toy": {"test": docs}}
+    return lm
+
+
 @lmms
 @pytest.mark.parametrize(
     ("backbone", "calls"),
@@ -512,22 +534,17 @@ def test_the_lmms_eval_command_line_on_two_processes_under_accelerate(toy_run: d
 def test_batches_answer_as_one_prompt_at_a_time(backbone: str, calls: int) -> None:
     """batch_size 4 on prompts of different lengths (LEFT-padded, one video each) and a shorter
     clip: the same answers and token counts as batch_size 1, in request order."""
-    from models_helpers import tiny_llava_onevision, tiny_qwen2_5_vl
-
     torch.set_num_threads(1)
-    build = tiny_llava_onevision if backbone == "llava_onevision_ustc" else tiny_qwen2_5_vl
     docs = _toy_docs()
     docs[2] = {**docs[0], "question": "what is the ball ?"}
     docs[3] = {**docs[1], "video": docs[1]["video"][:3]}
     answers = {}
     for batch_size in (1, 4):
-        lm = BACKBONES[backbone].create_from_arg_string(
+        lm = _tiny_lm(
+            backbone,
             f"retention=0.25,merger=text-aware,layer=1,max_frames_num=4,batch_size={batch_size}",
-            {"model": build(layers=3), "tokenizer": tiny_tokenizer(), "pretrained": None},
+            docs,
         )
-        if backbone == "qwen2_5_vl_ustc":
-            lm.processor.min_pixels, lm.processor.max_pixels = 32 * 32, 32 * 32
-        lm.task_dict = {"toy": {"test": docs}}
         answers[batch_size] = lm.generate_until(_generate_requests(docs))
         assert lm.handle.stats.prefills == (len(docs) if batch_size == 1 else calls)
     assert [r.text for r in answers[4]] == [r.text for r in answers[1]]
@@ -567,17 +584,8 @@ def test_the_offline_quick_start_runs_as_documented(tmp_path: Path) -> None:
     and its entry points first on the path, this interpreter's scripts first on PATH)."""
     block = _quickstart_block()
     assert block.startswith("python -m ustc.lmms_eval.quickstart lmms-quickstart\n")
-    env = dict(os.environ)
-    env.update(
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=os.pathsep.join(
-            [str(_entry_point_dist(tmp_path / "dist")), str(ROOT), env.get("PYTHONPATH", "")]
-        ),
-        HF_HOME=str(tmp_path / "hf"),
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        CUDA_VISIBLE_DEVICES="",
-    )
+    scripts = str(Path(sys.executable).parent)
+    env = _command_env(tmp_path, PATH=os.pathsep.join([scripts, os.environ.get("PATH", "")]))
     if not (Path(sys.executable).parent / "lmms-eval").is_file():
         pytest.skip("the lmms-eval script is not beside this interpreter")
     work = tmp_path / "user"

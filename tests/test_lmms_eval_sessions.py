@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lmms_eval import _generate_requests, _toy_docs, lmms, tiny_tokenizer
+from test_lmms_eval import _generate_requests, _tiny_lm, _toy_docs, lmms
 
 from ustc.lmms_eval import BACKBONES
 from ustc.session import SessionCache
@@ -29,23 +29,15 @@ def _docs() -> dict[int, dict]:
 @pytest.mark.parametrize("backbone", ["llava_onevision_ustc", "qwen2_5_vl_ustc"])
 def test_answers_are_the_same_with_and_without_the_session_cache(backbone: str) -> None:
     from loguru import logger
-    from models_helpers import tiny_llava_onevision, tiny_qwen2_5_vl
 
     torch.set_num_threads(1)
-    build = tiny_llava_onevision if backbone == "llava_onevision_ustc" else tiny_qwen2_5_vl
     docs = _docs()
     answers, models = {}, {}
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
     try:
         for size in (0, 1):
-            models[size] = lm = BACKBONES[backbone].create_from_arg_string(
-                f"{ARGS},session_cache={size}",
-                {"model": build(layers=3), "tokenizer": tiny_tokenizer(), "pretrained": None},
-            )
-            if backbone == "qwen2_5_vl_ustc":
-                lm.processor.min_pixels, lm.processor.max_pixels = 32 * 32, 32 * 32
-            lm.task_dict = {"toy": {"test": docs}}
+            models[size] = lm = _tiny_lm(backbone, f"{ARGS},session_cache={size}", docs)
             answers[size] = lm.generate_until(_generate_requests(docs))
     finally:
         logger.remove(sink)

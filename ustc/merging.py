@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ustc.ops import descending_order, first_n_mask, group_mean, slot_map, sorted_indices
+from ustc.ops import group_mean, slot_map, sorted_indices, top_count_mask
 from ustc.registry import MERGERS
 
 
@@ -85,21 +85,24 @@ def merge_into_kept(visual: Tensor, keep: Tensor, count: int) -> MergeResult:
     visual: (B, Nv, D); keep: (B, Nv) bool with ``count`` True per row.
     """
     indices = sorted_indices(keep, count)  # (B, Nk)
-    b, nv, d = visual.shape
+    b, _, d = visual.shape
     unit = torch.nn.functional.normalize(visual.float(), dim=-1)
     kept_unit = unit.gather(1, indices.unsqueeze(-1).expand(b, count, d))
     nearest_slot = torch.bmm(unit, kept_unit.transpose(1, 2)).argmax(dim=-1)  # (B, Nv)
-    own_slot = slot_map(indices, nv)
-    assignment = torch.where(keep, own_slot, nearest_slot)
+    return kept_result(visual, keep, indices, nearest_slot)
+
+
+def kept_result(visual: Tensor, keep: Tensor, indices: Tensor, pruned: Tensor | int) -> MergeResult:
+    """The ``MergeResult`` of keeping ``keep`` (B, Nv) bool, at ``indices`` (B, Nk) ascending: a
+    kept token goes to its own slot, a pruned one to ``pruned`` ((B, Nv) slots, or -1: dropped),
+    and each slot is the mean of its tokens (Eq. 10's v~_k)."""
+    assignment = torch.where(keep, slot_map(indices, visual.shape[1]), pruned)
     return MergeResult(group_mean(visual, assignment, indices), indices, assignment)
 
 
 def select_and_merge(visual: Tensor, scores: Tensor, count: int) -> MergeResult:
     """Keep the top-``count`` tokens by ``scores`` (ties: lower index), merge the rest (Eq. 10)."""
-    b, nv, _ = visual.shape
-    counts = torch.full((b,), count, dtype=torch.long, device=visual.device)
-    keep = first_n_mask(descending_order(scores), counts)
-    return merge_into_kept(visual, keep, count)
+    return merge_into_kept(visual, top_count_mask(scores, count), count)
 
 
 class Merger:
@@ -131,7 +134,11 @@ class Merger:
     ) -> MergeResult:
         """Keep ``count`` visual tokens (Eq. 9 ranking), merge the others into them (Eq. 10)."""
         _check_merge_inputs(visual, text, text_attention, count, text_mask)
-        scores = self.scores(visual, text, text_attention, text_mask)
+        return self.select(visual, self.scores(visual, text, text_attention, text_mask), count)
+
+    def select(self, visual: Tensor, scores: Tensor, count: int) -> MergeResult:
+        """Keep the top-``count`` visual tokens (B, Nv, D) by ``scores`` (B, Nv) and merge the
+        others into them (Eq. 10); a baseline that drops them instead overrides this."""
         return select_and_merge(visual, scores, count)
 
 
@@ -203,7 +210,7 @@ class LastTokenMerger(Merger):
         text_attention: Tensor | None,
         text_mask: Tensor | None = None,
     ) -> Tensor:
-        return _need_attention(text_attention, "last-token")[:, -1].float()
+        return _need_attention(text_attention, self.registered_name)[:, -1].float()
 
 
 @MERGERS.register("text-aware")

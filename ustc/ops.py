@@ -47,6 +47,12 @@ def first_n_mask(order: Tensor, counts: Tensor) -> Tensor:
     return torch.zeros_like(chosen_in_rank).scatter(-1, order, chosen_in_rank)
 
 
+def top_count_mask(scores: Tensor, count: int) -> Tensor:
+    """(B, N) bool: the ``count`` highest entries of each row of ``scores`` (ties: lower index)."""
+    counts = torch.full((scores.shape[0],), count, dtype=torch.long, device=scores.device)
+    return first_n_mask(descending_order(scores), counts)
+
+
 def sorted_indices(mask: Tensor, count: int) -> Tensor:
     """Positions of the ``count`` True entries of each row of ``mask`` (B, N), ascending.
 

@@ -13,11 +13,12 @@ into another output token; UNVISITED = dropped outright.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices
+from ustc.ops import group_mean, group_sizes, slot_map, sorted_indices, top_count_mask
 from ustc.pool import REJECTED, RETAINED, UNVISITED
 from ustc.results import CompressionResult
 
@@ -64,6 +65,41 @@ def per_frame_budget(name: str, budget: int, frames: int) -> int:
             f"multiple of F = {frames} (CompressionConfig.budget always is), got {budget}"
         )
     return budget // frames
+
+
+class TopAttentionPerFrame:
+    """Base of the methods that keep each frame's highest-attention tokens (Eq. 1) and fill the
+    rest of the frame's q = budget / F output tokens with contextual ones (VisionZip, FastVID),
+    before the LLM only.  A subclass says how q splits (``split``) and builds the result from
+    the kept tokens (``add_contextual``)."""
+
+    #: the in-LLM stage as published (both prune before the LLM only);
+    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
+    in_llm: ClassVar[dict[str, str]] = {"merger": "none"}
+
+    uses_attention = True
+
+    def split(self, per_frame: int) -> tuple[int, int]:
+        """(top, contextual) output tokens of a frame with ``per_frame`` = q output tokens."""
+        raise NotImplementedError
+
+    def add_contextual(
+        self, features: Tensor, top: Tensor, contextual: int, budget: int
+    ) -> CompressionResult:
+        """The result of ``top`` (B*F, P) kept tokens of features (B, F, P, D) plus
+        ``contextual`` tokens per frame."""
+        raise NotImplementedError
+
+    def compress(
+        self, features: Tensor, attention: Tensor | None, budget: int
+    ) -> CompressionResult:
+        """features: (B, F, P, D); attention: (B, F, P).  Returns ``budget`` tokens per video."""
+        name = self.registered_name  # type: ignore[attr-defined]
+        b, f, p, _ = check_method_inputs(name, features, attention, budget, True)
+        assert attention is not None
+        top, contextual = self.split(per_frame_budget(name, budget, f))
+        mask = top_count_mask(attention.reshape(b * f, p).float(), top)
+        return self.add_contextual(features, mask, contextual, budget)
 
 
 def proportional_quota(sizes: list[int], total: int) -> list[int]:

@@ -30,13 +30,12 @@ import torch
 from torch import Tensor
 
 from ustc.baselines._common import (
-    check_method_inputs,
-    per_frame_budget,
+    TopAttentionPerFrame,
     proportional_quota,
     result_from_owner,
     unit_vectors,
 )
-from ustc.ops import descending_order, first_n_mask, group_sizes
+from ustc.ops import descending_order, group_sizes
 from ustc.recycle import knn_log_density, peak_distance
 from ustc.registry import METHODS
 from ustc.results import CompressionResult
@@ -76,7 +75,7 @@ def density_scores(frames: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 @METHODS.register("fastvid")
-class FastVID:
+class FastVID(TopAttentionPerFrame):
     """FastVID-style: DySeg segments, salient tokens by attention, density-based anchor merging.
 
     segments:      c, minimum number of segments (FastVID: 8).
@@ -86,12 +85,6 @@ class FastVID:
     anchor_alpha:  alpha, minimum weight of the anchor in its contextual token (FastVID: 0.6).
     density_k:     neighbours of the DPC-KNN density (FastVID: 4).
     """
-
-    #: the in-LLM stage as published (FastVID prunes before the LLM only);
-    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
-    in_llm = {"merger": "none"}
-
-    uses_attention = True
 
     def __init__(
         self,
@@ -128,21 +121,12 @@ class FastVID:
         salient = min(per_frame, math.floor(round(self.salient_ratio * per_frame, 9)))
         return salient, per_frame - salient
 
-    def compress(
-        self, features: Tensor, attention: Tensor | None, budget: int
+    def add_contextual(
+        self, features: Tensor, salient: Tensor, contextual: int, budget: int
     ) -> CompressionResult:
-        """features: (B, F, P, D); attention: (B, F, P).  Returns ``budget`` tokens per video."""
-        b, f, p, d = check_method_inputs("fastvid", features, attention, budget, True)
-        assert attention is not None
-        q = per_frame_budget("fastvid", budget, f)
-        salient_count, contextual = self.split(q)
+        b, f, p, d = features.shape
         device = features.device
-        g = b * f
-        frames = features.reshape(g, p, d)
-        salient = first_n_mask(
-            descending_order(attention.reshape(g, p).float()),
-            torch.full((g,), salient_count, dtype=torch.long, device=device),
-        )
+        frames = features.reshape(b * f, p, d)
         keep = salient.clone().view(b, f, p)
         owner = torch.full((b, f, p), -1, dtype=torch.long, device=device)
         if contextual > 0:

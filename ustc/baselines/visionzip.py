@@ -22,13 +22,12 @@ import torch
 from torch import Tensor
 
 from ustc.baselines._common import (
-    check_method_inputs,
+    TopAttentionPerFrame,
     nearest_kept,
-    per_frame_budget,
     result_from_owner,
     unit_vectors,
 )
-from ustc.ops import descending_order, first_n_mask, round_half_up
+from ustc.ops import round_half_up
 from ustc.registry import METHODS
 from ustc.results import CompressionResult
 
@@ -53,17 +52,11 @@ def contextual_targets(remaining: Tensor, count: int) -> Tensor:
 
 
 @METHODS.register("visionzip")
-class VisionZip:
+class VisionZip(TopAttentionPerFrame):
     """VisionZip per frame: dominant tokens by attention + contextual tokens merged by similarity.
 
     contextual_ratio: share of each frame's budget spent on contextual tokens (published 10/64).
     """
-
-    #: the in-LLM stage as published (VisionZip prunes before the LLM only);
-    #: applied by ``run.py --method`` unless --merger is given (ustc.registry.method_in_llm)
-    in_llm = {"merger": "none"}
-
-    uses_attention = True
 
     def __init__(self, contextual_ratio: float = CONTEXTUAL_SHARE) -> None:
         if not isinstance(contextual_ratio, (int, float)) or not 0.0 <= contextual_ratio <= 1.0:
@@ -75,21 +68,13 @@ class VisionZip:
         contextual = min(per_frame, round_half_up(self.contextual_ratio * per_frame))
         return per_frame - contextual, contextual
 
-    def compress(
-        self, features: Tensor, attention: Tensor | None, budget: int
+    def add_contextual(
+        self, features: Tensor, dominant_mask: Tensor, contextual: int, budget: int
     ) -> CompressionResult:
-        """features: (B, F, P, D); attention: (B, F, P).  Returns ``budget`` tokens per video."""
-        b, f, p, d = check_method_inputs("visionzip", features, attention, budget, True)
-        assert attention is not None
-        q = per_frame_budget("visionzip", budget, f)
-        dominant, contextual = self.split(q)
+        b, f, p, d = features.shape
         g = b * f
         device = features.device
         frames = features.reshape(g, p, d)
-        scores = attention.reshape(g, p).float()
-        dominant_mask = first_n_mask(
-            descending_order(scores), torch.full((g,), dominant, dtype=torch.long, device=device)
-        )
         targets = contextual_targets(~dominant_mask, contextual)
         keep = dominant_mask | targets
         if contextual > 0:

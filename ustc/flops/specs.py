@@ -99,6 +99,21 @@ class ModelSpec:
             else tokens_per_frame,
         )
 
+    def text_config(self) -> dict[str, int]:
+        """The LLM sizes under the names of a transformers text config (what ``from_config``
+        reads back); ``head_dim`` only where it is not d / H, as transformers' configs do."""
+        config = {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "vocab_size": self.vocab_size,
+        }
+        if self.head_dim != self.hidden_size // self.num_heads:
+            config["head_dim"] = self.head_dim
+        return config
+
     @classmethod
     def builtin(cls, name: str) -> ModelSpec:
         """One of :data:`MODEL_SPECS` by name."""

@@ -36,6 +36,9 @@ TINY_LLM: dict[str, int] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
 }
+#: the tiny ViT (SigLIP here; tests/models_helpers.py gives the other ViT towers the same): hidden
+#: 32, MLP 64, 2 heads; its depth, image and patch sizes come with each config
+TINY_VIT: dict[str, int] = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
 #: words of the tiny tokenizer (WordLevel, split on spaces and newlines): the task's prompts
 WORDS = [
     "[UNK]",
@@ -117,10 +120,8 @@ def tiny_config(
     return LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            **TINY_VIT,
             "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
             "image_size": image_size,
             "patch_size": patch_size,
         },

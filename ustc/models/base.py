@@ -607,6 +607,21 @@ class Handle:
         while the video is encoded."""
         return attention.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True)
 
+    def tower_hook(self, tower: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """The pre-hook on a vision tower that passes the arguments of each call made while the
+        video is encoded to ``vision_tower_call`` (before the scored attention runs)."""
+        return tower.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True)
+
+    def vision_tower_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """What ``vision_scores`` needs of the vision tower's call (its arguments), kept on the
+        adapter: nothing by default; only adapters that install ``tower_hook`` are called."""
+
+    def _on_vision_tower(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._capturing:
+            self.vision_tower_call(args, kwargs)
+
     def _on_vision_attention(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:

@@ -46,6 +46,15 @@ HOOKS: dict[str, tuple[str, str]] = {
         "none: every adapter says",
     ),
     "score_hook": ("how the scores are captured", "a forward pre-hook calling vision_scores"),
+    "tower_hook": (
+        "how the vision tower's call is seen, for adapters whose alignment needs it",
+        "a forward pre-hook calling vision_tower_call",
+    ),
+    "vision_tower_call": (
+        "what the alignment needs of the vision tower's call (a window permutation, a grid and "
+        "merge sizes)",
+        "nothing",
+    ),
     # positions
     "decode_positions": (
         "positions of decode steps without position_ids: 1-D RoPE, or M-RoPE's rope_deltas",

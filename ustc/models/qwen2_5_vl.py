@@ -50,35 +50,24 @@ class Qwen2_5_VLHandle(Handle):
 
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         visual = self.base_model().visual
-        attention = visual.blocks[self.vision_layer].attn
-        return [
-            visual.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True),
-            self.score_hook(attention),
-        ]
+        return [self.tower_hook(visual), self.score_hook(visual.blocks[self.vision_layer].attn)]
 
-    def _on_vision_tower(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_tower_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Remember the window permutation of this call (to un-permute the scores)."""
-        if not self._capturing:
-            return
         grid = args[1] if len(args) > 1 else kwargs["grid_thw"]
-        config = module.config
+        visual = self.base_model().visual
+        config = visual.config
         self._window_index = _window_index(
-            module, grid, config.spatial_merge_size, config.window_size, config.patch_size
+            visual, grid, config.spatial_merge_size, config.window_size, config.patch_size
         )
 
     def vision_scores(
         self, module: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Tensor:
         """Reduce this block's attention to one score per merged token: (B*F, P) -- Eq. (1)."""
-        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        cos, sin = kwargs["position_embeddings"]
         length = hidden.shape[0]
         qkv = module.qkv(hidden).reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3)
-        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-        q, k = rope(qkv[0], qkv[1], cos, sin)  # (S, H, d), window-permuted order
-        scores = _segment_received_attention(q, k, cu_seqlens)  # (S,)
+        scores = rotated_segment_scores(module, qkv[0], qkv[1], args, kwargs)  # (S,)
         unit = self.base_model().visual.spatial_merge_size ** 2
         merged = scores.view(-1, unit).mean(dim=-1)  # one score per 2 x 2 merger group
         return self._token_order(merged)
@@ -155,6 +144,21 @@ class Qwen2_5_VLHandle(Handle):
         if deltas is None:
             return positions
         return positions + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+
+
+def rotated_segment_scores(
+    attention: nn.Module, q: Tensor, k: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """Eq. (1) of one call of a vision attention that attends inside segments (``cu_seqlens``:
+    windows, frame pairs or frames) with a vision RoPE: ``q``, ``k`` (S, H, d) projected from
+    the call's input in the tower's token order, rotated with the call's
+    ``position_embeddings`` by the attention module's own ``apply_rotary_pos_emb_vision``.
+    Returns (S,) float32, in the same order."""
+    cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+    cos, sin = kwargs["position_embeddings"]
+    rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+    q, k = rope(q, k, cos, sin)
+    return _segment_received_attention(q, k, cu_seqlens)
 
 
 def _segment_received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:

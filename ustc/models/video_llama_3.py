@@ -35,7 +35,6 @@ features are of theirs.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 
 from ustc.config import CompressionConfig
 from ustc.models.base import Handle, VideoCall, VideoLayout, vision_layer_index
-from ustc.models.qwen2_5_vl import _segment_received_attention
+from ustc.models.qwen2_5_vl import rotated_segment_scores
 from ustc.models.sequence import placeholder_columns
 
 
@@ -72,17 +71,10 @@ class VideoLlama3Handle(Handle):
     def vision_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         tower = self.base_model().vision_model
         attention = tower.encoder.layers[self.vision_layer].self_attn
-        return [
-            tower.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True),
-            self.score_hook(attention),
-        ]
+        return [self.tower_hook(tower), self.score_hook(attention)]
 
-    def _on_vision_tower(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def vision_tower_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Remember this call's grid and merge sizes (to pool the scores as the features)."""
-        if not self._capturing:
-            return
         named = dict(zip(("pixel_values", "grid_thw", "merge_sizes"), args, strict=False))
         named.update(kwargs)
         self._grid = (named["grid_thw"], named["merge_sizes"])
@@ -91,15 +83,9 @@ class VideoLlama3Handle(Handle):
         self, attention: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Tensor:
         """Reduce this layer's attention to one score per pooled token: (B*F*P,) -- Eq. (1)."""
-        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        cos, sin = kwargs["position_embeddings"]
-        length = hidden.shape[0]
-        shape = (length, attention.num_heads, attention.head_dim)
-        rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
-        q, k = rope(
-            attention.q_proj(hidden).view(shape), attention.k_proj(hidden).view(shape), cos, sin
-        )
-        scores = _segment_received_attention(q, k, cu_seqlens)  # (S,), one segment per frame
+        shape = (hidden.shape[0], attention.num_heads, attention.head_dim)
+        q, k = attention.q_proj(hidden).view(shape), attention.k_proj(hidden).view(shape)
+        scores = rotated_segment_scores(attention, q, k, args, kwargs)  # (S,), one per frame
         assert self._grid is not None
         grid, merges = self._grid
         pooled = self.base_model().vision_model.pixel_unshuffle(scores[:, None], grid, merges)
