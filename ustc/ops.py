@@ -234,8 +234,56 @@ def difference_distances(x: Tensor, rows: Tensor, index: Tensor) -> Tensor:
     return out
 
 
+class MeasuredPairs:
+    """One video's features x (N, D) with the squared distances ``difference_distances`` has
+    measured on them, each unordered pair once: a pair measured for one step (a token's k
+    nearest) is looked up, not measured again, by the next (its neighbour's k nearest, its
+    nearest denser token).  The values are ``difference_distances``' bits: x_j - x_i is exactly
+    -(x_i - x_j) in IEEE arithmetic, so both orders square and sum to the same value, and torch
+    sums each of many rows over D alone, whatever the other rows (checked by
+    ``tests/test_recycle.py``).  A call of one pair is measured as it comes and not stored:
+    torch splits the sum of a lone output across its threads from 32768 elements on, another
+    order of additions.  Pass it wherever ``measure_candidates`` and ``exact_nearest`` take x."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.float()
+        self.keys = torch.empty(0, dtype=torch.long, device=x.device)  # ascending i * N + j, i <= j
+        self.values = torch.empty(0, device=x.device)
+
+    def distances(self, rows: Tensor, index: Tensor) -> Tensor:
+        """``difference_distances(x, rows, index)``: (R, C) float32, the new pairs measured."""
+        if index.numel() <= 1:
+            return difference_distances(self.x, rows, index)
+        n = self.x.shape[0]
+        i = rows.unsqueeze(1).expand_as(index)
+        key = (torch.minimum(i, index) * n + torch.maximum(i, index)).reshape(-1)
+        unique, inverse = torch.unique(key, return_inverse=True)
+        at = torch.searchsorted(self.keys, unique).clamp_(max=max(self.keys.numel() - 1, 0))
+        known = self.keys[at] == unique if self.keys.numel() else unique < 0
+        values = torch.empty(unique.shape, device=self.x.device)
+        values[known] = self.values[at[known]]
+        new = unique[~known]
+        if new.numel() > 0:
+            # two rows at least, so that the sum takes the many-rows path (class doc)
+            pad = new.repeat(2) if new.numel() == 1 else new
+            measured = difference_distances(self.x, pad // n, (pad % n).unsqueeze(1))
+            values[~known] = measured[: new.numel(), 0]
+            keys = torch.cat([self.keys, new])
+            order = torch.sort(keys).indices
+            self.keys = keys[order]
+            self.values = torch.cat([self.values, values[~known]])[order]
+        return values[inverse].view(index.shape)
+
+
+def _measure(x: Tensor | MeasuredPairs, rows: Tensor, index: Tensor) -> Tensor:
+    """``difference_distances`` on features x (N, D), or through a ``MeasuredPairs``."""
+    if isinstance(x, MeasuredPairs):
+        return x.distances(rows, index)
+    return difference_distances(x, rows, index)
+
+
 def exact_nearest(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     rows: Tensor,
     cols: Tensor,
     gram: Tensor,
@@ -264,7 +312,7 @@ def exact_nearest(
 
 
 def measure_candidates(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     rows: Tensor,
     top: Tensor,
     position: Tensor,
@@ -299,7 +347,7 @@ def measure_candidates(
         sure = (position[:, count] < 0) | (gap > 2.0 * rounding)
     values, first = top[:, :count].float(), position[:, :count].clone()
     if measure:
-        measured = difference_distances(x, rows, first.clamp(min=0))
+        measured = _measure(x, rows, first.clamp(min=0))
         measured = measured.masked_fill_(first < 0, fill)
         values, order = torch.sort(measured, dim=1, descending=largest)
         first = first.gather(1, order)
@@ -312,9 +360,10 @@ def measure_candidates(
         return values, first, certified
     redo = (~sure).nonzero().squeeze(1)
     at, edge = position[redo], top[redo, -1]
-    measured = difference_distances(x, rows[redo], at.clamp(min=0)).masked_fill_(at < 0, fill)
+    measured = _measure(x, rows[redo], at.clamp(min=0)).masked_fill_(at < 0, fill)
     # by value, equal values by position: a stable sort by value after one by position
-    by_position = torch.sort(at.masked_fill(at < 0, x.shape[0]), dim=1, stable=True).indices
+    n = (x.x if isinstance(x, MeasuredPairs) else x).shape[0]
+    by_position = torch.sort(at.masked_fill(at < 0, n), dim=1, stable=True).indices
     measured, at = measured.gather(1, by_position), at.gather(1, by_position)
     order = torch.sort(measured, dim=1, descending=largest, stable=True).indices[:, :count]
     values[redo], first[redo] = measured.gather(1, order), at.gather(1, order)
@@ -329,7 +378,7 @@ def measure_candidates(
 
 
 def exact_nearest_rows(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     xc: Tensor,
     rows: Tensor,
     cols: Tensor,
@@ -345,8 +394,8 @@ def exact_nearest_rows(
     float32).  ``gram`` None: every row in float64.  Returns values and positions (R, count)."""
     if gram is None:
         certified = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
-        values = torch.empty(rows.numel(), count, device=x.device)
-        position = torch.empty(rows.numel(), count, dtype=torch.long, device=x.device)
+        values = torch.empty(rows.numel(), count, device=rows.device)
+        position = torch.empty(rows.numel(), count, dtype=torch.long, device=rows.device)
     else:
         values, position, certified = exact_nearest(
             x, rows, cols, gram, allowed, count, rounding, largest, measure
@@ -363,7 +412,7 @@ def exact_nearest_rows(
             _gram64(xc, rows[again], cols),
             allowed[again],
             count,
-            torch.zeros(again.numel(), device=x.device),
+            torch.zeros(again.numel(), device=rows.device),
             largest,
             measure,
         )

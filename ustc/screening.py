@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ustc.ops import (
     CANDIDATE_MARGIN,
+    MeasuredPairs,
     centered,
     denser_than,
     density_from_distances,
@@ -115,7 +116,7 @@ def screen(features: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor] | No
 
 
 def screen_each(
-    features: Tensor, mask: Tensor, k: int, xc: Tensor | None = None
+    features: Tensor, mask: Tensor, k: int, xc: Tensor | None = None, sq: Tensor | None = None
 ) -> list[tuple[Tensor, Tensor] | None]:
     """``screen`` decided per video: (log rho (N,), delta (N,)) for each video screening takes,
     None for each it declines (a pool of at most k tokens, or too much exact work).  A video's
@@ -124,18 +125,20 @@ def screen_each(
     The cells and bounds come from the features centred on the pool's mean (``ops.centered``);
     the neighbours and the nearest denser token are measured from the differences of the
     original features (``ops.exact_nearest``), as on the dense path: the same values, bit for
-    bit, whenever both certify their candidates.  xc: ``ops.centered(features, mask)`` when
-    the caller has it.
+    bit, whenever both certify their candidates.  xc: ``ops.centered(features, mask)`` and sq
+    (B, N) its ``ops.squared_norms`` when the caller has them.
     """
     b, n, _ = features.shape
     xc = centered(features, mask) if xc is None else xc
-    rounding = gram_rounding(squared_norms(xc), mask)
+    sq = squared_norms(xc) if sq is None else sq
+    rounding = gram_rounding(sq, mask)
     out: list[tuple[Tensor, Tensor] | None] = []
     for v in range(b):
         members = mask[v].nonzero().squeeze(1)
         result = None
         if members.numel() > k:
-            result = _screen_pool(Sketch.of(xc[v]), features[v].float(), rounding[v], members, k)
+            sketch = Sketch.of(xc[v], sq[v])
+            result = _screen_pool(sketch, features[v].float(), rounding[v], members, k)
         if result is not None:
             log_rho = torch.full((n,), float("-inf"))
             delta = torch.zeros(n)
@@ -157,8 +160,9 @@ class Sketch:
     slack: float
 
     @classmethod
-    def of(cls, x: Tensor) -> Sketch:
-        sq = squared_norms(x)
+    def of(cls, x: Tensor, sq: Tensor | None = None) -> Sketch:
+        """The sketch of x (N, D); sq (N,): ``ops.squared_norms(x)`` when the caller has it."""
+        sq = squared_norms(x) if sq is None else sq
         slack = 2 * SLACK * float(sq.max().sqrt())
         return cls(x=x, z=x @ sketch_basis(x, RANK), sq=sq, slack=slack)
 
@@ -410,7 +414,8 @@ class _Pool:
 
     def __init__(self, sketch: Sketch, members: Tensor, features: Tensor, rounding: Tensor) -> None:
         m = members.numel()
-        self.features = features
+        # the density's, delta's and full rows' measured pairs, each unordered pair once
+        self.features = MeasuredPairs(features)
         labels, centroids, radius = cells(sketch.z[members], round(m / CELL))
         # cells grouped by a k-means of their centroids, so that the cells of a row group are
         # near each other and want the same cells (``_HeldPairs``)
