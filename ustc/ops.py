@@ -256,23 +256,45 @@ class MeasuredPairs:
             return difference_distances(self.x, rows, index)
         n = self.x.shape[0]
         i = rows.unsqueeze(1).expand_as(index)
-        key = (torch.minimum(i, index) * n + torch.maximum(i, index)).reshape(-1)
+        key = torch.minimum(i, index) * n + torch.maximum(i, index)  # (R, C)
         unique, inverse = torch.unique(key, return_inverse=True)
-        at = torch.searchsorted(self.keys, unique).clamp_(max=max(self.keys.numel() - 1, 0))
-        known = self.keys[at] == unique if self.keys.numel() else unique < 0
-        values = torch.empty(unique.shape, device=self.x.device)
-        values[known] = self.values[at[known]]
-        new = unique[~known]
-        if new.numel() > 0:
-            # two rows at least, so that the sum takes the many-rows path (class doc)
-            pad = new.repeat(2) if new.numel() == 1 else new
-            measured = difference_distances(self.x, pad // n, (pad % n).unsqueeze(1))
-            values[~known] = measured[: new.numel(), 0]
-            keys = torch.cat([self.keys, new])
-            order = torch.sort(keys).indices
-            self.keys = keys[order]
-            self.values = torch.cat([self.values, values[~known]])[order]
-        return values[inverse].view(index.shape)
+        known = self._find(unique)[1]
+        # the first entry of each pair not measured yet: measured where it stands, each row's
+        # new entries moved to its front and the rows taken by their count of new entries, so
+        # that a row is gathered once for all its new columns
+        first = torch.full(unique.shape, key.numel(), device=key.device)
+        entries = torch.arange(key.numel(), device=key.device)
+        first.scatter_reduce_(0, inverse.reshape(-1), entries, "amin")
+        new = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
+        new[first[~known]] = True
+        new = new.view(key.shape)
+        if bool(new.any()):
+            front = torch.sort((~new).to(torch.uint8), dim=1, stable=True).indices
+            columns, keys = index.gather(1, front), key.gather(1, front)
+            count = new.sum(1)
+            found_keys, found_values = [self.keys], [self.values]
+            for width in torch.unique(count[count > 0]).tolist():
+                take = (count == width).nonzero().squeeze(1)
+                if take.numel() * width == 1:  # two rows at least (class doc)
+                    take = take.repeat(2)
+                measured = difference_distances(self.x, rows[take], columns[take, :width])
+                found_keys.append(keys[take, :width].reshape(-1))
+                found_values.append(measured.reshape(-1))
+            merged = torch.cat(found_keys)
+            order = torch.sort(merged).indices
+            merged, values = merged[order], torch.cat(found_values)[order]
+            keep = torch.ones(merged.shape, dtype=torch.bool, device=key.device)
+            keep[1:] = merged[1:] != merged[:-1]  # a pair measured twice (a lone row doubled)
+            self.keys, self.values = merged[keep], values[keep]
+        at, _ = self._find(unique)
+        return self.values[at][inverse]
+
+    def _find(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each of ``keys`` (ascending) is in the store, and whether it is there."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        at = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
+        return at, self.keys[at] == keys
 
 
 def _measure(x: Tensor | MeasuredPairs, rows: Tensor, index: Tensor) -> Tensor:

@@ -237,7 +237,7 @@ def cells(z: Tensor, count: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]
         labels, radius = _assign(z, centroids)
         wide = radius > _SPLIT_WIDTH * radius.median()
         if not bool(wide.any()):
-            break
+            return labels, centroids, radius  # the cells of these centroids, as below
         halves = _bisect(z, labels, centroids, wide)
         centroids = torch.cat([centroids[~wide], halves])
         centroids = _lloyd(fit, centroids, 1)  # cells empty in the sample are dropped
@@ -370,10 +370,13 @@ class _HeldPairs:
             cols = need[self.labels].nonzero().squeeze(1)  # sorted-order positions
             token_rows, token_cols = self.position[rows], self.position[cols]
             x_rows = self.x.index_select(0, token_rows)
-            # the dense path's expression (``ops.pairwise_squared_distances``)
-            d2 = torch.addmm(
-                self.sq[token_cols], x_rows, self.x.index_select(0, token_cols).T, alpha=-2.0
+            # the group's own columns (its first round) are its rows: gathered once
+            own_block = cols.numel() == rows.stop - rows.start and (
+                int(cols[0]) == rows.start and int(cols[-1]) == rows.stop - 1
             )
+            x_cols = x_rows if own_block else self.x.index_select(0, token_cols)
+            # the dense path's expression (``ops.pairwise_squared_distances``)
+            d2 = torch.addmm(self.sq[token_cols], x_rows, x_cols.T, alpha=-2.0)
             d2.add_(self.sq[token_rows].unsqueeze(1)).clamp_(min=0.0)
             own = cols.unsqueeze(0) == torch.arange(rows.start, rows.stop).unsqueeze(1)
             d2.masked_fill_(own, float("inf"))
