@@ -269,9 +269,12 @@ class MeasuredPairs:
         new[first[~known]] = True
         new = new.view(key.shape)
         if bool(new.any()):
-            front = torch.sort((~new).to(torch.uint8), dim=1, stable=True).indices
-            columns, keys = index.gather(1, front), key.gather(1, front)
+            # each entry's place: the new ones first, each part in its order (a per-row sort
+            # of a few columns costs more, row by row)
             count = new.sum(1)
+            place = torch.where(new, new.cumsum(1) - 1, count.unsqueeze(1) + (~new).cumsum(1) - 1)
+            columns = torch.empty_like(index).scatter_(1, place, index)
+            keys = torch.empty_like(key).scatter_(1, place, key)
             found_keys, found_values = [self.keys], [self.values]
             for width in torch.unique(count[count > 0]).tolist():
                 take = (count == width).nonzero().squeeze(1)
