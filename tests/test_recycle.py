@@ -138,6 +138,40 @@ def test_squared_norms_are_the_plain_sums_bit_for_bit():
     assert torch.equal(ustc.ops.squared_norms(half), half.float().square().sum(-1))
 
 
+@pytest.mark.parametrize("dim", [1, 7, 896, 3584, 40_000])
+def test_measured_pairs_are_the_difference_distances_bit_for_bit(monkeypatch, dim):
+    """Each unordered pair is measured once and looked up after, in either order, with
+    ``difference_distances``' bits; a call of one pair is measured alone as before (from 32768
+    elements torch splits a lone row's sum across threads: other bits), and not stored."""
+    g = torch.Generator().manual_seed(dim)
+    x = 30.0 + torch.randn(40, dim, generator=g)
+    rows = torch.randint(0, 40, (25,), generator=g)
+    index = torch.randint(0, 40, (25, 6), generator=g)
+    pairs = ustc.ops.MeasuredPairs(x)
+    measured = []
+    original = ustc.ops.difference_distances
+    monkeypatch.setattr(
+        ustc.ops,
+        "difference_distances",
+        lambda x, r, i: measured.append(i.numel()) or original(x, r, i),
+    )
+    lone = pairs.distances(rows[:1], index[:1, :1])
+    assert torch.equal(lone, original(x, rows[:1], index[:1, :1]))
+    assert pairs.keys.numel() == 0
+    first = pairs.distances(rows, index)
+    assert torch.equal(first, original(x, rows, index))
+    unordered = torch.stack([rows.unsqueeze(1).expand_as(index), index]).sort(0).values
+    unique = torch.unique(unordered[0] * 40 + unordered[1]).numel()
+    assert sum(measured[1:]) in (unique, unique + 1)  # + 1: a lone row measured twice
+    # the same pairs the other way round, and a few new ones: only the new ones are measured
+    calls = len(measured)
+    flipped = pairs.distances(index[:, 0], rows.unsqueeze(1))
+    assert torch.equal(flipped, first[:, :1]) and len(measured) == calls
+    new = torch.tensor([[0, 1], [39, 38]])
+    again = pairs.distances(torch.tensor([5, 6]), new)
+    assert torch.equal(again, original(x, torch.tensor([5, 6]), new))
+
+
 def far_cluster(n, dim, seed, noise=0.01, norm=28.0, groups=1):
     """Tight groups (noise ``noise``) around points of norm ~``norm``: the float32 Gram form
     ||a||^2 + ||b||^2 - 2 a.b loses most digits of their distances."""

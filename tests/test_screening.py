@@ -132,6 +132,18 @@ def test_cells_are_a_kmeans_partition_with_true_radii():
     assert centroids.shape[0] == 1 and (labels == 0).all() and radius.item() == 0
 
 
+def test_closest_centroid_is_argmin_with_ties_to_the_first():
+    """``_closest`` takes ``min(1).indices`` for speed: the same cells as ``argmin(1)``, equal
+    distances (duplicated centroids) going to the lower centroid."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(-2, 3, (500, 4), generator=g).float()
+    centroids = torch.randint(-2, 3, (40, 4), generator=g).float()
+    centroids = torch.cat([centroids, centroids[:10]])  # exact ties
+    d = torch.addmm(ustc.ops.squared_norms(centroids), z, centroids.T, alpha=-2.0)
+    assert torch.equal(screening._closest(z, centroids), d.argmin(1))
+    assert int(screening._closest(centroids[40:], centroids).max()) < 40
+
+
 def test_cells_split_a_cell_that_merged_two_scenes():
     """k-means alone leaves scenes 3 and 10 of this pool in one cell (and splits two others);
     the wide cell is bisected, so no cell mixes scenes."""

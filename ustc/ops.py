@@ -240,8 +240,81 @@ def difference_distances(x: Tensor, rows: Tensor, index: Tensor) -> Tensor:
     return out
 
 
+class MeasuredPairs:
+    """One video's features x (N, D) with the squared distances ``difference_distances`` has
+    measured on them, each unordered pair once: a pair measured for one step (a token's k
+    nearest) is looked up, not measured again, by the next (its neighbour's k nearest, its
+    nearest denser token).  The values are ``difference_distances``' bits: x_j - x_i is exactly
+    -(x_i - x_j) in IEEE arithmetic, so both orders square and sum to the same value, and torch
+    sums each of many rows over D alone, whatever the other rows (checked by
+    ``tests/test_recycle.py``).  A call of one pair is measured as it comes and not stored:
+    torch splits the sum of a lone output across its threads from 32768 elements on, another
+    order of additions.  Pass it wherever ``measure_candidates`` and ``exact_nearest`` take x."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.float()
+        self.keys = torch.empty(0, dtype=torch.long, device=x.device)  # ascending i * N + j, i <= j
+        self.values = torch.empty(0, device=x.device)
+
+    def distances(self, rows: Tensor, index: Tensor) -> Tensor:
+        """``difference_distances(x, rows, index)``: (R, C) float32, the new pairs measured."""
+        if index.numel() <= 1:
+            return difference_distances(self.x, rows, index)
+        n = self.x.shape[0]
+        i = rows.unsqueeze(1).expand_as(index)
+        key = torch.minimum(i, index) * n + torch.maximum(i, index)  # (R, C)
+        unique, inverse = torch.unique(key, return_inverse=True)
+        known = self._find(unique)[1]
+        # the first entry of each pair not measured yet: measured where it stands, each row's
+        # new entries moved to its front and the rows taken by their count of new entries, so
+        # that a row is gathered once for all its new columns
+        first = torch.full(unique.shape, key.numel(), device=key.device)
+        entries = torch.arange(key.numel(), device=key.device)
+        first.scatter_reduce_(0, inverse.reshape(-1), entries, "amin")
+        new = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
+        new[first[~known]] = True
+        new = new.view(key.shape)
+        if bool(new.any()):
+            # each entry's place: the new ones first, each part in its order (a per-row sort
+            # of a few columns costs more, row by row)
+            count = new.sum(1)
+            place = torch.where(new, new.cumsum(1) - 1, count.unsqueeze(1) + (~new).cumsum(1) - 1)
+            columns = torch.empty_like(index).scatter_(1, place, index)
+            keys = torch.empty_like(key).scatter_(1, place, key)
+            found_keys, found_values = [self.keys], [self.values]
+            for width in torch.unique(count[count > 0]).tolist():
+                take = (count == width).nonzero().squeeze(1)
+                if take.numel() * width == 1:  # two rows at least (class doc)
+                    take = take.repeat(2)
+                measured = difference_distances(self.x, rows[take], columns[take, :width])
+                found_keys.append(keys[take, :width].reshape(-1))
+                found_values.append(measured.reshape(-1))
+            merged = torch.cat(found_keys)
+            order = torch.sort(merged).indices
+            merged, values = merged[order], torch.cat(found_values)[order]
+            keep = torch.ones(merged.shape, dtype=torch.bool, device=key.device)
+            keep[1:] = merged[1:] != merged[:-1]  # a pair measured twice (a lone row doubled)
+            self.keys, self.values = merged[keep], values[keep]
+        at, _ = self._find(unique)
+        return self.values[at][inverse]
+
+    def _find(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each of ``keys`` (ascending) is in the store, and whether it is there."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        at = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
+        return at, self.keys[at] == keys
+
+
+def _measure(x: Tensor | MeasuredPairs, rows: Tensor, index: Tensor) -> Tensor:
+    """``difference_distances`` on features x (N, D), or through a ``MeasuredPairs``."""
+    if isinstance(x, MeasuredPairs):
+        return x.distances(rows, index)
+    return difference_distances(x, rows, index)
+
+
 def exact_nearest(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     rows: Tensor,
     cols: Tensor,
     gram: Tensor,
@@ -270,7 +343,7 @@ def exact_nearest(
 
 
 def measure_candidates(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     rows: Tensor,
     top: Tensor,
     position: Tensor,
@@ -305,7 +378,7 @@ def measure_candidates(
         sure = (position[:, count] < 0) | (gap > 2.0 * rounding)
     values, first = top[:, :count].float(), position[:, :count].clone()
     if measure:
-        measured = difference_distances(x, rows, first.clamp(min=0))
+        measured = _measure(x, rows, first.clamp(min=0))
         measured = measured.masked_fill_(first < 0, fill)
         values, order = torch.sort(measured, dim=1, descending=largest)
         first = first.gather(1, order)
@@ -318,9 +391,10 @@ def measure_candidates(
         return values, first, certified
     redo = (~sure).nonzero().squeeze(1)
     at, edge = position[redo], top[redo, -1]
-    measured = difference_distances(x, rows[redo], at.clamp(min=0)).masked_fill_(at < 0, fill)
+    measured = _measure(x, rows[redo], at.clamp(min=0)).masked_fill_(at < 0, fill)
     # by value, equal values by position: a stable sort by value after one by position
-    by_position = torch.sort(at.masked_fill(at < 0, x.shape[0]), dim=1, stable=True).indices
+    n = (x.x if isinstance(x, MeasuredPairs) else x).shape[0]
+    by_position = torch.sort(at.masked_fill(at < 0, n), dim=1, stable=True).indices
     measured, at = measured.gather(1, by_position), at.gather(1, by_position)
     order = torch.sort(measured, dim=1, descending=largest, stable=True).indices[:, :count]
     values[redo], first[redo] = measured.gather(1, order), at.gather(1, order)
@@ -335,7 +409,7 @@ def measure_candidates(
 
 
 def exact_nearest_rows(
-    x: Tensor,
+    x: Tensor | MeasuredPairs,
     xc: Tensor,
     rows: Tensor,
     cols: Tensor,
@@ -351,8 +425,8 @@ def exact_nearest_rows(
     float32).  ``gram`` None: every row in float64.  Returns values and positions (R, count)."""
     if gram is None:
         certified = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
-        values = torch.empty(rows.numel(), count, device=x.device)
-        position = torch.empty(rows.numel(), count, dtype=torch.long, device=x.device)
+        values = torch.empty(rows.numel(), count, device=rows.device)
+        position = torch.empty(rows.numel(), count, dtype=torch.long, device=rows.device)
     else:
         values, position, certified = exact_nearest(
             x, rows, cols, gram, allowed, count, rounding, largest, measure
@@ -369,7 +443,7 @@ def exact_nearest_rows(
             _gram64(xc, rows[again], cols),
             allowed[again],
             count,
-            torch.zeros(again.numel(), device=x.device),
+            torch.zeros(again.numel(), device=rows.device),
             largest,
             measure,
         )

@@ -242,7 +242,11 @@ def _pool_diameter(
 
 
 def nearest_center(
-    features: Tensor, mask: Tensor, centers: Tensor, xc: Tensor | None = None
+    features: Tensor,
+    mask: Tensor,
+    centers: Tensor,
+    xc: Tensor | None = None,
+    sq: Tensor | None = None,
 ) -> Tensor:
     """owner_i = argmin_{c in centers} d(v_i, v_c) for members of ``mask``, -1 elsewhere.
 
@@ -251,12 +255,12 @@ def nearest_center(
     cluster share of 0) drops its members (-1), as recycler ``none`` does.  The nearest center
     is chosen on rounded distances of the centred features and confirmed on distances measured
     from the differences (``ops.exact_nearest_rows``).  xc: ``ops.centered(features, mask)``
-    when the caller has it.  (B, N) long.
+    and sq (B, N) its ``ops.squared_norms`` when the caller has them.  (B, N) long.
     """
     b, n, _ = features.shape
     owner = torch.full((b, n), -1, dtype=torch.long, device=features.device)
     xc = centered(features, mask) if xc is None else xc
-    sq = squared_norms(xc)
+    sq = squared_norms(xc) if sq is None else sq
     rounding = gram_rounding(sq, mask)
     for v in range(b):
         center_pos = centers[v].nonzero().squeeze(1)
@@ -315,11 +319,14 @@ def dpc_knn(
     log_rho = torch.full(mask.shape, float("-inf"), device=features.device)
     delta = torch.zeros(mask.shape, device=features.device)
     dense = list(range(b))
-    xc = None  # the centred features, computed once for screening and the nearest centres
+    # the centred features and their squared norms, computed once for screening and the
+    # nearest centres
+    xc = sq = None
     if convention == "paper" and screening_applies(features, mask, k):
         # large pools on the CPU: see ustc.screening; a video it declines takes the dense path
         xc = centered(features, mask)
-        screened = screen_each(features, mask, k, xc)
+        sq = squared_norms(xc)
+        screened = screen_each(features, mask, k, xc, sq)
         for v, result in enumerate(screened):
             if result is not None:
                 log_rho[v], delta[v] = result
@@ -336,7 +343,7 @@ def dpc_knn(
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))
     centers = first_n_mask(descending_order(log_gamma), counts) & mask
-    return Recycled(centers=centers, owner=nearest_center(features, mask, centers, xc))
+    return Recycled(centers=centers, owner=nearest_center(features, mask, centers, xc, sq))
 
 
 class Recycler:
