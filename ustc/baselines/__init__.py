@@ -10,6 +10,8 @@ name           registry                    what it is                           
 ``holitom``    ``METHODS``                 HoliTom-style: DP segments, temporal merge,    yes
                                            spatial pruning within segments
 ``fastvid``    ``METHODS``                 FastVID-style: DySeg + density pruning         yes
+``flashvid``   ``METHODS``                 FlashVID-style: DySeg, ADTS selection, tree    yes
+                                           spatiotemporal merging + DPC-KNN
 ``sttm``       ``METHODS``                 STTM: quadtree spatial + directed temporal     no
 =============  ==========================  =============================================  =========
 
@@ -19,6 +21,7 @@ its published defaults and how this version differs from the published code.
 
 from ustc.baselines.fastv import FastVMerger, fastv_prune
 from ustc.baselines.fastvid import FastVID, dyseg
+from ustc.baselines.flashvid import FlashVID, adts, frame_slots, temporal_links, tree_roots
 from ustc.baselines.holitom import HoliTom, segment_frames
 from ustc.baselines.random_uniform import RandomScorer, UniformSelection, evenly_spaced
 from ustc.baselines.sttm import STTM, quadtree
@@ -28,13 +31,18 @@ __all__ = [
     "STTM",
     "FastVID",
     "FastVMerger",
+    "FlashVID",
     "HoliTom",
     "RandomScorer",
     "UniformSelection",
     "VisionZip",
+    "adts",
     "dyseg",
     "evenly_spaced",
     "fastv_prune",
+    "frame_slots",
     "quadtree",
     "segment_frames",
+    "temporal_links",
+    "tree_roots",
 ]
