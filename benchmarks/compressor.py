@@ -16,7 +16,7 @@ Sections (``--sections``):
   Python-loop reference keeps the same tokens too (``--no-loop`` skips it; it is slow).
 - ``baselines``: the paper's method (dense-dispatch and blocked), ustc without the recycler, the
   dense implementation and the registered baselines (``ustc.METHODS``: VisionZip, HoliTom-style,
-  FastVID-style, STTM) on the same inputs; ratio = the method's time / ustc's.
+  FastVID-style, FlashVID-style, STTM) on the same inputs; ratio = the method's time / ustc's.
 - ``scaling`` (``--scaling F1 F2 ...``): the paper's method over frame counts, time and peak extra
   memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth of a fresh process per point).
 
@@ -55,7 +55,7 @@ from ustc import SCORERS, CompressionConfig, Compressor  # noqa: E402
 from ustc.blocked import BlockedDPC, uses_low_precision_products  # noqa: E402
 
 EXTERNAL_RECYCLERS = ("none", "dpc")
-BASELINES = ("visionzip", "holitom", "fastvid", "sttm")
+BASELINES = ("visionzip", "holitom", "fastvid", "flashvid", "sttm")
 SECTIONS = ("combinations", "baselines", "scaling")
 METHOD_NAMES = ("ustc", "ustc blocked", "ustc w/o recycler", "dense reference", *BASELINES)
 

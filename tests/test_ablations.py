@@ -979,6 +979,10 @@ def test_a_sweep_yaml_with_a_syntax_error_is_one_line(tmp_path: Path) -> None:
         (["--paper-layer", "29"], r"paper layer K must be in \[0, 28\]"),
         (["--method", "fastvid", "--anchor-stride", "0"], r"anchor_stride must be an integer >= 1"),
         (["--method", "fastvid", "--salient-ratio", "2"], r"salient_ratio must be in \[0, 1\]"),
+        (
+            ["--method", "flashvid", "--selection-ratio", "2"],
+            r"selection_ratio must be in \[0, 1\]",
+        ),
         (["--method", "holitom", "--max-window", "0"], r"max_window must be an integer >= 1"),
         (["--method", "sttm", "--spatial-tau", "1.5"], r"spatial_tau must be in \[-1, 1\]"),
         (["--method", "visionzip", "--contextual-ratio", "-1"], r"contextual_ratio must be in"),
@@ -1015,6 +1019,7 @@ def test_layer_help_states_the_k_the_benchmark_runs(capsys: pytest.CaptureFixtur
 PUBLISHED_IN_LLM = {
     "visionzip": {"merger": "none"},
     "fastvid": {"merger": "none"},
+    "flashvid": {"merger": "none"},
     "sttm": {"merger": "none"},
     "uniform": {"merger": "none"},
     "holitom": {"merger": "last-token", "keep_ratio": 0.5},

@@ -38,6 +38,7 @@ BASELINES = {
     "visionzip": dict(method="visionzip"),
     "holitom": dict(method="holitom"),
     "fastvid": dict(method="fastvid"),
+    "flashvid": dict(method="flashvid"),
     "sttm": dict(method="sttm"),
 }
 
@@ -64,7 +65,9 @@ def slow_group_means(x, assignment, m):
 
 # --------------------------------------------------------------------------- registry, invariants
 def test_registered_with_published_defaults():
-    assert {"uniform", "visionzip", "holitom", "fastvid", "sttm"} <= set(METHODS.names())
+    assert {"uniform", "visionzip", "holitom", "fastvid", "flashvid", "sttm"} <= set(
+        METHODS.names()
+    )
     assert "random" in SCORERS.names() and "fastv" in MERGERS.names()
     defaults = {n: {p.name: p.default for p in METHODS.params(n)} for n in METHODS.names()}
     assert defaults["visionzip"] == {"contextual_ratio": 10 / 64}
@@ -76,6 +79,13 @@ def test_registered_with_published_defaults():
         "anchor_stride": 4,
         "anchor_alpha": 0.6,
         "density_k": 4,
+    }
+    assert defaults["flashvid"] == {
+        "segments": 8,
+        "segment_tau": 0.9,
+        "selection_ratio": 0.7,
+        "temporal_tau": 0.8,
+        "density_k": 7,
     }
     assert defaults["sttm"] == {"spatial_tau": 0.8}
     assert [(p.name, p.default) for p in SCORERS.params("random")] == [("seed", 0)]
@@ -110,7 +120,8 @@ def test_exact_budget_and_consistent_result(name, f, p, retention):
         assert (status[out.assignment[b] < 0] == UNVISITED).all()
         sizes = torch.bincount(out.assignment[b][out.assignment[b] >= 0], minlength=m)
         assert torch.equal(out.merged[b], sizes > 1)
-        if name != "fastvid":  # FastVID weights its anchors (tested below)
+        # FastVID weights its anchors (tested below), FlashVID its trees (tests/test_flashvid.py)
+        if name not in ("fastvid", "flashvid"):
             flat = x[b].reshape(n, -1)
             torch.testing.assert_close(out.tokens[b], slow_group_means(flat, out.assignment[b], m))
 
@@ -132,7 +143,7 @@ def test_proportional_quota():
 
 def test_per_frame_methods_refuse_a_budget_that_is_not_per_frame():
     x, a = video(f=3, p=9)
-    for name in ("uniform", "visionzip", "fastvid"):
+    for name in ("uniform", "visionzip", "fastvid", "flashvid"):
         with pytest.raises(ValueError, match="multiple of F = 3"):
             METHODS.build(name).compress(x, a, 7)
     with pytest.raises(ValueError, match=r"needs per-token vision attention"):

@@ -47,7 +47,7 @@ def test_the_sketch_of_zero_features_is_still_orthonormal():
     torch.testing.assert_close(basis.T @ basis, torch.eye(screening.RANK), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["ustc", "visionzip", "holitom", "fastvid", "sttm"])
+@pytest.mark.parametrize("method", ["ustc", "visionzip", "holitom", "fastvid", "flashvid", "sttm"])
 @pytest.mark.parametrize(("frames", "tokens"), [(1, 36), (6, 1), (1, 1)])
 def test_one_frame_or_one_token(method, frames, tokens):
     x = torch.randn(2, frames, tokens, 8, generator=torch.Generator().manual_seed(1))

@@ -119,8 +119,8 @@ def reference_flashvid(x, a, budget, method):
             for r in frame_roots:
                 feats[0, r % p] = tree_mean[r].float()
                 mask[0, r % p] = True
-            k = min(quota, method.density_k)
-            owner = dpc_knn(feats, mask, torch.tensor([quota]), k, convention="tcformer").owner[0]
+            n = torch.tensor([quota])
+            owner = dpc_knn(feats, mask, n, method.density_k, convention="tcformer").owner[0]
             for c in set(owner[mask[0]].tolist()):
                 joined = [tree_mean[r] for r in frame_roots if int(owner[r % p]) == c]
                 out[(s + t) * p + c] = torch.stack(joined).mean(dim=0)

@@ -20,7 +20,7 @@ q_a = ceil(alpha * q) tokens go to ADTS and q_s = q - q_a to the merged (TSTM) t
    token, the mean of its members, at its root.
 4. Spatial merging of the roots: the segment's L * q_s slots are shared over its frames, one
    for every frame with a root and the rest in proportion to the roots (``frame_slots``); in each frame DPC-KNN (TCFormer's reading, the one FlashVID uses:
-   distances / sqrt(D), k = min(slots, ``density_k``)) picks the centres among the tree tokens and
+   distances / sqrt(D), k = ``density_k``) picks the centres among the tree tokens and
    every root joins its nearest centre.  An output token is the mean of its trees' means.
 
     CompressionConfig(method="flashvid", merger="none")
@@ -138,7 +138,7 @@ class FlashVID:
     segment_tau:     transition similarity below which a segment always ends (FlashVID: 0.9).
     selection_ratio: alpha, share of each frame's budget chosen by ADTS (FlashVID: 0.7).
     temporal_tau:    cosine similarity above which a token joins its parent's tree (FlashVID: 0.8).
-    density_k:       largest number of neighbours of the DPC-KNN density (FlashVID: 7).
+    density_k:       neighbours of the DPC-KNN density (FlashVID: at most 7, see ``_spatial``).
     """
 
     #: vision-side only at the given budget (see docs/baselines.md for FlashVID's in-LLM stage)
@@ -216,55 +216,49 @@ class FlashVID:
         weight: Tensor,
     ) -> None:
         """TSTM and spatial merging of one video (F, P, D) with unit vectors ``unit`` and the
-        tokens ADTS left ``free`` (F, P), q = ``per_frame``; fills ``keep``, ``owner`` and ``weight`` (F, P) in
-        place (``weight``: 1 / size of the token's tree)."""
+        tokens ADTS left ``free`` (F, P), q = ``per_frame``; fills ``keep``, ``owner`` and
+        ``weight`` (F, P) in place (``weight``: 1 / size of the token's tree)."""
         f, p, d = video.shape
+        n = f * p
         merged = per_frame - (p - int(free[0].sum()))  # q_s: ADTS chose the same count per frame
+        roots = torch.arange(n, device=video.device).view(f, p)
+        quotas: list[int] = []
         for a, e in dyseg(video.float().mean(dim=1), self.segments, self.segment_tau):
-            length = e - a + 1
             similarity, parent = temporal_links(unit[a : e + 1], free[a : e + 1])
-            links = length * (p - per_frame)
-            roots = tree_roots(similarity, parent, self.temporal_tau, links).view(-1)
-            members = free[a : e + 1].reshape(-1)
-            sizes = torch.zeros(length * p, device=video.device)
-            sizes.index_add_(0, roots[members], torch.ones(int(members.sum()), device=video.device))
-            is_root = (roots == torch.arange(length * p, device=video.device)) & members
-            trees = torch.zeros(length * p, d, device=video.device)
-            trees.index_add_(0, roots[members], video[a : e + 1].reshape(-1, d)[members].float())
-            trees = (trees / sizes.clamp(min=1).unsqueeze(-1)).view(length, p, d)
-            centre = self._spatial(trees, is_root.view(length, p), length * merged)  # (L, P)
-            # a token's output: the centre its tree's root joined (-1: the root was dropped)
-            frame_of_root = roots // p
-            target = centre.reshape(-1)[roots]
-            position = torch.where(target >= 0, (a + frame_of_root) * p + target, -1)
-            owner[a : e + 1] = torch.where(
-                free[a : e + 1], position.view(length, p), owner[a : e + 1]
-            )
-            keep[a : e + 1] |= centre == torch.arange(p, device=video.device)
-            weight[a : e + 1] = torch.where(
-                free[a : e + 1], 1.0 / sizes[roots].clamp(min=1).view(length, p), 1.0
-            )
+            links = (e - a + 1) * (p - per_frame)
+            local = tree_roots(similarity, parent, self.temporal_tau, links)  # (L, P)
+            roots[a : e + 1] = a * p + local
+            own = local.view(-1) == torch.arange(local.numel(), device=video.device)
+            counts = (own.view_as(local) & free[a : e + 1]).sum(dim=1).tolist()
+            quotas += frame_slots(counts, (e - a + 1) * merged)
+        # the trees of the whole video at once: their sizes and means at their roots' positions
+        roots, members = roots.view(-1), free.view(-1)
+        sizes = torch.zeros(n, device=video.device).index_add_(
+            0, roots[members], torch.ones(int(members.sum()), device=video.device)
+        )
+        is_root = (roots == torch.arange(n, device=video.device)) & members
+        trees = torch.zeros(n, d, device=video.device)
+        trees.index_add_(0, roots[members], video.reshape(n, d)[members].float())
+        trees = trees / sizes.clamp(min=1).unsqueeze(-1)
+        centre = self._spatial(trees.view(f, p, d), is_root.view(f, p), quotas)  # (F, P)
+        # a token's output: the centre its tree's root joined (-1: the root was dropped)
+        target = centre.view(-1)[roots]
+        position = torch.where(target >= 0, (roots // p) * p + target, -1)
+        owner.copy_(torch.where(free, position.view(f, p), owner))
+        keep |= centre == torch.arange(p, device=video.device)
+        weight.copy_(torch.where(free, 1.0 / sizes[roots].clamp(min=1).view(f, p), 1.0))
 
-    def _spatial(self, trees: Tensor, roots: Tensor, slots: int) -> Tensor:
+    def _spatial(self, trees: Tensor, roots: Tensor, quotas: list[int]) -> Tensor:
         """DPC-KNN of each frame's roots: for every root the column of its centre in the same
         frame, -1 elsewhere (and for roots of a frame that received no slot, see ``frame_slots``).
 
-        trees: (L, P, D) tree means at the roots' positions; roots: (L, P) bool.  Returns
-        (L, P) long.
+        trees: (F, P, D) tree means at the roots' positions; roots: (F, P) bool; quotas: output
+        tokens per frame.  All frames in one call, with k = ``density_k`` (FlashVID's code takes
+        k = min(clusters, 7): with one cluster its density is constant and its random tie-break
+        noise picks the centre; docs/baselines.md).  Returns (F, P) long.
         """
-        length, p, d = trees.shape
-        quotas = frame_slots(roots.sum(dim=1).tolist(), slots)
-        centre = torch.full((length, p), -1, dtype=torch.long, device=trees.device)
-        by_k: dict[int, list[int]] = {}
-        for t, quota in enumerate(quotas):
-            if quota > 0:
-                by_k.setdefault(min(quota, self.density_k), []).append(t)
-        for k, frames in by_k.items():  # FlashVID's k = min(clusters, 7) varies per frame
-            pick = torch.tensor(frames, device=trees.device)
-            n = torch.tensor([quotas[t] for t in frames], device=trees.device)
-            clusters = dpc_knn(trees[pick], roots[pick], n, k, convention="tcformer")
-            centre[pick] = clusters.owner
-        return centre
+        n = torch.tensor(quotas, device=trees.device)
+        return dpc_knn(trees, roots, n, self.density_k, convention="tcformer").owner
 
 
 def tree_weighted(x: Tensor, result: CompressionResult, weight: Tensor) -> CompressionResult:
