@@ -53,6 +53,20 @@ def check_method_inputs(
     return b, f, p, d
 
 
+def check_counts(**values: int) -> None:
+    """Each keyword must be an integer >= 1 (a bool is not): ``segments must be an integer >= 1``."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_unit_range(*checks: tuple[str, float, float]) -> None:
+    """Each (name, value, lo) must be a number in [lo, 1]: ``segment_tau must be in [-1, 1]``."""
+    for name, value, lo in checks:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= 1:
+            raise ValueError(f"{name} must be in [{lo:g}, 1], got {value!r}")
+
+
 def per_frame_budget(name: str, budget: int, frames: int) -> int:
     """q = budget / F for methods that keep the same number of tokens in every frame.
 

@@ -31,6 +31,8 @@ from torch import Tensor
 
 from ustc.baselines._common import (
     TopAttentionPerFrame,
+    check_counts,
+    check_unit_range,
     proportional_quota,
     result_from_owner,
     unit_vectors,
@@ -95,20 +97,12 @@ class FastVID(TopAttentionPerFrame):
         anchor_alpha: float = 0.6,
         density_k: int = 4,
     ) -> None:
-        for name, value in (
-            ("segments", segments),
-            ("anchor_stride", anchor_stride),
-            ("density_k", density_k),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, value, lo in (
+        check_counts(segments=segments, anchor_stride=anchor_stride, density_k=density_k)
+        check_unit_range(
             ("segment_tau", segment_tau, -1.0),
             ("salient_ratio", salient_ratio, 0.0),
             ("anchor_alpha", anchor_alpha, 0.0),
-        ):
-            if not isinstance(value, (int, float)) or not lo <= value <= 1.0:
-                raise ValueError(f"{name} must be in [{lo:g}, 1], got {value!r}")
+        )
         self.segments = segments
         self.segment_tau = float(segment_tau)
         self.salient_ratio = float(salient_ratio)

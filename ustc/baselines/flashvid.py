@@ -36,7 +36,9 @@ import torch
 from torch import Tensor
 
 from ustc.baselines._common import (
+    check_counts,
     check_method_inputs,
+    check_unit_range,
     per_frame_budget,
     proportional_quota,
     result_from_owner,
@@ -154,18 +156,12 @@ class FlashVID:
         temporal_tau: float = 0.8,
         density_k: int = 7,
     ) -> None:
-        for name, value in (("segments", segments), ("density_k", density_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, value, lo in (
+        check_counts(segments=segments, density_k=density_k)
+        check_unit_range(
             ("segment_tau", segment_tau, -1.0),
             ("selection_ratio", selection_ratio, 0.0),
             ("temporal_tau", temporal_tau, -1.0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be in [{lo:g}, 1], got {value!r}")
-            if not lo <= value <= 1.0:
-                raise ValueError(f"{name} must be in [{lo:g}, 1], got {value!r}")
+        )
         self.segments = segments
         self.segment_tau = float(segment_tau)
         self.selection_ratio = float(selection_ratio)
