@@ -19,9 +19,13 @@ q_a = ceil(alpha * q) tokens go to ADTS and q_s = q - q_a to the merged (TSTM) t
    first), so that at least L * q_s roots remain (FlashVID's lower bound).  A tree becomes one
    token, the mean of its members, at its root.
 4. Spatial merging of the roots: the segment's L * q_s slots are shared over its frames, one
-   for every frame with a root and the rest in proportion to the roots (``frame_slots``); in each frame DPC-KNN (TCFormer's reading, the one FlashVID uses:
-   distances / sqrt(D), k = ``density_k``) picks the centres among the tree tokens and
-   every root joins its nearest centre.  An output token is the mean of its trees' means.
+   for every frame with a root and the rest in proportion to the roots (``frame_slots``); in
+   each frame DPC-KNN (TCFormer's reading, the one FlashVID uses: distances / sqrt(D), k =
+   ``density_k``) picks the centres among the tree tokens and every root joins its nearest
+   centre.  An output token is the mean of its trees' means.
+
+Where this differs from FlashVID's code (exact budget, no 1.25x expansion and in-LLM pruning,
+k = 7 for every frame, ties by index): docs/baselines.md.
 
     CompressionConfig(method="flashvid", merger="none")
 """
