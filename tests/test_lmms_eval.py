@@ -668,3 +668,39 @@ def test_the_plugin_warns_when_accelerate_started_fewer_processes_than_asked(
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*started ONE process.*")
         LlavaOneVisionUSTC(model=model, tokenizer=tokenizer, pretrained=None, layer=1)
+
+
+@lmms
+def test_a_model_in_several_processes_destroys_the_process_group_at_exit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """lmms-eval leaves its gloo group alive; one alive at interpreter shutdown can abort a
+    process whose results are written (SIGABRT, and accelerate reports the run failed).  A model
+    built in a multi-process run registers ``close_process_group`` at exit, which destroys it."""
+    import torch.distributed as dist
+    from models_helpers import tiny_llava_onevision
+
+    from ustc.lmms_eval import base
+
+    registered: list[Any] = []
+    monkeypatch.setattr(base.atexit, "register", registered.append)
+    model, tokenizer = tiny_llava_onevision(layers=3), tiny_tokenizer()
+    monkeypatch.setattr(base, "processes_asked_of_accelerate", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    LlavaOneVisionUSTC(model=model, tokenizer=tokenizer, pretrained=None, layer=1).handle.remove()
+    assert registered == []  # one process: nothing to close
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    LlavaOneVisionUSTC(model=model, tokenizer=tokenizer, pretrained=None, layer=1).handle.remove()
+    assert registered == [base.close_process_group]
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        base.close_process_group()
+        assert not dist.is_initialized()
+        base.close_process_group()  # a second call (a second model) does nothing
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

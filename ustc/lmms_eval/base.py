@@ -23,6 +23,7 @@ B batch, F frames, n prompt length, n' tokens entering the LLM.
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from collections.abc import Sequence
@@ -117,6 +118,21 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group if one is still alive (a no-op
+    otherwise).
+
+    Registered at exit by a model running in several processes: lmms-eval leaves its gloo group
+    alive at the end, and a gloo group still alive while the interpreter shuts down can abort the
+    process (SIGABRT, "terminate called without an active exception") after the results are
+    written, so that ``accelerate launch`` reports a finished run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def processes_asked_of_accelerate(
@@ -253,6 +269,8 @@ class USTCModel(_LmmsBase):  # type: ignore[misc,valid-type]
             device = default_device()  # one GPU per process
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if self._world_size > 1:
+            atexit.register(close_process_group)  # a second model adds a no-op call
         asked = processes_asked_of_accelerate()
         if asked is not None and asked > self._world_size:
             warnings.warn(
