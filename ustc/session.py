@@ -166,12 +166,8 @@ class VideoSession:
                 kwargs[name] = padded(value, pad, None)
             elif name in _PER_TOKEN:
                 kwargs[name] = padded(value, 0, _PER_TOKEN[name])
-            elif isinstance(value, Tensor):  # the video's: one copy per row
-                kwargs[name] = _repeated(value, b)
-            elif isinstance(value, (list, tuple)):
-                kwargs[name] = type(value)(list(value) * b)
-            else:
-                kwargs[name] = value
+            else:  # the video's: one copy per row
+                kwargs[name] = _repeat_videos(value, b)
         if "attention_mask" not in kwargs:
             kwargs["attention_mask"] = padded(torch.ones_like(ids), 0, 1)
         return kwargs
