@@ -125,7 +125,11 @@ def test_symmetric_gram_matches_direct_distances(monkeypatch):
     x = torch.randn(2, 10, 4)
     d2 = ustc.ops.pairwise_squared_distances(x)
     torch.testing.assert_close(d2, ustc.ops.squared_distances(x, x))
-    assert torch.equal(d2, d2.transpose(1, 2))
+    # a block below the diagonal is the transpose of the one above, not a product of its own
+    for i in range(0, 10, 3):
+        for j in range(i + 3, 10, 3):
+            above = d2[:, i : i + 3, j : j + 3]
+            assert torch.equal(d2[:, j : j + 3, i : i + 3], above.transpose(1, 2))
 
 
 def test_squared_norms_are_the_plain_sums_bit_for_bit():
@@ -326,3 +330,44 @@ def test_convention_is_a_registered_parameter_and_checked():
     assert Compressor(config).recycler.convention == "tcformer"
     with pytest.raises(ValueError, match="convention must be one of 'paper', 'tcformer'"):
         DPCKNNRecycler(convention="holitom")
+
+
+@pytest.mark.parametrize("convention", ["paper", "tcformer"])
+@pytest.mark.parametrize("case", ["random", "duplicates", "clusters", "small pools"])
+def test_delta_from_the_neighbour_lists_is_the_full_search_bit_for_bit(
+    convention, case, monkeypatch
+):
+    """dpc_knn takes a token's delta from its k nearest where one of them is denser; every token's
+    delta must be the bits the search over the whole pool gives (``peak_distance``)."""
+    g = torch.Generator().manual_seed(7)
+    if case == "duplicates":  # ties everywhere: 12 vectors, each repeated 8 times
+        x = torch.randn(2, 12, 16, generator=g).repeat(1, 8, 1)
+    elif case == "clusters":  # tight groups far from the origin
+        x = 40.0 + torch.randn(2, 6, 1, 16, generator=g)
+        x = (x + 1e-3 * torch.randn(2, 6, 16, 16, generator=g)).reshape(2, 96, 16)
+    else:
+        x = torch.randn(2, 96, 16, generator=g)
+    mask = torch.rand(2, 96, generator=g) < 0.9
+    if case == "small pools":  # fewer members than k in one video
+        mask[1] = False
+        mask[1, :3] = True
+    searched = []  # rows searched over the whole pool for their nearest denser token
+    nearest = ustc.recycle._Distances.nearest
+
+    def counting(self, v, rows, gram, allowed, count, largest):
+        if count == 1 and not largest:
+            searched.append(rows.numel())
+        return nearest(self, v, rows, gram, allowed, count, largest)
+
+    monkeypatch.setattr(ustc.recycle._Distances, "nearest", counting)
+    for k in (1, 3, 5):
+        log_rho, neighbours = ustc.recycle._knn(x, mask, k, None, convention)
+        assert torch.equal(log_rho, knn_log_density(x, mask, k, convention=convention))
+        searched.clear()
+        full = peak_distance(x, mask, log_rho, convention=convention)
+        full_rows = sum(searched)
+        searched.clear()
+        shortcut = ustc.recycle._peak_distance(x, mask, log_rho, None, convention, neighbours)
+        assert torch.equal(shortcut, full), (k, (shortcut - full).abs().max())
+        if neighbours is not None and case != "small pools":
+            assert sum(searched) < full_rows / 2  # most deltas came from the lists

@@ -153,10 +153,12 @@ def squared_norms(x: Tensor) -> Tensor:
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
-    """||x_i - x_j||^2 for all pairs of x (B, N, D), float32 (B, N, N), exactly symmetric.
+    """||x_i - x_j||^2 for all pairs of x (B, N, D), float32 (B, N, N), rounded (``gram_rounding``).
 
     Only the blocks on and above the diagonal are multiplied; the others are their transposes,
-    which halves the N^2 D work of the full matrix.
+    which halves the N^2 D work of the full matrix.  Within a diagonal block (i, j) and (j, i)
+    may differ in the last bit: the norms are added in place, one after the other.  Nothing
+    decides on these values: they choose candidates, which are measured from the differences.
     """
     b, n, _ = x.shape
     x = x.float()
@@ -166,12 +168,9 @@ def pairwise_squared_distances(x: Tensor) -> Tensor:
         rows = slice(i, min(i + _GRAM_BLOCK, n))
         for j in range(i, n, _GRAM_BLOCK):
             cols = slice(j, min(j + _GRAM_BLOCK, n))
-            block = (
-                sq[:, rows, None]
-                + sq[:, None, cols]
-                - 2.0 * torch.bmm(x[:, rows], x[:, cols].transpose(1, 2))
-            )
-            block.clamp_(min=0.0)
+            # in place on the product: three more N x N temporaries took half the time
+            block = torch.bmm(x[:, rows], x[:, cols].transpose(1, 2)).mul_(-2.0)
+            block.add_(sq[:, rows, None]).add_(sq[:, None, cols]).clamp_(min=0.0)
             out[:, rows, cols] = block
             if j != i:
                 out[:, cols, rows] = block.transpose(1, 2)
@@ -182,12 +181,10 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """||a_i - b_j||^2 for a (B, Na, D) and b (B, Nb, D), in float32, clamped at 0.  (B, Na, Nb)."""
     a = a.float()
     b = b.float()
-    d2 = (
-        squared_norms(a).unsqueeze(-1)
-        + squared_norms(b).unsqueeze(1)
-        - 2.0 * torch.bmm(a, b.transpose(1, 2))
+    d2 = torch.bmm(a, b.transpose(1, 2)).mul_(-2.0)  # in place: no N x N temporaries
+    return (
+        d2.add_(squared_norms(a).unsqueeze(-1)).add_(squared_norms(b).unsqueeze(1)).clamp_(min=0.0)
     )
-    return d2.clamp_(min=0.0)
 
 
 #: float32 rounding of a Gram-matrix squared distance ``||a||^2 + ||b||^2 - 2 a.b``, relative to
@@ -318,7 +315,7 @@ def exact_nearest(
     rows: Tensor,
     cols: Tensor,
     gram: Tensor,
-    allowed: Tensor,
+    allowed: Tensor | None,
     count: int,
     rounding: Tensor,
     largest: bool = False,
@@ -329,17 +326,25 @@ def exact_nearest(
 
     x (N, D) one video's features; rows (R,) their positions; cols (C,) the positions of the
     columns of ``gram`` (R, C), squared distances within ``rounding`` (R,) of the true ones;
-    allowed (R, C) bool.  Returns what ``measure_candidates`` returns.
+    allowed (R, C) bool, or None where ``gram`` already holds +inf at every column a row may not
+    take (nearest only: one pass less over the block).  Returns what ``measure_candidates``
+    returns.
     """
     fill = float("-inf") if largest else float("inf")
     c = min(count + CANDIDATE_MARGIN, gram.shape[1])
-    # one pass over the (R, C) block: ``masked_fill(~allowed)`` makes two
-    top, at = torch.where(allowed, gram, fill).topk(c, dim=1, largest=largest)
-    position = cols[at].masked_fill_(~allowed.gather(1, at), -1)
-    # the count of allowed columns is needed for the few rows left unsure only
-    return measure_candidates(
-        x, rows, top, position, lambda redo: allowed[redo].sum(1), count, rounding, largest, measure
-    )
+    if allowed is None:
+        if largest:
+            raise ValueError("the farthest columns need an explicit allowed mask")
+        top, at = gram.topk(c, dim=1, largest=False)
+        position = cols[at].masked_fill_(top == fill, -1)
+        n_allowed = lambda redo: (gram[redo] != fill).sum(1)  # noqa: E731
+    else:
+        # one pass over the (R, C) block: ``masked_fill(~allowed)`` makes two
+        top, at = torch.where(allowed, gram, fill).topk(c, dim=1, largest=largest)
+        position = cols[at].masked_fill_(~allowed.gather(1, at), -1)
+        # the count of allowed columns is needed for the few rows left unsure only
+        n_allowed = lambda redo: allowed[redo].sum(1)  # noqa: E731
+    return measure_candidates(x, rows, top, position, n_allowed, count, rounding, largest, measure)
 
 
 def measure_candidates(
@@ -414,7 +419,7 @@ def exact_nearest_rows(
     rows: Tensor,
     cols: Tensor,
     gram: Tensor | None,
-    allowed: Tensor,
+    allowed: Tensor | None,
     count: int,
     rounding: Tensor,
     largest: bool = False,
@@ -422,7 +427,8 @@ def exact_nearest_rows(
 ) -> tuple[Tensor, Tensor]:
     """``exact_nearest`` over full rows, the rows it leaves uncertified chosen again on float64
     distances of the centred features ``xc`` (N, D) (rounding ~1e-16 of the norms: exact to
-    float32).  ``gram`` None: every row in float64.  Returns values and positions (R, count)."""
+    float32).  ``gram`` None: every row in float64.  ``allowed`` None: ``gram`` is +inf at the
+    columns a row may not take (``exact_nearest``).  Returns values and positions (R, count)."""
     if gram is None:
         certified = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
         values = torch.empty(rows.numel(), count, device=rows.device)
@@ -441,7 +447,7 @@ def exact_nearest_rows(
             rows[again],
             cols,
             _gram64(xc, rows[again], cols),
-            allowed[again],
+            gram[again] != float("inf") if allowed is None else allowed[again],
             count,
             torch.zeros(again.numel(), device=rows.device),
             largest,

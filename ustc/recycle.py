@@ -65,7 +65,8 @@ def _scale(features: Tensor, convention: str) -> float:
 class _Distances:
     """The rounded squared distances of one batch, and what measures them exactly: the centred
     features ``xc`` (``ops.centered``), their rounding bound per row (``ops.gram_rounding``) and
-    row blocks of the Gram matrix, slices of ``d2`` when it is given."""
+    row blocks of the Gram matrix to the other members (``pool_distances``), slices of ``d2``
+    when it is given."""
 
     def __init__(self, features: Tensor, mask: Tensor, d2: Tensor | None) -> None:
         # measured in float32: one conversion here, not one per block (bf16 inputs)
@@ -75,18 +76,23 @@ class _Distances:
         self.positions = torch.arange(features.shape[1], device=features.device)
 
     def blocks(self) -> Iterator[tuple[slice, Tensor]]:
-        """(rows, (B, r, N) rounded squared distances) over row blocks."""
+        """(rows, (B, r, N) rounded squared distances, +inf where ``pool_distances`` has it)
+        over row blocks."""
         n = self.features.shape[1]
         for rows in row_blocks(n, n):
             if self.d2 is None:
-                yield rows, squared_distances(self.xc[:, rows], self.xc)
+                yield (
+                    rows,
+                    _others_only(squared_distances(self.xc[:, rows], self.xc), self.mask, rows),
+                )
             else:
                 yield rows, self.d2[:, rows]
 
     def nearest(
-        self, v: int, rows: Tensor, gram: Tensor, allowed: Tensor, count: int, largest: bool
+        self, v: int, rows: Tensor, gram: Tensor, allowed: Tensor | None, count: int, largest: bool
     ) -> tuple[Tensor, Tensor]:
-        """``ops.exact_nearest_rows`` for rows (R,) of video v, gram and allowed (R, N)."""
+        """``ops.exact_nearest_rows`` for rows (R,) of video v, gram and allowed (R, N) (None:
+        the finite entries of gram)."""
         return exact_nearest_rows(
             self.features[v],
             self.xc[v],
@@ -101,9 +107,19 @@ class _Distances:
 
 
 def pool_distances(features: Tensor, mask: Tensor) -> Tensor:
-    """(B, N, N) rounded squared distances of the centred features, as ``knn_log_density`` and
-    ``peak_distance`` take them (``d2``)."""
-    return pairwise_squared_distances(centered(features, mask))
+    """(B, N, N) rounded squared distances of the centred features from each token to the other
+    members of the recycle pool, as ``knn_log_density`` and ``peak_distance`` take them (``d2``):
+    +inf at the columns of non-members and on the diagonal, the columns no token may take as a
+    neighbour (set once here, not masked again by every pass)."""
+    return _others_only(pairwise_squared_distances(centered(features, mask)), mask, slice(0, None))
+
+
+def _others_only(d2: Tensor, mask: Tensor, rows: slice) -> Tensor:
+    """d2 (B, r, N), the distances of the rows ``rows``, with +inf at non-member columns and at
+    each row's own column, in place."""
+    d2.masked_fill_(~mask.unsqueeze(1), float("inf"))
+    d2.diagonal(offset=rows.start, dim1=1, dim2=2).fill_(float("inf"))
+    return d2
 
 
 def knn_log_density(
@@ -121,6 +137,14 @@ def knn_log_density(
     ``pool_distances(features, mask)`` already computed.  Returns (B, N) float32; -inf outside
     the pool.
     """
+    return _knn(features, mask, k, d2, convention)[0]
+
+
+def _knn(
+    features: Tensor, mask: Tensor, k: int, d2: Tensor | None, convention: str
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``knn_log_density``, and each token's neighbours: their measured squared distances
+    (B, N, k'), ascending, and positions (B, N, k'), -1 past the pool (None for k' = 0)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     _check_convention(convention)
@@ -128,28 +152,51 @@ def knn_log_density(
     others = min(k - 1 if convention == "tcformer" else k, n - 1)
     out = torch.full((b, n), float("-inf"), device=features.device)
     if others == 0:
-        return out.masked_fill(mask, 0.0)
+        return out.masked_fill(mask, 0.0), None
+    near_d2 = torch.full((b, n, others), float("inf"), device=features.device)
+    near_at = torch.full((b, n, others), -1, dtype=torch.long, device=features.device)
     dist = _Distances(features, mask, d2)
     for rows, block in dist.blocks():
-        allowed = mask.unsqueeze(1) & (dist.positions != dist.positions[rows, None])
         for v in range(b):
-            members = rows.start + mask[v, rows].nonzero().squeeze(1)
-            if members.numel() == 0:
+            local = _local(mask[v, rows].nonzero().squeeze(1), rows)
+            if local is None:
                 continue
-            local = _local(members - rows.start, rows)
-            nearest, _ = dist.nearest(
-                v, members, block[v, local], allowed[v, local], others, largest=False
+            # the finite entries of the block are the allowed neighbours: no mask to build
+            nearest, at = dist.nearest(
+                v, local.positions, block[v, local.index], None, others, largest=False
             )
-            out[v, members] = density_from_distances(
+            nearest, at = nearest[local.keep], at[local.keep]
+            out[v, local.asked] = density_from_distances(
                 nearest, convention, _scale(features, convention)
             )
-    return out.masked_fill(~mask, float("-inf"))
+            near_d2[v, local.asked], near_at[v, local.asked] = nearest, at
+    return out.masked_fill(~mask, float("-inf")), (near_d2, near_at)
 
 
-def _local(local: Tensor, rows: slice) -> Tensor | slice:
-    """The rows ``local`` (ascending indices into a block of ``rows``) as an index: a slice (a
-    view, no copy of the (r, N) block) when they are all of them."""
-    return slice(None) if local.numel() == rows.stop - rows.start else local
+@dataclass(frozen=True)
+class _Rows:
+    """Which rows of a block a pass computes: ``index`` into the block (a slice where that is
+    most of it, so that the (r, N) block is a view, not a copy) and their token ``positions``;
+    the rows that were asked for are ``keep`` of them, at token positions ``asked``."""
+
+    index: Tensor | slice
+    positions: Tensor
+    keep: Tensor | slice
+    asked: Tensor
+
+
+def _local(local: Tensor, rows: slice) -> _Rows | None:
+    """The rows ``local`` (ascending indices into a block of ``rows``), None if there are none.
+    When they are at least 3/4 of the block, every row is computed and the others dropped after:
+    each row's result depends on that row alone, and a row costs less than a copy of the block."""
+    if local.numel() == 0:
+        return None
+    size = rows.stop - rows.start
+    if 4 * local.numel() >= 3 * size:
+        positions = torch.arange(rows.start, rows.stop, device=local.device)
+        keep = slice(None) if local.numel() == size else local
+        return _Rows(slice(None), positions, keep, rows.start + local)
+    return _Rows(local, rows.start + local, slice(None), rows.start + local)
 
 
 def _density_rank(log_rho: Tensor) -> Tensor:
@@ -160,12 +207,6 @@ def _density_rank(log_rho: Tensor) -> Tensor:
     return rank.scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
-
-
-def _denser(rank: Tensor, rows: slice) -> Tensor:
-    """(B, r, N) bool: token j is denser than token i (Eq. 4, ``ops.denser_than``), from
-    ``_density_rank``: one comparison per pair instead of the five of ``denser_than``."""
-    return rank.unsqueeze(1) < rank[:, rows].unsqueeze(-1)
 
 
 def peak_distance(
@@ -184,36 +225,63 @@ def peak_distance(
     log_rho: (B, N); d2 as for ``knn_log_density``.  Returns (B, N) float32, 0 outside the pool
     and for a lone member.
     """
+    return _peak_distance(features, mask, log_rho, d2, convention, None)
+
+
+def _peak_distance(
+    features: Tensor,
+    mask: Tensor,
+    log_rho: Tensor,
+    d2: Tensor | None,
+    convention: str,
+    neighbours: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """``peak_distance``; with ``neighbours`` (``_knn``'s), a token with a denser one among its k
+    nearest takes delta from the nearest such: every token outside that list is at least as far
+    as its k-th neighbour, so it cannot be nearer, and the list's distances are the measured ones,
+    the bits the full pass would measure.  Only the other rows (the local density peaks) are
+    searched over the whole pool."""
     _check_convention(convention)
     b, n, _ = features.shape
     scale = _scale(features, convention)
     out = torch.zeros(b, n, device=features.device)
     farthest_rounded = torch.zeros(b, n, device=features.device)  # each row's largest, rounded
     dist = _Distances(features, mask, d2)
-    col_ok = mask.unsqueeze(1)
-    rank = _density_rank(log_rho)
+    # non-members rank after every member, so a member's denser tokens are members and only the
+    # densest member (rank 0) has none
+    rank = _density_rank(log_rho.masked_fill(~mask, float("-inf")))
+    done = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    if neighbours is not None:
+        near_d2, near_at = neighbours
+        their_rank = rank.gather(1, near_at.clamp(min=0).flatten(1)).view_as(near_at)
+        denser_near = (near_at >= 0) & (their_rank < rank.unsqueeze(-1))
+        first = denser_near.int().argmax(-1, keepdim=True)  # ascending: the nearest denser
+        done = denser_near.any(-1) & mask
+        found = distance_from_squared(near_d2.gather(-1, first)[..., 0].clamp(min=0.0), scale)
+        out = torch.where(done, found, out)
     for rows, block in dist.blocks():
-        denser = _denser(rank, rows) & col_ok
-        has_denser = denser.any(-1)
         if convention == "tcformer":
-            others = col_ok & (dist.positions != dist.positions[rows, None])
-            farthest_rounded[:, rows] = block.masked_fill(~others, 0.0).amax(-1)
+            farthest_rounded[:, rows] = block.masked_fill(block == float("inf"), 0.0).amax(-1)
         for v in range(b):
             member = mask[v, rows]
-            for peak in (False, True):
-                local = (member & (has_denser[v] != peak)).nonzero().squeeze(1)
-                if local.numel() == 0 or (peak and convention == "tcformer"):
-                    continue
-                if peak:  # the densest token(s): every other member (a row or two, not r x N)
-                    at = rows.start + local
-                    allowed = mask[v].unsqueeze(0) & (dist.positions != at.unsqueeze(1))
-                else:
-                    allowed = denser[v, _local(local, rows)]
+            has_denser = rank[v, rows] > 0
+            local = _local((member & has_denser & ~done[v, rows]).nonzero().squeeze(1), rows)
+            if local is not None:
+                denser = rank[v].unsqueeze(0) < rank[v, local.positions].unsqueeze(1)
                 nearest, _ = dist.nearest(
-                    v, rows.start + local, block[v, _local(local, rows)], allowed, 1, largest=peak
+                    v, local.positions, block[v, local.index], denser, 1, largest=False
                 )
                 d = distance_from_squared(nearest[:, 0].clamp(min=0.0), scale)
-                out[v, rows.start + local] = d
+                out[v, local.asked] = d[local.keep]
+            peak = (member & ~has_denser).nonzero().squeeze(1)
+            if peak.numel() == 0 or convention == "tcformer":
+                continue
+            # the densest token: the farthest other member (a row, not r x N)
+            gram = block[v, peak]
+            nearest, _ = dist.nearest(
+                v, rows.start + peak, gram, gram != float("inf"), 1, largest=True
+            )
+            out[v, rows.start + peak] = distance_from_squared(nearest[:, 0].clamp(min=0.0), scale)
     if convention == "tcformer":
         out = _pool_diameter(dist, log_rho, farthest_rounded, out, scale)
     return out.masked_fill(~mask, 0.0)
@@ -337,8 +405,8 @@ def dpc_knn(
         n = features.shape[1]
         # one Gram matrix serves both passes when it is small enough to keep
         d2 = pool_distances(x, m) if n * n <= GRAM_CACHE_ENTRIES else None
-        rho = knn_log_density(x, m, k, d2, convention)
-        log_rho[pick], delta[pick] = rho, peak_distance(x, m, rho, d2, convention)
+        rho, neighbours = _knn(x, m, k, d2, convention)
+        log_rho[pick], delta[pick] = rho, _peak_distance(x, m, rho, d2, convention, neighbours)
     log_gamma = torch.where(delta > 0, log_rho + delta.clamp(min=1e-30).log(), _LOG_ZERO)
     log_gamma = log_gamma.masked_fill(~mask, float("-inf"))
     counts = torch.minimum(n_clusters, mask.sum(-1))

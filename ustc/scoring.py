@@ -26,7 +26,7 @@ def attention_probs(q: Tensor, k: Tensor) -> Tensor:
     q: (..., H, Nq, d), k: (..., H, Nk, d).  Returns (..., H, Nq, Nk) in float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)  # no second copy
     return logits.softmax(dim=-1)
 
 
@@ -35,20 +35,28 @@ def mean_received_attention(q: Tensor, k: Tensor, chunk: int = ATTENTION_CHUNK) 
 
     The paper's "equivalent CLS attention" for SigLIP: the mean attention each token receives from
     all other tokens of its frame, averaged over heads.  Computed over query chunks, so only
-    (B, H, chunk, N) attention probabilities exist at once.
+    (B, H, chunk, N) attention weights exist at once.  The softmax is not normalised element by
+    element: with E = exp(logits - row max) and z its row sums, sum_h sum_i A_h[i, j] / H is
+    sum_h sum_i (1 / (H z_hi)) E_hij, one vector-matrix product per head over E, which reads the
+    (N x N) weights once instead of the three passes of normalising, averaging and summing them.
 
     q, k: (B, H, N, d) queries and keys of one encoder layer.  Returns (B, N) float32.
     """
     _check_qk(q, k)
-    b, h, n, _ = q.shape
-    received = torch.zeros(b, n, dtype=torch.float32, device=q.device)
+    b, h, n, d = q.shape
+    scaled = q.float() * (1.0 / math.sqrt(d))  # the scale on (N x d), not on (N x N)
+    keys = k.float().transpose(-1, -2)
+    received = torch.zeros(b, h, 1, n, dtype=torch.float32, device=q.device)
     for start in range(0, n, chunk):
-        probs = attention_probs(q[:, :, start : start + chunk], k).mean(dim=1)  # (B, c, N)
-        rows = torch.arange(start, start + probs.shape[1], device=q.device)
+        weights = torch.matmul(scaled[:, :, start : start + chunk], keys)  # (B, H, c, N) logits
+        weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        # 1 / (H z_hi): the softmax's normaliser and the mean over heads, one factor per row
+        factor = weights.sum(-1, keepdim=True).mul_(h).reciprocal_()
+        rows = torch.arange(start, start + weights.shape[2], device=q.device)
         # the diagonal is a token attending to itself: not "received from others"
-        probs[:, rows - start, rows] = 0.0
-        received += probs.sum(dim=1)
-    return received / max(n - 1, 1)
+        weights[:, :, rows - start, rows] = 0.0
+        received += torch.matmul(factor.transpose(-1, -2), weights)
+    return received.sum(1)[:, 0] / max(n - 1, 1)
 
 
 def cls_attention(q: Tensor, k: Tensor, cls_index: int = 0) -> Tensor:

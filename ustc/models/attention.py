@@ -13,8 +13,11 @@ from torch import Tensor, nn
 from ustc.scoring import mean_received_attention
 
 #: attention probabilities (frames x heads x queries x keys floats) computed at once by the
-#: vision-score reduction: bounds the memory of Eq. (1) at 32-64 frames of 729 tokens
-VISION_BLOCK = 1 << 26
+#: vision-score reduction (16 MiB).  Small on purpose: glibc serves a block of up to 32 MiB from
+#: its heap once one has been freed, a larger one with a fresh mmap whose pages the kernel zeroes
+#: on first touch, and at 32 x 784 tokens those page faults were half of Eq. (1)'s time
+#: (62 -> 27 ms on 2 CPU cores, `python benchmarks/efficiency.py --size small`)
+VISION_BLOCK = 1 << 22
 
 
 def text_to_visual_attention(
@@ -105,6 +108,11 @@ def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:
     """
     g, h, length, _ = q.shape
     step = max(1, VISION_BLOCK // max(1, h * length * length))
+    # a frame larger than the block (SigLIP so400m: 16 heads x 729^2) is reduced over query chunks
+    chunk = max(1, VISION_BLOCK // max(1, h * length))
     return torch.cat(
-        [mean_received_attention(q[i : i + step], k[i : i + step]) for i in range(0, g, step)]
+        [
+            mean_received_attention(q[i : i + step], k[i : i + step], chunk=chunk)
+            for i in range(0, g, step)
+        ]
     )
