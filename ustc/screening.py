@@ -27,8 +27,10 @@ decide:
    exact distances to every cell with gap(i, B) <= u_i then hold its k nearest neighbours,
    since every other token is farther than u_i.  Distances are computed a whole cell pair at a
    time (a cell's tokens are close, so they want the same cells), each pair once.
-4. Delta: the nearest denser token t_i among the distances computed for the density is the
-   nearest of all once every cell not computed for i has gap > t_i or no token denser than i.
+4. Delta: where one of i's k nearest (measured in step 3) is denser than i, the nearest such is
+   t_i: every other token is at least as far as the k-th.  For the other rows (the local
+   density peaks) the nearest denser token t_i among the distances computed for the density is
+   the nearest of all once every cell not computed for i has gap > t_i or no token denser than i.
    The rows this leaves open (mostly each scene's densest token, whose nearest denser token is
    in another scene, and the densest token of the pool, which has none: Eq. 4 gives it the
    farthest member) take their full row.
@@ -444,6 +446,8 @@ class _Pool:
             torch.bincount(cell_group, minlength=int(cell_group.max()) + 1),
             budget=min(MAX_EXACT_SHARE * m * m, MAX_EXACT_PAIRS),
         )
+        #: each row's k nearest (measured squared distances, token positions), from ``density``
+        self.neighbours: tuple[Tensor, Tensor] | None = None
         self.blocks = list(row_blocks(m, self.n_cells))
         # the bounds are kept when they fit in one block (pools up to ~64 frames)
         self.gaps = {0: self.lower_bounds(self.blocks[0])} if len(self.blocks) == 1 else {}
@@ -543,42 +547,55 @@ class _Pool:
             # that needed no cell needs none later (its bound only shrinks, the cells asked for
             # only grow), so each round looks at the rows of the last one only
             want, active = self.wanted(top[:, k - 1] + self.rounding, active=active)
-        nearest, _, certified = measure_candidates(
+        nearest, at, certified = measure_candidates(
             self.features, self.position, top, position, n_allowed, k, self.rounding
         )
-        self._measure_full_rows((~certified).nonzero().squeeze(1), nearest, k)
+        self._measure_full_rows((~certified).nonzero().squeeze(1), nearest, at, k)
+        # each row's k nearest, measured: ``delta`` reads a nearest denser token off them
+        self.neighbours = (nearest, at)
         return density_from_distances(nearest, "paper", 1.0)
 
     def candidates(
-        self, count: int, allowed: Callable[[int, Tensor], Tensor]
+        self, count: int, allowed: Callable[[int, slice | Tensor, Tensor], Tensor], todo: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Each row's ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance, as
-        ``ops.measure_candidates`` takes them: (M, c) values and token positions (-1 past the
-        columns allowed), and (M,) how many are allowed.  ``allowed(g, gram)`` (R, columns):
-        the held columns the rows of group g may take."""
+        """The ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance of the rows
+        ``todo`` (T,), ascending, as ``ops.measure_candidates`` takes them: (T, c) values and
+        token positions (-1 past the columns allowed), and (T,) how many are allowed.
+        ``allowed(g, rows, gram)`` (R, columns): the held columns the rows (a slice or positions
+        into the sorted pool) of group g may take, gram their held distances."""
         pairs = self.pairs
         c = count + CANDIDATE_MARGIN
-        top = torch.full((self.labels.numel(), c), float("inf"))
-        position = torch.full((self.labels.numel(), c), -1, dtype=torch.long)
-        n_allowed = torch.zeros(self.labels.numel(), dtype=torch.long)
+        m = self.labels.numel()
+        top = torch.full((m, c), float("inf"))
+        position = torch.full((m, c), -1, dtype=torch.long)
+        n_allowed = torch.zeros(m, dtype=torch.long)
+        wanted = torch.zeros(m, dtype=torch.bool).index_fill_(0, todo, True)
         for g in range(len(pairs.groups)):
-            rows, gram = pairs.rows(g), pairs.distances(g)
-            ok = allowed(g, gram)
+            rows: slice | Tensor = pairs.rows(g)
+            gram = pairs.distances(g)
+            pick = wanted[rows]
+            if not bool(pick.all()):  # a copy of the rows left, not of the whole block
+                if not bool(pick.any()):
+                    continue
+                local = pick.nonzero().squeeze(1)
+                rows, gram = rows.start + local, gram[local]
+            ok = allowed(g, rows, gram)
             width = min(c, gram.shape[1])
             values, at = torch.where(ok, gram, float("inf")).topk(width, dim=1, largest=False)
             top[rows, :width] = values
             held = self.position[pairs.columns(g)]
             position[rows, :width] = held[at].masked_fill_(~ok.gather(1, at), -1)
             n_allowed[rows] = ok.sum(1)
-        return top, position, n_allowed
+        return top[todo], position[todo], n_allowed[todo]
 
-    def _measure_full_rows(self, rows: Tensor, nearest: Tensor, k: int) -> None:
-        """The k nearest of ``rows`` (sorted order) against the whole pool, in float64."""
+    def _measure_full_rows(self, rows: Tensor, nearest: Tensor, at: Tensor, k: int) -> None:
+        """The k nearest of ``rows`` (sorted order) against the whole pool, in float64: their
+        measured squared distances into ``nearest``, their token positions into ``at``."""
         if rows.numel() == 0:
             return
         position = self.position
         allowed = position.unsqueeze(0) != position[rows].unsqueeze(1)
-        nearest[rows] = exact_nearest_rows(
+        nearest[rows], at[rows] = exact_nearest_rows(
             self.features,
             self.sketch.x,
             position[rows],
@@ -587,12 +604,15 @@ class _Pool:
             allowed,
             k,
             self.rounding[rows],
-        )[0]
+        )
 
     def delta(self, log_rho: Tensor) -> Tensor | None:
-        """delta (M,), Eq. (4) (module doc, 4): the nearest denser token among the distances
-        held, then a full row for every row that leaves open; None past ``MAX_FULL_ROWS``."""
+        """delta (M,), Eq. (4) (module doc, 4): a row with a denser token among its k nearest
+        (``density``'s, measured) takes the nearest such, since every other token is at least as
+        far as its k-th; the others, the nearest denser token among the distances held, then a
+        full row for every row that leaves open.  None past ``MAX_FULL_ROWS``."""
         pairs, position = self.pairs, self.position
+        m = position.numel()
 
         # Eq. (4)'s order as one rank per token (``ops.denser_than``: by log rho, equal ones by
         # position), so that "denser" is one comparison per held pair
@@ -600,15 +620,29 @@ class _Pool:
         order = by_position[torch.sort(log_rho[by_position], descending=True, stable=True).indices]
         rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
 
-        def denser_held(g: int, gram: Tensor) -> Tensor:
-            return rank[pairs.columns(g)].unsqueeze(0) < rank[pairs.rows(g)].unsqueeze(1)
+        if self.neighbours is None:
+            raise RuntimeError("delta needs the k nearest of density() first")
+        near_d2, near_at = self.neighbours
+        slot = torch.zeros(int(position.max()) + 1, dtype=torch.long)
+        slot[position] = torch.arange(m)  # token position -> row of the sorted pool
+        their_rank = rank[slot[near_at.clamp(min=0)]]
+        denser_near = (near_at >= 0) & (their_rank < rank.unsqueeze(1))
+        first = denser_near.int().argmax(1, keepdim=True)  # ascending: the nearest denser
+        measured = near_d2.gather(1, first)[:, 0]
+        todo = (~denser_near.any(1)).nonzero().squeeze(1)
 
-        top, nearest, n_allowed = self.candidates(1, denser_held)
-        best = top[:, 0]  # rounded squared distance to the nearest denser token held
-        measured, _, certified = measure_candidates(
-            self.features, position, top, nearest, n_allowed, 1, self.rounding
+        def denser_held(g: int, rows: slice | Tensor, gram: Tensor) -> Tensor:
+            return rank[pairs.columns(g)].unsqueeze(0) < rank[rows].unsqueeze(1)
+
+        top, nearest, n_allowed = self.candidates(1, denser_held, todo)
+        best = torch.full((m,), float("inf"))
+        best[todo] = top[:, 0]  # rounded squared distance to the nearest denser token held
+        held, _, certified = measure_candidates(
+            self.features, position[todo], top, nearest, n_allowed, 1, self.rounding[todo]
         )
-        measured, uncertified = measured[:, 0], ~certified
+        measured[todo] = held[:, 0]
+        uncertified = torch.zeros(m, dtype=torch.bool)
+        uncertified[todo] = ~certified
         # cell b holds a token denser than i iff its densest token is denser than i
         labels = self.labels
         cell_rho = torch.full((self.n_cells,), float("-inf"))
@@ -617,8 +651,9 @@ class _Pool:
         cell_position = torch.full((self.n_cells,), int(position.max()) + 1)
         cell_position.scatter_reduce_(0, labels[at_top], position[at_top], "amin")
         bound = best + self.rounding  # a nearer denser token held nowhere must be within it
-        needs_more = self.wanted(bound, (log_rho, cell_rho, cell_position))[1]
-        open_rows = (needs_more | torch.isinf(best) | uncertified).nonzero().squeeze(1)
+        active = torch.zeros(m, dtype=torch.bool).index_fill_(0, todo, True)
+        needs_more = self.wanted(bound, (log_rho, cell_rho, cell_position), active=active)[1]
+        open_rows = ((needs_more | torch.isinf(best) | uncertified) & active).nonzero().squeeze(1)
         if open_rows.numel() > MAX_FULL_ROWS:
             return None
         x, sq = self.sketch.x, self.sketch.sq
