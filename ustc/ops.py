@@ -164,10 +164,13 @@ def pairwise_squared_distances(x: Tensor) -> Tensor:
     x = x.float()
     sq = squared_norms(x)
     out = torch.empty(b, n, n, device=x.device)
-    for i in range(0, n, _GRAM_BLOCK):
-        rows = slice(i, min(i + _GRAM_BLOCK, n))
-        for j in range(i, n, _GRAM_BLOCK):
-            cols = slice(j, min(j + _GRAM_BLOCK, n))
+    # up to two blocks a side the triangle saves at most a quarter of the products, less than
+    # the three smaller products and the mirrored copy cost (1536 tokens: 5.3 -> 3.7 ms)
+    step = n if n <= 2 * _GRAM_BLOCK else _GRAM_BLOCK
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        for j in range(i, n, step):
+            cols = slice(j, min(j + step, n))
             # in place on the product: three more N x N temporaries took half the time
             block = torch.bmm(x[:, rows], x[:, cols].transpose(1, 2)).mul_(-2.0)
             block.add_(sq[:, rows, None]).add_(sq[:, None, cols]).clamp_(min=0.0)
