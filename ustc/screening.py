@@ -657,24 +657,27 @@ class _Pool:
         if open_rows.numel() > MAX_FULL_ROWS:
             return None
         x, sq = self.sketch.x, self.sketch.sq
+        # full rows cost (rows x N) each pass, and their count grows with the scenes: the
+        # products in place, "denser" one rank comparison, the densest row (rank 0) alone
         for block in row_blocks(open_rows.numel(), x.shape[0]):
             rows = open_rows[block]
             token = position[rows]
-            d2 = (sq[token].unsqueeze(1) + sq - 2.0 * (x[token] @ x.T)).clamp_(min=0.0)
-            d2 = d2[:, position]  # the pool's tokens, in the sorted order
-            denser = denser_than(log_rho[rows].unsqueeze(1), token.unsqueeze(1), log_rho, position)
-            others = position.unsqueeze(0) != token.unsqueeze(1)
+            d2 = torch.addmm(sq, x[token], x.T, alpha=-2.0)
+            d2 = d2.add_(sq[token].unsqueeze(1)).clamp_(min=0.0)[:, position]  # sorted order
             for peak in (False, True):  # rows with a denser token; the densest (Eq. 4)
-                pick = (denser.any(1) != peak).nonzero().squeeze(1)
+                pick = ((rank[rows] == 0) == peak).nonzero().squeeze(1)
                 if pick.numel() == 0:
                     continue
-                allowed = (others if peak else denser)[pick]
+                if peak:
+                    allowed = position.unsqueeze(0) != token[pick].unsqueeze(1)
+                else:
+                    allowed = rank.unsqueeze(0) < rank[rows[pick]].unsqueeze(1)
                 values, _ = exact_nearest_rows(
                     self.features,
                     x,
                     token[pick],
                     position,
-                    d2[pick],
+                    d2 if pick.numel() == rows.numel() else d2[pick],
                     allowed,
                     1,
                     self.rounding[rows[pick]],
