@@ -4,7 +4,7 @@ prefill, time to first token, decode throughput and peak memory, uncompressed an
     python benchmarks/efficiency.py --size 7b --device cuda           # the exact 7B architecture
     python benchmarks/efficiency.py --size small                      # CPU-sized check
     python benchmarks/efficiency.py --size 7b --output results/efficiency.json
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/efficiency.py --size small --rounds 3 \
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/efficiency.py --size small --rounds 5 --repeats 5 \
         --output benchmarks/cpu/efficiency-small.json --update-docs docs/performance.md
 
 Random weights run at the speed of real ones; answers are meaningless, timings are not.  Rows:
@@ -306,7 +306,7 @@ def _median_figures(measured: list[dict]) -> dict:
 #: the CPU section of docs/performance.md that ``--update-docs`` replaces
 START, END = "<!-- cpu-efficiency:start -->", "<!-- cpu-efficiency:end -->"
 COMMAND = (
-    "OMP_WAIT_POLICY=PASSIVE python benchmarks/efficiency.py --size small --rounds 3 "
+    "OMP_WAIT_POLICY=PASSIVE python benchmarks/efficiency.py --size small --rounds 5 --repeats 5 "
     "--output benchmarks/cpu/efficiency-small.json --update-docs docs/performance.md"
 )
 

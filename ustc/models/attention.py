@@ -15,8 +15,8 @@ from ustc.scoring import mean_received_attention
 #: attention probabilities (frames x heads x queries x keys floats) computed at once by the
 #: vision-score reduction (16 MiB).  Small on purpose: glibc serves a block of up to 32 MiB from
 #: its heap once one has been freed, a larger one with a fresh mmap whose pages the kernel zeroes
-#: on first touch, and at 32 x 784 tokens those page faults were half of Eq. (1)'s time
-#: (62 -> 27 ms on 2 CPU cores, `python benchmarks/efficiency.py --size small`)
+#: on first touch: at 8 frames x 784 patches (`python benchmarks/efficiency.py --size small`)
+#: those page faults were half of Eq. (1)'s time (docs/performance.md, "Time to first token")
 VISION_BLOCK = 1 << 22
 
 
