@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ask_many  # noqa: E402
+from docs_sections import marked_page, replaced_text  # noqa: E402
 
 
 def test_the_performance_page_shows_the_committed_figures():
@@ -20,8 +21,7 @@ def test_the_performance_page_shows_the_committed_figures():
 
 
 def test_the_script_prints_its_table_on_a_reduced_set(tmp_path, capsys):
-    page = tmp_path / "page.md"
-    page.write_text(f"before\n{ask_many.START}\nold\n{ask_many.END}\nafter\n")
+    page = marked_page(tmp_path / "page.md", ask_many)
     out = tmp_path / "result.json"
     rows = ask_many.main(
         [
@@ -47,8 +47,7 @@ def test_the_script_prints_its_table_on_a_reduced_set(tmp_path, capsys):
     assert [row["questions"] for row in rows] == [1, 2]
     assert all(row["batch_s"] > 0 for row in rows)
     assert rows[0]["predicted_saved_s"] == 0.0 and rows[1]["predicted_saved_s"] > 0
-    text = page.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n")
+    text = replaced_text(page)
     rendered = ask_many.render(json.loads(out.read_text()))
     assert rendered in text and "| batch (s) |" in rendered
 

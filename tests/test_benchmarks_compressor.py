@@ -12,6 +12,7 @@ from ustc import CompressionConfig, Compressor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compressor as bench  # noqa: E402
+from docs_sections import marked_page, replaced_text  # noqa: E402
 from reference_impl import dense_compress, reference_compress  # noqa: E402
 from synthetic import scene_lengths, structured_video  # noqa: E402
 
@@ -101,8 +102,7 @@ def test_cpu_figures_quick_run_has_the_docs_tables_shape(tmp_path):
     import cpu_figures
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-    copy = tmp_path / "performance.md"
-    copy.write_text(f"before\n{cpu_figures.START}\nold\n{cpu_figures.END}\nafter\n")
+    copy = marked_page(tmp_path / "performance.md", cpu_figures)
     original = cpu_figures.FIGURES
     try:
         cpu_figures.FIGURES = tmp_path / "figures.json"
@@ -110,8 +110,7 @@ def test_cpu_figures_quick_run_has_the_docs_tables_shape(tmp_path):
         assert json.loads(cpu_figures.FIGURES.read_text())["compare"] == report["compare"]
     finally:
         cpu_figures.FIGURES = original
-    text = copy.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n")
+    replaced_text(copy)
     assert _structure(cpu_figures.section(copy)) == _structure(cpu_figures.section(doc))
 
 

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import efficiency  # noqa: E402
+from docs_sections import marked_page, replaced_text  # noqa: E402
 
 
 def test_the_performance_page_shows_the_committed_figures():
@@ -25,34 +26,16 @@ def test_the_performance_page_shows_the_committed_figures():
 
 
 def test_the_script_writes_its_table_on_a_reduced_set(tmp_path):
-    page = tmp_path / "page.md"
-    page.write_text(f"before\n{efficiency.START}\nold\n{efficiency.END}\nafter\n")
+    page = marked_page(tmp_path / "page.md", efficiency)
     out = tmp_path / "result.json"
     rows = efficiency.main(
-        [
-            "--size",
-            "small",
-            "--frames",
-            "1",
-            "--retentions",
-            "0.02",
-            "--repeats",
-            "1",
-            "--rounds",
-            "2",
-            "--new-tokens",
-            "2",
-            "--output",
-            str(out),
-            "--update-docs",
-            str(page),
-        ]
+        "--size small --frames 1 --retentions 0.02 --repeats 1 --rounds 2 --new-tokens 2".split()
+        + ["--output", str(out), "--update-docs", str(page)]
     )
     assert [row["method"] for row in rows] == ["vanilla", "ours 2% (w/o M)", "ours 2%/1%"]
     result = json.loads(out.read_text())
     assert result["rounds"] == 2 and result["rows"] == rows
-    text = page.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    text = replaced_text(page)
     assert efficiency.render(result) in text
     assert "goal 4" in text  # the verdict is read off the 2 % rows
 
