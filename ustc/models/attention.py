@@ -108,7 +108,7 @@ def vision_received_attention(q: Tensor, k: Tensor) -> Tensor:
     """
     g, h, length, _ = q.shape
     step = max(1, VISION_BLOCK // max(1, h * length * length))
-    # a frame larger than the block (SigLIP so400m: 16 heads x 729^2) is reduced over query chunks
+    # a frame larger than the block (a 7B tower: 16 heads x 729^2) is reduced over query chunks
     chunk = max(1, VISION_BLOCK // max(1, h * length))
     return torch.cat(
         [
