@@ -120,6 +120,19 @@ def denser_than(log_rho_i: Tensor, index_i: Tensor, log_rho_j: Tensor, index_j: 
     return (log_rho_j > log_rho_i) | ((log_rho_j == log_rho_i) & (index_j < index_i))
 
 
+def nearest_denser_listed(
+    near_d2: Tensor, near_at: Tensor, their_rank: Tensor, rank: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Eq. (4) read off each token's k nearest: near_d2 (..., k) their measured squared
+    distances, ascending; near_at (..., k) their positions, -1 past the pool; their_rank (..., k)
+    and rank (...) places in Eq. (4)'s order (lower is denser).  Returns (...) bool, whether one
+    of them is denser, and (...) the squared distance to the nearest such.  Where there is one,
+    that is delta squared: every token outside the list is at least as far as the k-th."""
+    denser = (near_at >= 0) & (their_rank < rank.unsqueeze(-1))
+    first = denser.int().argmax(-1, keepdim=True)  # the first True: the nearest denser
+    return denser.any(-1), near_d2.gather(-1, first).squeeze(-1)
+
+
 def peak_from_distances(d: Tensor, denser: Tensor, member: Tensor) -> Tensor:
     """delta of Eq. (4) from distance rows d (..., N): the nearest ``denser`` column, or for a row
     with none (the densest) the farthest ``member`` column.  d(i, i) = 0 cannot be that maximum

@@ -21,6 +21,7 @@ from ustc.ops import (
     exact_nearest_rows,
     first_n_mask,
     gram_rounding,
+    nearest_denser_listed,
     pairwise_squared_distances,
     row_blocks,
     squared_distances,
@@ -254,11 +255,9 @@ def _peak_distance(
     if neighbours is not None:
         near_d2, near_at = neighbours
         their_rank = rank.gather(1, near_at.clamp(min=0).flatten(1)).view_as(near_at)
-        denser_near = (near_at >= 0) & (their_rank < rank.unsqueeze(-1))
-        first = denser_near.int().argmax(-1, keepdim=True)  # ascending: the nearest denser
-        done = denser_near.any(-1) & mask
-        found = distance_from_squared(near_d2.gather(-1, first)[..., 0].clamp(min=0.0), scale)
-        out = torch.where(done, found, out)
+        listed, found = nearest_denser_listed(near_d2, near_at, their_rank, rank)
+        done = listed & mask
+        out = torch.where(done, distance_from_squared(found.clamp(min=0.0), scale), out)
     for rows, block in dist.blocks():
         if convention == "tcformer":
             farthest_rounded[:, rows] = block.masked_fill(block == float("inf"), 0.0).amax(-1)

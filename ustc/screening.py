@@ -65,6 +65,7 @@ from ustc.ops import (
     exact_nearest_rows,
     gram_rounding,
     measure_candidates,
+    nearest_denser_listed,
     row_blocks,
     squared_norms,
 )
@@ -556,10 +557,10 @@ class _Pool:
         return density_from_distances(nearest, "paper", 1.0)
 
     def candidates(
-        self, count: int, allowed: Callable[[int, slice | Tensor, Tensor], Tensor], todo: Tensor
+        self, count: int, allowed: Callable[[int, slice | Tensor, Tensor], Tensor], wanted: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance of the rows
-        ``todo`` (T,), ascending, as ``ops.measure_candidates`` takes them: (T, c) values and
+        """The ``count + CANDIDATE_MARGIN`` nearest held columns by rounded distance of the T rows
+        ``wanted`` (M,) bool marks, ascending, as ``ops.measure_candidates`` takes them: (T, c) values and
         token positions (-1 past the columns allowed), and (T,) how many are allowed.
         ``allowed(g, rows, gram)`` (R, columns): the held columns the rows (a slice or positions
         into the sorted pool) of group g may take, gram their held distances."""
@@ -569,7 +570,6 @@ class _Pool:
         top = torch.full((m, c), float("inf"))
         position = torch.full((m, c), -1, dtype=torch.long)
         n_allowed = torch.zeros(m, dtype=torch.long)
-        wanted = torch.zeros(m, dtype=torch.bool).index_fill_(0, todo, True)
         for g in range(len(pairs.groups)):
             rows: slice | Tensor = pairs.rows(g)
             gram = pairs.distances(g)
@@ -586,7 +586,7 @@ class _Pool:
             held = self.position[pairs.columns(g)]
             position[rows, :width] = held[at].masked_fill_(~ok.gather(1, at), -1)
             n_allowed[rows] = ok.sum(1)
-        return top[todo], position[todo], n_allowed[todo]
+        return top[wanted], position[wanted], n_allowed[wanted]
 
     def _measure_full_rows(self, rows: Tensor, nearest: Tensor, at: Tensor, k: int) -> None:
         """The k nearest of ``rows`` (sorted order) against the whole pool, in float64: their
@@ -626,15 +626,14 @@ class _Pool:
         slot = torch.zeros(int(position.max()) + 1, dtype=torch.long)
         slot[position] = torch.arange(m)  # token position -> row of the sorted pool
         their_rank = rank[slot[near_at.clamp(min=0)]]
-        denser_near = (near_at >= 0) & (their_rank < rank.unsqueeze(1))
-        first = denser_near.int().argmax(1, keepdim=True)  # ascending: the nearest denser
-        measured = near_d2.gather(1, first)[:, 0]
-        todo = (~denser_near.any(1)).nonzero().squeeze(1)
+        listed, measured = nearest_denser_listed(near_d2, near_at, their_rank, rank)
+        active = ~listed  # the rows the held distances and full rows decide
+        todo = active.nonzero().squeeze(1)
 
         def denser_held(g: int, rows: slice | Tensor, gram: Tensor) -> Tensor:
             return rank[pairs.columns(g)].unsqueeze(0) < rank[rows].unsqueeze(1)
 
-        top, nearest, n_allowed = self.candidates(1, denser_held, todo)
+        top, nearest, n_allowed = self.candidates(1, denser_held, active)
         best = torch.full((m,), float("inf"))
         best[todo] = top[:, 0]  # rounded squared distance to the nearest denser token held
         held, _, certified = measure_candidates(
@@ -651,7 +650,6 @@ class _Pool:
         cell_position = torch.full((self.n_cells,), int(position.max()) + 1)
         cell_position.scatter_reduce_(0, labels[at_top], position[at_top], "amin")
         bound = best + self.rounding  # a nearer denser token held nowhere must be within it
-        active = torch.zeros(m, dtype=torch.bool).index_fill_(0, todo, True)
         needs_more = self.wanted(bound, (log_rho, cell_rho, cell_position), active=active)[1]
         open_rows = ((needs_more | torch.isinf(best) | uncertified) & active).nonzero().squeeze(1)
         if open_rows.numel() > MAX_FULL_ROWS:
