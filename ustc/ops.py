@@ -133,15 +133,6 @@ def nearest_denser_listed(
     return denser.any(-1), near_d2.gather(-1, first).squeeze(-1)
 
 
-def peak_from_distances(d: Tensor, denser: Tensor, member: Tensor) -> Tensor:
-    """delta of Eq. (4) from distance rows d (..., N): the nearest ``denser`` column, or for a row
-    with none (the densest) the farthest ``member`` column.  d(i, i) = 0 cannot be that maximum
-    of non-negative distances, so rows need no self mask."""
-    to_denser = d.masked_fill(~denser, float("inf")).amin(-1)
-    farthest = d.masked_fill(~member, 0.0).amax(-1)
-    return torch.where(denser.any(-1), to_denser, farthest)
-
-
 #: rows per block of ``squared_norms``
 _NORM_ROWS = 256
 
