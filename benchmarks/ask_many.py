@@ -44,6 +44,7 @@ import torch
 import ustc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_sections import replace_section  # noqa: E402
 from efficiency import SIZES, build, make_inputs  # noqa: E402
 from timing import sync  # noqa: E402
 
@@ -344,12 +345,7 @@ def render(result: dict) -> str:
 
 def update_docs(page: Path, result: dict) -> None:
     """Replace the text between the ask-many markers of ``page`` with ``render(result)``."""
-    text = page.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{page} has no {START} ... {END} section")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{START}\n{render(result)}\n{END}{tail}")
+    replace_section(page, START, END, render(result))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import ustc
 from ustc.flops import MODEL_SPECS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_sections import replace_section  # noqa: E402
 from timing import median_seconds, sync  # noqa: E402
 
 #: the paper's Table 6 (LLaVA-OV-7B, 32 frames): Process, Prefill (ms), TTFT (ms), throughput (tok/s)
@@ -356,10 +357,7 @@ def _check_page(page: Path) -> None:
 
 def update_docs(page: Path, result: dict) -> None:
     """Replace the section of ``page`` between ``START`` and ``END`` by ``render(result)``."""
-    _check_page(page)
-    head, rest = page.read_text().split(START, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{START}\n{render(result)}\n{END}{tail}")
+    replace_section(page, START, END, render(result))
 
 
 if __name__ == "__main__":
